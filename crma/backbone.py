@@ -1,0 +1,133 @@
+"""The shared CRMA backbone: one CRMABlock on every decoder block's output, attached by forward hooks.
+
+The blocks live in `model.crma_backbone` (so distributed wrappers see and sync them) and the hooks
+rewrite each decoder block's output h into h + alpha W M R h. Module names of the base model are
+untouched, so PEFT adapters trained on top stay loadable onto the plain base model.
+Saved as safetensors (parameters named crma_*) with the config and the base model's fingerprint.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from .config import CRMAConfig
+from .io import atomic_path
+from .layer import CRMABlock
+from .models import decoder_layers, family, fingerprint, mlp_out_weight
+
+BACKBONE_FILE = "crma_backbone.safetensors"
+
+
+class FingerprintError(ValueError):
+    """A saved backbone that belongs to a different base model."""
+
+
+class CRMABackbone(nn.Module):
+    def __init__(self, cfg: CRMAConfig, d: int, num_layers: int, base_fingerprint: dict,
+                 bases: list[torch.Tensor | None] | None = None, seed: int = 0):
+        super().__init__()
+        self.cfg = cfg
+        self.base_fingerprint = base_fingerprint
+        gen = torch.Generator().manual_seed(seed)
+        bases = bases or [None] * num_layers
+        self.crma_blocks = nn.ModuleList(CRMABlock(d, cfg, basis, gen) for basis in bases)
+        self._hooks: list = []
+
+    @classmethod
+    def for_model(cls, model: nn.Module, cfg: CRMAConfig, seed: int = 0) -> "CRMABackbone":
+        """A fresh backbone sized for `model`; read/write start from each block's top singular
+        directions of its MLP output weight (PiSSA-style) or from a seeded random basis."""
+        layers = decoder_layers(model)
+        d = model.config.hidden_size
+        bases = None
+        if cfg.read_init == "pissa":
+            bases = []
+            for block in layers:
+                weight = mlp_out_weight(block, family(model), d)                 # (d, k) or None
+                bases.append(None if weight is None else torch.linalg.svd(weight, full_matrices=False)[0])
+        return cls(cfg, d, len(layers), fingerprint(model), bases, seed)
+
+    # ---- attaching --------------------------------------------------------------------------
+    def attach(self, model: nn.Module) -> "CRMABackbone":
+        """Hook every decoder block of `model` and register self as `model.crma_backbone`."""
+        layers = decoder_layers(model)
+        if len(layers) != len(self.crma_blocks):
+            raise FingerprintError(f"backbone has {len(self.crma_blocks)} blocks, model has {len(layers)}")
+        if getattr(model, "crma_backbone", None) is not None:
+            raise ValueError("model already has a CRMA backbone attached")
+        model.add_module("crma_backbone", self)
+        param = next(model.parameters())
+        self.to(param.device)
+        for layer, block in zip(layers, self.crma_blocks):
+            self._hooks.append(layer.register_forward_hook(_make_hook(block)))
+        return self
+
+    def detach_from(self, model: nn.Module) -> None:
+        for handle in self._hooks:
+            handle.remove()
+        self._hooks.clear()
+        if getattr(model, "crma_backbone", None) is self:
+            del model._modules["crma_backbone"]
+
+    # ---- parameters and diagnostics ---------------------------------------------------------
+    def param_groups(self) -> list[dict]:
+        """Optimizer groups with separate learning rates: mixing logits, gate, read/write."""
+        groups = {"crma_theta": [], "crma_gate": [], "crma_rw": []}
+        for name, p in self.named_parameters():
+            key = name.rsplit(".", 1)[-1]
+            groups["crma_rw" if key in ("crma_read", "crma_write") else key].append(p)
+        lrs = {"crma_theta": self.cfg.lr_theta, "crma_gate": self.cfg.lr_gate, "crma_rw": self.cfg.lr_rw}
+        return [{"params": ps, "lr": lrs[k], "name": k, "weight_decay": 0.0} for k, ps in groups.items()]
+
+    def stats(self) -> list[dict[str, float]]:
+        """Per-layer spectral diagnostics: norm, norm_dev, row_dev, col_dev, alpha."""
+        return [block.stats() for block in self.crma_blocks]
+
+    # ---- persistence ------------------------------------------------------------------------
+    def save(self, directory: str | Path) -> Path:
+        """Write DIR/crma_backbone.safetensors atomically, with config and fingerprint metadata."""
+        path = Path(directory) / BACKBONE_FILE
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tensors = {k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()}
+        meta = {"crma_config": json.dumps(asdict(self.cfg)),
+                "base_fingerprint": json.dumps(self.base_fingerprint, sort_keys=True),
+                "format": "crma-backbone-v1"}
+        with atomic_path(path) as tmp:
+            save_file(tensors, str(tmp), metadata=meta)
+        return path
+
+    @classmethod
+    def load(cls, directory: str | Path, model: nn.Module) -> "CRMABackbone":
+        """Load a saved backbone for `model`; fails clearly if it was trained on another base model."""
+        path = Path(directory)
+        path = path / BACKBONE_FILE if path.is_dir() else path
+        if not path.exists():
+            raise FileNotFoundError(f"{path}: no saved CRMA backbone here")
+        from safetensors import safe_open
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+        if meta.get("format") != "crma-backbone-v1":
+            raise ValueError(f"{path}: not a crma backbone file (metadata format={meta.get('format')!r})")
+        saved_fp = json.loads(meta["base_fingerprint"])
+        current_fp = fingerprint(model)
+        if saved_fp != current_fp:
+            diff = {k: (saved_fp.get(k), current_fp.get(k)) for k in saved_fp if saved_fp.get(k) != current_fp.get(k)}
+            raise FingerprintError(f"{path}: backbone was trained on a different base model; "
+                                   f"mismatch (saved, this model): {diff}")
+        cfg = CRMAConfig(**json.loads(meta["crma_config"]))
+        backbone = cls(cfg, model.config.hidden_size, model.config.num_hidden_layers, current_fp)
+        backbone.load_state_dict(load_file(str(path)))
+        return backbone
+
+
+def _make_hook(block: CRMABlock):
+    def hook(module, args, output):
+        if isinstance(output, tuple):        # some blocks return (hidden_states, ...)
+            return (block(output[0]),) + output[1:]
+        return block(output)
+    return hook

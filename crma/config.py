@@ -1,0 +1,147 @@
+"""Typed configuration for every crma job: dataclasses with defaults and validation.
+
+The CLI is generated from these fields (see cli.py), and the resolved config is written next to
+every result, so a results.json always says exactly how it was produced.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+
+CONDITIONS = ("naive", "frozen", "modular")
+
+
+class ConfigError(ValueError):
+    """A setting that cannot work, named by its field."""
+
+
+def _check(ok: bool, name: str, message: str) -> None:
+    if not ok:
+        raise ConfigError(f"{name}: {message}")
+
+
+@dataclass
+class CRMAConfig:
+    """The CRMA backbone (DESIGN.md section 2). Defaults chosen by measurement, see README."""
+
+    n_streams: int = 4          # n: streams read from / written to the residual stream
+    sinkhorn_iters: int = 30    # K: fixed Sinkhorn iterations (see README: measured convergence)
+    tau: float = 1.0            # temperature of the mixing logits
+    rho: float = 0.1            # gate bound: |alpha| <= rho, so ||dh|| <= rho * ||h||
+    theta_init: float = 2.0     # diagonal of Theta at init (M near identity)
+    read_init: str = "pissa"    # "pissa" (top singular directions of the block's MLP output) or "random"
+    lr_theta: float = 1e-2      # learning rate of the mixing logits Theta
+    lr_gate: float = 1e-2       # learning rate of the gate a
+    lr_rw: float = 1e-3         # learning rate of the read/write matrices
+
+    def __post_init__(self) -> None:
+        _check(self.n_streams >= 1, "crma.n_streams", f"must be >= 1, got {self.n_streams}")
+        _check(self.sinkhorn_iters >= 1, "crma.sinkhorn_iters", f"must be >= 1, got {self.sinkhorn_iters}")
+        _check(self.tau > 0, "crma.tau", f"must be > 0, got {self.tau}")
+        _check(0 < self.rho <= 1, "crma.rho", f"must be in (0, 1], got {self.rho}")
+        _check(self.read_init in ("pissa", "random"), "crma.read_init",
+               f"must be 'pissa' or 'random', got {self.read_init!r}")
+        for name in ("lr_theta", "lr_gate", "lr_rw"):
+            _check(getattr(self, name) >= 0, f"crma.{name}", "must be >= 0")
+
+
+@dataclass
+class LoraSettings:
+    """The per-domain PEFT LoRA adapter. targets=None means all attention and MLP linears of the family."""
+
+    r: int = 8
+    alpha: int = 16
+    dropout: float = 0.0
+    targets: tuple[str, ...] | None = None
+
+    def __post_init__(self) -> None:
+        _check(self.r >= 1, "lora.r", f"must be >= 1, got {self.r}")
+        _check(self.alpha > 0, "lora.alpha", f"must be > 0, got {self.alpha}")
+        _check(0 <= self.dropout < 1, "lora.dropout", f"must be in [0, 1), got {self.dropout}")
+        if isinstance(self.targets, str):
+            self.targets = tuple(t for t in self.targets.split(",") if t)
+
+
+@dataclass
+class TrainConfig:
+    """One training phase (one domain)."""
+
+    epochs: int = 1
+    lr: float = 2e-4            # LoRA learning rate
+    batch_size: int = 4
+    max_len: int = 256          # tokens per passage (longer passages are truncated)
+    grad_clip: float = 1.0      # clip the total gradient norm; the pre-clip norm is logged
+    eval_batch_size: int = 8
+    max_passages: int = 0       # use at most this many training passages per domain (0 = all)
+    max_holdout: int = 0        # use at most this many holdout passages per domain (0 = all)
+    holdout_fraction: float = 0.1  # held out of the train file when no holdout file is given
+
+    def __post_init__(self) -> None:
+        _check(self.epochs >= 1, "train.epochs", f"must be >= 1, got {self.epochs}")
+        _check(self.lr > 0, "train.lr", f"must be > 0, got {self.lr}")
+        _check(self.batch_size >= 1, "train.batch_size", f"must be >= 1, got {self.batch_size}")
+        _check(self.max_len >= 2, "train.max_len", f"must be >= 2, got {self.max_len}")
+        _check(self.grad_clip > 0, "train.grad_clip", f"must be > 0, got {self.grad_clip}")
+        _check(self.eval_batch_size >= 1, "train.eval_batch_size", "must be >= 1")
+        _check(self.max_passages >= 0 and self.max_holdout >= 0, "train.max_passages", "must be >= 0")
+        _check(0 < self.holdout_fraction < 1, "train.holdout_fraction",
+               f"must be in (0, 1), got {self.holdout_fraction}")
+
+
+@dataclass
+class DomainSpec:
+    """One domain of a continual run: its name (the adapter's name) and its data paths."""
+
+    name: str
+    train: Path
+    holdout: Path | None = None
+
+    def __post_init__(self) -> None:
+        _check(self.name.isidentifier(), "domains",
+               f"domain name {self.name!r} must be a plain identifier (letters, digits, underscore)")
+        _check(self.name not in ("base", "shared"), "domains", f"domain name {self.name!r} is reserved")
+        self.train = Path(self.train)
+        self.holdout = Path(self.holdout) if self.holdout else None
+
+    @classmethod
+    def parse(cls, arg: str) -> "DomainSpec":
+        """NAME=TRAIN[:HOLDOUT] -> DomainSpec."""
+        name, sep, paths = arg.partition("=")
+        _check(bool(sep and name and paths), "domains", f"expected NAME=TRAIN[:HOLDOUT], got {arg!r}")
+        train, _, holdout = paths.partition(":")
+        return cls(name=name, train=Path(train), holdout=Path(holdout) if holdout else None)
+
+
+@dataclass
+class RunConfig:
+    """A continual run: train the domains in order under one condition, evaluate after every phase."""
+
+    domains: list[DomainSpec]
+    out: Path
+    model: str = "smollm2-135m"
+    condition: str = "modular"
+    seed: int = 0
+    train: TrainConfig = field(default_factory=TrainConfig)
+    lora: LoraSettings = field(default_factory=LoraSettings)
+    crma: CRMAConfig = field(default_factory=CRMAConfig)
+
+    def __post_init__(self) -> None:
+        _check(self.condition in CONDITIONS, "condition",
+               f"must be one of {', '.join(CONDITIONS)}, got {self.condition!r}")
+        _check(len(self.domains) >= 1, "domains", "give at least one NAME=TRAIN[:HOLDOUT]")
+        names = [d.name for d in self.domains]
+        _check(len(set(names)) == len(names), "domains", f"duplicate domain names in {names}")
+        self.out = Path(self.out)
+
+    def to_dict(self) -> dict:
+        """JSON-ready resolved settings (paths as strings)."""
+        def clean(value):
+            if isinstance(value, Path):
+                return str(value)
+            if isinstance(value, dict):
+                return {k: clean(v) for k, v in value.items()}
+            if isinstance(value, (list, tuple)):
+                return [clean(v) for v in value]
+            return value
+        return clean(dataclasses.asdict(self))

@@ -1,0 +1,39 @@
+"""Holdout loss: token-weighted mean cross-entropy, kept per passage so probes can be computed."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from .data import collate
+
+
+@torch.no_grad()
+def passage_losses(model, examples: list[list[int]], batch_size: int, pad_id: int,
+                   desc: str = "eval", progress: bool = True) -> list[tuple[float, int]]:
+    """(sum of next-token cross-entropy, number of predicted tokens) for each passage.
+
+        loss_sum_p = sum_{t=1}^{len_p - 1} -log p(x_t | x_<t)
+    """
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    out: list[tuple[float, int]] = []
+    for start in tqdm(range(0, len(examples), batch_size), desc=desc, leave=False, disable=not progress):
+        batch = collate(examples[start : start + batch_size], pad_id)
+        ids = batch["input_ids"].to(device)
+        mask = batch["attention_mask"].to(device)
+        logits = model(input_ids=ids, attention_mask=mask).logits.float()       # (b, s, vocab)
+        targets = batch["labels"][:, 1:].to(device)                               # (b, s-1)
+        ce = F.cross_entropy(logits[:, :-1].transpose(1, 2), targets,
+                             ignore_index=-100, reduction="none")                 # (b, s-1)
+        valid = targets != -100
+        for row in range(ids.shape[0]):
+            out.append((float(ce[row][valid[row]].sum()), int(valid[row].sum())))
+    model.train(was_training)
+    return out
+
+
+def mean_loss(losses: list[tuple[float, int]]) -> float:
+    """Token-weighted mean: sum of all token losses / number of tokens."""
+    return sum(s for s, _ in losses) / max(1, sum(n for _, n in losses))
