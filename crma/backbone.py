@@ -8,6 +8,7 @@ Saved as safetensors (parameters named crma_*) with the config and the base mode
 from __future__ import annotations
 
 import json
+from contextlib import contextmanager
 from dataclasses import asdict
 from pathlib import Path
 
@@ -37,6 +38,7 @@ class CRMABackbone(nn.Module):
         bases = bases or [None] * num_layers
         self.crma_blocks = nn.ModuleList(CRMABlock(d, cfg, basis, gen) for basis in bases)
         self._hooks: list = []
+        self.enabled = True
 
     @classmethod
     def for_model(cls, model: nn.Module, cfg: CRMAConfig, seed: int = 0) -> "CRMABackbone":
@@ -64,8 +66,17 @@ class CRMABackbone(nn.Module):
         param = next(model.parameters())
         self.to(param.device)
         for layer, block in zip(layers, self.crma_blocks):
-            self._hooks.append(layer.register_forward_hook(_make_hook(block)))
+            self._hooks.append(layer.register_forward_hook(_make_hook(self, block)))
         return self
+
+    @contextmanager
+    def bypassed(self):
+        """Context: the hooked model computes exactly the base model (CRMA switched off)."""
+        self.enabled, previous = False, self.enabled
+        try:
+            yield self
+        finally:
+            self.enabled = previous
 
     def detach_from(self, model: nn.Module) -> None:
         for handle in self._hooks:
@@ -125,8 +136,10 @@ class CRMABackbone(nn.Module):
         return backbone
 
 
-def _make_hook(block: CRMABlock):
+def _make_hook(backbone: CRMABackbone, block: CRMABlock):
     def hook(module, args, output):
+        if not backbone.enabled:
+            return output
         if isinstance(output, tuple):        # some blocks return (hidden_states, ...)
             return (block(output[0]),) + output[1:]
         return block(output)

@@ -29,7 +29,7 @@ class CRMAConfig:
     sinkhorn_iters: int = 30    # K: fixed Sinkhorn iterations (see README: measured convergence)
     tau: float = 1.0            # temperature of the mixing logits
     rho: float = 0.1            # gate bound: |alpha| <= rho, so ||dh|| <= rho * ||h||
-    theta_init: float = 2.0     # diagonal of Theta at init (M near identity)
+    theta_init: float = 1.0     # diagonal of Theta at init (M diagonal-dominant; see README)
     read_init: str = "pissa"    # "pissa" (top singular directions of the block's MLP output) or "random"
     lr_theta: float = 1e-2      # learning rate of the mixing logits Theta
     lr_gate: float = 1e-2       # learning rate of the gate a

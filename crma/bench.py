@@ -1,0 +1,200 @@
+"""`crma bench`: the benchmark grid (conditions x seeds) of DESIGN.md section 5, resumable.
+
+    crma bench --corpus DIR --protocol paper|cpu|smoke --out OUT [--model M]
+               [--conditions naive,frozen,modular] [--seeds 0,42,1234] [--resume]
+
+Every (condition, seed) run is a `crma.run.continual_run` into OUT/<condition>-seed<seed>/ and writes
+its own results.json as soon as it finishes. --resume skips folders whose results.json says
+finished=true (after checking that they were made with the same settings), so a grid can be spread
+over sessions or machines and merged by copying run folders into one OUT. Data order depends only
+on the seed and the phase (crma.data.epoch_order), so runs on the same data see the same order in
+every condition. After the grid (also when it stops early) OUT/summary.json and OUT/report.md are
+written from whatever runs are finished (crma.report.write_all).
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from .config import CONDITIONS, ConfigError, DomainSpec, RunConfig, TrainConfig
+from .data import DataError
+from .io import write_json
+
+DEMO_DIR = Path(__file__).parent / "demo_data"
+CL5_DOMAINS = ("medical", "legal", "finance", "code", "science")
+PAPER_SEEDS = (0, 42, 1234)
+
+
+@dataclass(frozen=True)
+class Protocol:
+    """Sizes of one benchmark protocol. Passages are the first N of each file (deterministic)."""
+
+    name: str
+    model: str
+    domains: tuple[str, ...]
+    train_passages: int          # per domain (TrainConfig.max_passages)
+    holdout_passages: int        # per domain (TrainConfig.max_holdout)
+    max_len: int                 # tokens per passage (longer ones truncated)
+    epochs: int
+    lr: float                    # LoRA learning rate (CRMA rates: CRMAConfig defaults)
+    batch_size: int
+    eval_batch_size: int = 8
+    seeds: tuple[int, ...] = PAPER_SEEDS
+    conditions: tuple[str, ...] = CONDITIONS
+    default_corpus: Path | None = None     # used when --corpus is omitted
+
+    def train_config(self) -> TrainConfig:
+        return TrainConfig(epochs=self.epochs, lr=self.lr, batch_size=self.batch_size, max_len=self.max_len,
+                           eval_batch_size=self.eval_batch_size, max_passages=self.train_passages,
+                           max_holdout=self.holdout_passages)
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d["default_corpus"] = str(self.default_corpus) if self.default_corpus else None
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in d.items()}
+
+
+# DESIGN.md section 5 exactly: 5 domains in order, 500 train / 100 holdout, seeds 0, 42, 1234, all
+# three conditions. The paper's model is Mistral-7B (pass --model mistralai/Mistral-7B-v0.1 where the
+# hub is reachable); the default is the largest model reachable offline. Its training settings are not
+# public: max_len 512 keeps ~95% of cl5 passages whole (code p90 is 565 tokens); 3 epochs at batch 8
+# give 3 x 63 = 189 optimizer steps per domain, 945 per run, the scale of the paper's 867 logged steps.
+PAPER = Protocol("paper", model="smollm2-135m", domains=CL5_DOMAINS, train_passages=500, holdout_passages=100,
+                 max_len=512, epochs=3, lr=2e-4, batch_size=8)
+
+# Same domains, order, seeds and conditions, sized for ~2.5 h for all 9 runs on 2 CPU cores with
+# smollm2-135m (fp32). Measured here: training ~TRAIN_TOK_S tokens/s (modular), forward-only eval
+# ~EVAL_TOK_S tokens/s, model load ~LOAD_S s. Almost every cl5 passage is longer than 128 tokens (all
+# prose ones; 93% of code), so each passage costs max_len tokens. Per run:
+#   train  5 domains x 120 passages x 1 epoch x 128 tokens = 76,800 tokens
+#   eval   6 evaluations (base + after each phase) x 5 domains x 20 passages x 128 = 76,800 tokens
+# See benchmarks/README.md for the measured seconds behind these choices.
+CPU = Protocol("cpu", model="smollm2-135m", domains=CL5_DOMAINS, train_passages=120, holdout_passages=20,
+               max_len=128, epochs=1, lr=1e-3, batch_size=4)
+
+# The test-suite protocol: a random 2-layer tiny:llama, two bundled demo domains, two seeds; seconds.
+SMOKE = Protocol("smoke", model="tiny:llama", domains=("cooking", "astronomy"), train_passages=8,
+                 holdout_passages=4, max_len=64, epochs=1, lr=5e-3, batch_size=4, eval_batch_size=4,
+                 seeds=(0, 42), default_corpus=DEMO_DIR)
+
+PROTOCOLS = {p.name: p for p in (PAPER, CPU, SMOKE)}
+
+
+def run_dir(out: Path, condition: str, seed: int) -> Path:
+    return Path(out) / f"{condition}-seed{seed}"
+
+
+def domain_specs(protocol: Protocol, corpus: Path | None) -> list[DomainSpec]:
+    """<corpus>/<domain>/{train,holdout}.jsonl for each protocol domain, in order; missing files named."""
+    corpus = Path(corpus) if corpus else protocol.default_corpus
+    if corpus is None:
+        raise ConfigError(f"--corpus: protocol {protocol.name!r} needs a corpus folder "
+                          f"(<corpus>/<domain>/train.jsonl and holdout.jsonl for {', '.join(protocol.domains)})")
+    specs = [DomainSpec(d, corpus / d / "train.jsonl", corpus / d / "holdout.jsonl") for d in protocol.domains]
+    missing = [str(p) for s in specs for p in (s.train, s.holdout) if not p.is_file()]
+    if missing:
+        raise DataError(f"corpus {corpus} lacks files of protocol {protocol.name!r}: {', '.join(missing)}")
+    return specs
+
+
+def _identity(cfg: dict) -> dict:
+    """The settings that define a run, without paths (a grid may move between machines)."""
+    return {"model": cfg["model"], "condition": cfg["condition"], "seed": cfg["seed"],
+            "domains": [d["name"] for d in cfg["domains"]], "train": cfg["train"], "lora": cfg["lora"],
+            "crma": cfg["crma"]}
+
+
+def _read_json(path: Path) -> dict | None:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError):
+        return None
+
+
+def plan_grid(protocol: Protocol, out: Path, corpus: Path | None = None, model: str | None = None,
+              conditions: list[str] | None = None, seeds: list[int] | None = None,
+              resume: bool = False) -> list[tuple[RunConfig, bool]]:
+    """(RunConfig, already finished) for every run, seed-major so each seed's comparison completes
+    early. Fails before any training if a finished run would be overwritten (no --resume) or was
+    made with other settings."""
+    specs = domain_specs(protocol, corpus)
+    conditions = list(conditions or protocol.conditions)
+    bad = [c for c in conditions if c not in CONDITIONS]
+    if bad:
+        raise ConfigError(f"--conditions: unknown {bad}; choose from {', '.join(CONDITIONS)}")
+    plan = []
+    for seed in seeds if seeds is not None else protocol.seeds:
+        for cond in conditions:
+            cfg = RunConfig(domains=specs, out=run_dir(out, cond, seed), model=model or protocol.model,
+                            condition=cond, seed=seed, train=protocol.train_config())
+            old = _read_json(cfg.out / "results.json")
+            done = bool(old and old.get("finished"))
+            if done and not resume:
+                raise ConfigError(f"{cfg.out} already holds a finished run; pass --resume to keep it "
+                                  "(and run only what is missing), or choose another --out")
+            if done and _identity(old["config"]) != _identity(cfg.to_dict()):
+                raise ConfigError(f"{cfg.out}: the finished run there was made with other settings "
+                                  "(model, sizes or hyperparameters); use another --out")
+            plan.append((cfg, done))
+    return plan
+
+
+def _hms(seconds: float) -> str:
+    s = int(round(seconds))
+    return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}"
+
+
+def estimate_left(durations: dict[str, list[float]], remaining: list[str]) -> float | None:
+    """ETA: each remaining run costs the mean wall time of finished runs of its condition
+    (of any condition when none of its own has finished); None before any run has a duration."""
+    every = [d for ds in durations.values() for d in ds]
+    if not every:
+        return None
+    overall = sum(every) / len(every)
+    return sum(sum(durations[c]) / len(durations[c]) if durations.get(c) else overall for c in remaining)
+
+
+def run_grid(protocol: Protocol, out: str | Path, corpus: str | Path | None = None, model: str | None = None,
+             conditions: list[str] | None = None, seeds: list[int] | None = None, resume: bool = False,
+             progress: bool = True, command: str | None = None) -> dict:
+    """Run the grid (skipping finished runs under --resume), then write summary.json and report.md."""
+    from .report import write_all
+    from .run import continual_run
+
+    out = Path(out)
+    plan = plan_grid(protocol, out, Path(corpus) if corpus else None, model, conditions, seeds, resume)
+    command = command or " ".join(["crma"] + sys.argv[1:])
+    write_json(out / "protocol.json", {**protocol.to_dict(), "model": model or protocol.model,
+                                       "corpus": str(corpus or protocol.default_corpus),
+                                       "grid": [[c.condition, c.seed] for c, _ in plan], "command": command})
+    durations: dict[str, list[float]] = {}
+    for cfg, _ in plan:                      # durations of runs finished earlier feed the ETA
+        meta = _read_json(cfg.out / "bench_run.json")
+        if meta and (_read_json(cfg.out / "results.json") or {}).get("finished"):
+            durations.setdefault(cfg.condition, []).append(meta["wall_seconds"])
+    todo = [cfg for cfg, done in plan if not done]
+    say = (lambda msg: print(msg, flush=True)) if progress else (lambda msg: None)
+    say(f"crma bench: protocol {protocol.name}, {len(plan)} runs, {len(plan) - len(todo)} already finished, "
+        f"{len(todo)} to run -> {out}")
+    start = time.perf_counter()
+    try:
+        for n, cfg in enumerate(todo, 1):
+            eta = estimate_left(durations, [c.condition for c in todo[n - 1:]])
+            say(f"[bench {n}/{len(todo)}] {cfg.condition} seed {cfg.seed} | elapsed "
+                f"{_hms(time.perf_counter() - start)} | ETA {_hms(eta) if eta is not None else 'unknown'}")
+            t0 = time.perf_counter()
+            continual_run(cfg, command=f"{command}  # run {cfg.condition}-seed{cfg.seed}", progress=progress)
+            wall = time.perf_counter() - t0
+            write_json(cfg.out / "bench_run.json", {"wall_seconds": wall, "protocol": protocol.name,
+                                                     "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S")})
+            durations.setdefault(cfg.condition, []).append(wall)
+            say(f"[bench {n}/{len(todo)}] {cfg.condition} seed {cfg.seed} finished in {_hms(wall)}")
+    finally:
+        summary = write_all(out)
+        say(f"crma bench: {summary['n_finished']} finished runs summarised in {out / 'summary.json'} "
+            f"and {out / 'report.md'}")
+    return summary
