@@ -20,6 +20,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
+
 from .config import CONDITIONS, ConfigError, DomainSpec, RunConfig, TrainConfig
 from .data import DataError
 from .io import write_json
@@ -61,24 +63,28 @@ class Protocol:
 # DESIGN.md section 5 exactly: 5 domains in order, 500 train / 100 holdout, seeds 0, 42, 1234, all
 # three conditions. The paper's model is Mistral-7B (pass --model mistralai/Mistral-7B-v0.1 where the
 # hub is reachable); the default is the largest model reachable offline. Its training settings are not
-# public: max_len 512 keeps ~95% of cl5 passages whole (code p90 is 565 tokens); 3 epochs at batch 8
+# public: max_len 512 keeps all but the longest code passages whole (code p90: 565 tokens); 3 epochs at batch 8
 # give 3 x 63 = 189 optimizer steps per domain, 945 per run, the scale of the paper's 867 logged steps.
 PAPER = Protocol("paper", model="smollm2-135m", domains=CL5_DOMAINS, train_passages=500, holdout_passages=100,
                  max_len=512, epochs=3, lr=2e-4, batch_size=8)
 
-# Same domains, order, seeds and conditions, sized for ~2.5 h for all 9 runs on 2 CPU cores with
-# smollm2-135m (fp32). Measured here: training ~TRAIN_TOK_S tokens/s (modular), forward-only eval
-# ~EVAL_TOK_S tokens/s, model load ~LOAD_S s. Almost every cl5 passage is longer than 128 tokens (all
-# prose ones; 93% of code), so each passage costs max_len tokens. Per run:
-#   train  5 domains x 120 passages x 1 epoch x 128 tokens = 76,800 tokens
+# Same domains, order, seeds and conditions, sized for about 2.5 h for all 9 runs on 2 CPU cores with
+# smollm2-135m in fp32 (benchmarks/README.md has the measurements). Measured here at max_len 128:
+# training 180 tokens/s frozen, 163 modular (batch 4); forward-only eval 420-450 tokens/s (batch 8);
+# model load 15 s; router features (run.py builds the router each phase) 13-28 s per domain. Every
+# prose cl5 passage and 93% of code ones exceed 128 tokens, so a passage costs max_len tokens. Per run:
+#   train  5 domains x 160 passages x 1 epoch x 128 tokens = 102,400 tokens (40 steps per domain)
 #   eval   6 evaluations (base + after each phase) x 5 domains x 20 passages x 128 = 76,800 tokens
-# See benchmarks/README.md for the measured seconds behind these choices.
-CPU = Protocol("cpu", model="smollm2-135m", domains=CL5_DOMAINS, train_passages=120, holdout_passages=20,
+# With 15-20% slack on the measured rates (150 / 135 / 350 tokens/s, load 20 s, router 120 s):
+#   naive, frozen  102,400/150 + 76,800/350 + 20 + 120 = 1,042 s;   modular  102,400/135 + 359 = 1,118 s
+#   grid = 3 seeds x (2 x 1,042 + 1,118) = 9,606 s = 2.7 h   (2.2 h at the measured rates).
+# lr 1e-3 (not the 2e-4 default): 40 steps per domain must move a LoRA adapter measurably.
+CPU = Protocol("cpu", model="smollm2-135m", domains=CL5_DOMAINS, train_passages=160, holdout_passages=20,
                max_len=128, epochs=1, lr=1e-3, batch_size=4)
 
 # The test-suite protocol: a random 2-layer tiny:llama, two bundled demo domains, two seeds; seconds.
-SMOKE = Protocol("smoke", model="tiny:llama", domains=("cooking", "astronomy"), train_passages=8,
-                 holdout_passages=4, max_len=64, epochs=1, lr=5e-3, batch_size=4, eval_batch_size=4,
+SMOKE = Protocol("smoke", model="tiny:llama", domains=("cooking", "contracts"), train_passages=16,
+                 holdout_passages=4, max_len=64, epochs=2, lr=1e-2, batch_size=4, eval_batch_size=4,
                  seeds=(0, 42), default_corpus=DEMO_DIR)
 
 PROTOCOLS = {p.name: p for p in (PAPER, CPU, SMOKE)}
@@ -181,6 +187,9 @@ def run_grid(protocol: Protocol, out: str | Path, corpus: str | Path | None = No
     say(f"crma bench: protocol {protocol.name}, {len(plan)} runs, {len(plan) - len(todo)} already finished, "
         f"{len(todo)} to run -> {out}")
     start = time.perf_counter()
+    threads = torch.get_num_threads()
+    if (model or protocol.model).startswith("tiny:"):
+        torch.set_num_threads(1)     # tiny models are op-overhead bound; threads only add contention
     try:
         for n, cfg in enumerate(todo, 1):
             eta = estimate_left(durations, [c.condition for c in todo[n - 1:]])
@@ -194,6 +203,7 @@ def run_grid(protocol: Protocol, out: str | Path, corpus: str | Path | None = No
             durations.setdefault(cfg.condition, []).append(wall)
             say(f"[bench {n}/{len(todo)}] {cfg.condition} seed {cfg.seed} finished in {_hms(wall)}")
     finally:
+        torch.set_num_threads(threads)
         summary = write_all(out)
         say(f"crma bench: {summary['n_finished']} finished runs summarised in {out / 'summary.json'} "
             f"and {out / 'report.md'}")

@@ -1,0 +1,224 @@
+"""Benchmark report: OUT/summary.json, OUT/report.md and the PNG plots it embeds.
+
+Every number in the report comes from `crma.summary.summarize` over the run folders' results.json
+(re-run any time with `crma report --out OUT`); the plots read the same files. Writes are atomic.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from .io import atomic_path, write_json
+from .summary import PAPER, load_results, summarize
+
+COLORS = {"naive": "tab:red", "frozen": "tab:blue", "modular": "tab:green"}
+STYLES = {"naive": "-", "frozen": "--", "modular": ":"}
+
+
+def write_all(out: str | Path) -> dict:
+    """Summarise OUT/*/results.json into OUT/summary.json, OUT/report.md and PNGs; returns the summary."""
+    out = Path(out)
+    results = load_results(out)
+    summary = summarize(results)
+    write_json(out / "summary.json", summary)
+    protocol = None
+    if (out / "protocol.json").exists():
+        protocol = json.loads((out / "protocol.json").read_text(encoding="utf-8"))
+    plots = write_plots(out, summary, results)
+    with atomic_path(out / "report.md") as tmp:
+        tmp.write_text(render(summary, protocol, plots), encoding="utf-8")
+    return summary
+
+
+# ---- plots ------------------------------------------------------------------------------------
+def _save(fig, path: Path) -> str:
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight")
+    return path.name
+
+
+def write_plots(out: Path, summary: dict, results: list[dict]) -> list[str]:
+    """Loss-matrix heatmap per condition, drift dots per seed, spectral deviation, training-loss curves."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    conds = summary["conditions"]
+    if not conds:
+        return []
+    names = summary["setup"]["domains"]
+    done = sorted((r for r in results if r.get("finished")), key=lambda r: (r["condition"], r["seed"]))
+    files = []
+    for cond, c in conds.items():                       # loss-matrix heatmaps (mean over seeds)
+        L = c["loss_matrix_mean"]
+        fig, ax = plt.subplots(figsize=(1.2 * len(names) + 2, 0.6 * len(L) + 2))
+        im = ax.imshow(L, cmap="viridis")
+        for i, row in enumerate(L):
+            for j, v in enumerate(row):
+                ax.text(j, i, f"{v:.3f}", ha="center", va="center", color="w", fontsize=8)
+        ax.set_xticks(range(len(names)), names, rotation=30)
+        ax.set_yticks(range(len(L)), [f"after {n}" for n in names[: len(L)]])
+        ax.set_title(f"{cond}: holdout loss L[i][j], mean over {len(c['seeds'])} seed(s)")
+        fig.colorbar(im, ax=ax)
+        files.append(_save(fig, out / f"loss_matrix_{cond}.png"))
+        plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(5, 3.5))            # drift, one dot per seed
+    for x, (cond, c) in enumerate(conds.items()):
+        if not c["drift"]:
+            continue
+        vals = c["drift"]["values"]
+        ax.scatter([x] * len(vals), vals, color=COLORS.get(cond, "k"), zorder=3)
+        ax.hlines(c["drift"]["mean"], x - 0.2, x + 0.2, color=COLORS.get(cond, "k"))
+        for s, v in zip(c["drift"]["seeds"], vals):
+            ax.annotate(str(s), (x, v), xytext=(6, 0), textcoords="offset points", fontsize=7)
+    ax.axhline(0, color="grey", lw=0.5)
+    ax.set_xticks(range(len(conds)), list(conds))
+    ax.set_ylabel("drift % (positive = forgetting)")
+    ax.set_title("drift per condition (dot = seed, line = mean)")
+    files.append(_save(fig, out / "drift.png"))
+    plt.close(fig)
+
+    spectral = [r for r in done if r.get("spectral") and r["spectral"].get("per_step")]
+    if spectral:                                        # spectral deviation over logged steps
+        fig, ax = plt.subplots(figsize=(7, 3.5))
+        for r in spectral:
+            per = r["spectral"]["per_step"]
+            ax.plot([max(p["norm_dev"], 1e-16) for p in per], lw=0.8, label=f"| ||M||_2 - 1 |, seed {r['seed']}")
+            ax.plot([max(p["sum_dev"], 1e-16) for p in per], lw=0.8, ls="--", label=f"max |sum - 1|, seed {r['seed']}")
+        ax.set_yscale("log")
+        ax.set_xlabel("logged step (all phases; max over layers)")
+        ax.set_title(f"{spectral[0]['condition']}: spectral deviation (floored at 1e-16)")
+        ax.legend(fontsize=7)
+        files.append(_save(fig, out / "spectral.png"))
+        plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(8, 3.5))            # training loss across phases
+    for r in done:
+        curve = [v for phase in r["loss_curves"] for v in phase]
+        ax.plot(curve, lw=0.7, color=COLORS.get(r["condition"], "k"), alpha=0.8, ls=STYLES.get(r["condition"], "-"),
+                label=f"{r['condition']} seed {r['seed']}")
+    if done:
+        edge = 0
+        for name, phase in zip(names, done[0]["loss_curves"]):
+            ax.axvline(edge, color="grey", lw=0.5)
+            ax.text(edge, 1.0, name, transform=ax.get_xaxis_transform(), fontsize=7, va="bottom")
+            edge += len(phase)
+    ax.set_xlabel("optimizer step (phases in order)")
+    ax.set_ylabel("training loss")
+    ax.legend(fontsize=6, ncol=3)
+    files.append(_save(fig, out / "loss_curves.png"))
+    plt.close(fig)
+    return files
+
+
+# ---- markdown ---------------------------------------------------------------------------------
+def _pm(s: dict | None, digits: int = 2, unit: str = "%", sign: str = "+") -> str:
+    if not s or s.get("mean") is None:
+        return "n/a"
+    sd = f"{s['sd']:.{digits}f}" if len(s["values"]) > 1 else "n/a (1 seed)"
+    return f"{s['mean']:{sign}.{digits}f}{unit} ± {sd}"
+
+
+def _range(s: dict | None, digits: int = 2) -> str:
+    return "n/a" if not s or s.get("min") is None else f"[{s['min']:+.{digits}f}, {s['max']:+.{digits}f}]"
+
+
+def _seeds(s: dict | None, digits: int = 2) -> str:
+    return "n/a" if not s else ", ".join(f"{v:+.{digits}f} ({k})" for k, v in zip(s["seeds"], s["values"]))
+
+
+def _table(head: list[str], rows: list[list[str]]) -> list[str]:
+    def row(cells):      # a literal | (norms, absolute values) would split a markdown cell
+        return "| " + " | ".join(str(c).replace("|", "\\|") for c in cells) + " |"
+    return [row(head), "|" + "---|" * len(head)] + [row(r) for r in rows]
+
+
+def render(summary: dict, protocol: dict | None, plots: list[str]) -> str:
+    """report.md text from a summary (and the protocol.json of the grid, when there is one)."""
+    lines = ["# crma benchmark report", ""]
+    runs = summary["runs"]
+    if protocol:
+        grid = protocol.get("grid", [])
+        lines += [f"Protocol **{protocol['name']}**: model `{protocol['model']}`, domains "
+                  f"{', '.join(protocol['domains'])} (in order), {protocol['train_passages']} train / "
+                  f"{protocol['holdout_passages']} holdout passages per domain, max_len {protocol['max_len']}, "
+                  f"{protocol['epochs']} epoch(s), lr {protocol['lr']}, batch {protocol['batch_size']}; "
+                  f"corpus `{protocol['corpus']}`.", "",
+                  f"Command: `{protocol['command']}`", ""]
+        missing = [f"{c}-seed{s}" for c, s in grid
+                   if not any(r["condition"] == c and r["seed"] == s and r["finished"] for r in runs)]
+        if missing:
+            lines += [f"**Partial grid**: {len(grid) - len(missing)} of {len(grid)} runs finished; "
+                      f"missing: {', '.join(missing)}. Numbers below use the finished runs only.", ""]
+    lines += ["All numbers are computed by `crma.summary.summarize` from the run folders' results.json; "
+              "recompute with `crma report --out DIR`. Drift is loss-relative (DESIGN.md section 4): "
+              "positive = forgetting. ± is the sample standard deviation over seeds.", ""]
+    conds, comp = summary["conditions"], summary["comparisons"]
+    if not conds:
+        return "\n".join(lines + ["No finished runs yet.", ""])
+    setup = summary["setup"]
+    names = setup["domains"]
+    lines += ["## Forgetting", ""]
+    rows = []
+    for cond, c in conds.items():
+        ret = c["retention"]
+        lo, hi = ret["wilson95"]
+        rows.append([cond, _pm(c["drift"]), _seeds(c["drift"]), _range(c["drift"]),
+                     _pm(c["bwt"], 4, ""),
+                     f"{ret['k']}/{ret['n']} [{lo:.3f}, {hi:.3f}]"])
+    lines += _table(["condition", "drift mean ± sd", "per seed (seed)", "[min, max]", "BWT (loss units)",
+                     "retained k/n [Wilson 95%]"], rows) + [""]
+    if "naive_modular_disjoint" in comp:
+        lines += [f"Naive's and modular's per-seed drift ranges are "
+                  f"**{'disjoint' if comp['naive_modular_disjoint'] else 'overlapping'}**.", ""]
+    lines += ["Retention pools the prior-domain holdout passages of all seeds (the same passages at each "
+              "seed); a passage is retained if its loss after the last phase is <= 1.01 x its loss right "
+              "after its own domain's phase.", "", "### Per-domain drift (%)", ""]
+    lines += _table(["domain"] + list(conds),
+                    [[n] + [_pm(c["per_domain_drift"].get(n)) for c in conds.values()] for n in names[:-1]]) + [""]
+    lines += ["### Gain over base per domain (%)", "", "gain_j = 100 (Lbase[j] - L[j][j]) / Lbase[j].", ""]
+    lines += _table(["domain"] + list(conds),
+                    [[n] + [_pm(c["gain"].get(n)) for c in conds.values()] for n in names]
+                    + [["mean over domains"] + [_pm(c["gain_mean"]) for c in conds.values()]]) + [""]
+    adv = comp.get("advantage_modular_over_frozen")
+    if adv:
+        lines += ["## Learning advantage of modular over frozen (same seed)", "",
+                  "100 mean_j (L_frozen[T-1][j] - L_modular[T-1][j]) / L_frozen[T-1][j].", ""]
+        lines += _table(["over", "mean ± sd", "per seed (seed)", "positive at every seed"],
+                        [[scope + (" domains" if scope == "all" else " domains (j < T-1)"), _pm(a), _seeds(a),
+                          "yes" if a["positive_every_seed"] else "no"] for scope, a in adv.items()]) + [""]
+    spec = {c: v["spectral"] for c, v in conds.items() if v["spectral"]}
+    if spec:
+        lines += ["## Spectral certificate", ""]
+        lines += _table(["condition", "logged steps x layers", "max | ||M||_2 - 1 |", "max |row/col sum - 1|",
+                         "max ||M||_2", "max |alpha| ||M||_2 (rho)", "certificate held everywhere"],
+                        [[c, f"{s['logged_steps']} x {s['layers']}", f"{s['max_norm_dev']:.2e}",
+                          f"{s['max_sum_dev']:.2e}", f"{s['max_norm']:.9f}",
+                          f"{s['max_alpha_times_norm']:.4f} ({s['rho']})", "yes" if s["certificate_ok"] else "**NO**"]
+                         for c, s in spec.items()]) + [""]
+    lines += ["## Training cost and gradients", ""]
+    lines += _table(["condition", "tokens/s mean ± sd", "train seconds mean", "optimizer steps / run",
+                     "grad-norm peak (max over seeds)", "grad-norm mean ± sd"],
+                    [[cond, _pm(c["tokens_per_s"], 1, "", ""), f"{c['train_seconds']['mean']:.1f}",
+                      ", ".join(map(str, sorted(set(c["optimizer_steps"])))),
+                      "n/a" if c["grad_norm"]["max_peak"] is None else f"{c['grad_norm']['max_peak']:.3f}",
+                      _pm(c["grad_norm"]["mean"], 3, "", "")] for cond, c in conds.items()]) + [""]
+    over = comp.get("crma_time_overhead_pct")
+    if over:
+        lines += [f"CRMA time overhead (modular / frozen train seconds - 1, same seed): {_pm(over, 1)} "
+                  f"(per seed {_seeds(over, 1)}). Grad norms are the total LoRA (+ CRMA) norm before clipping.", ""]
+    lines += ["## The paper beside this run", "",
+              f"Paper: {PAPER['model']}, {PAPER['train_passages']} train / {PAPER['holdout_passages']} holdout "
+              f"passages per domain, seeds {', '.join(map(str, PAPER['seeds']))}. This run: `{setup['model']}`, "
+              f"{setup['train_passages']} / {setup['holdout_passages']} passages, max_len {setup['max_len']}, "
+              f"{setup['epochs']} epoch(s), lr {setup['lr']}.", ""]
+    lines += _table(["metric", "paper", "this run", "difference"],
+                    [[r["metric"], r["paper"], r["ours"], r["sentence"]] for r in summary["paper_comparison"]]) + [""]
+    lines += [f"The paper also reports single-adapter continual-learning stacks (EWC, replay, orthogonal LoRA, "
+              f"distillation) at +{PAPER['single_adapter_forgetting_pct'][0]:.0f}% to "
+              f"+{PAPER['single_adapter_forgetting_pct'][1]:.0f}% forgetting on a 4-domain protocol; "
+              "this benchmark does not run those baselines.", ""]
+    if plots:
+        lines += ["## Plots", ""] + [f"![{p[:-4]}]({p})" for p in plots] + [""]
+    return "\n".join(lines)
