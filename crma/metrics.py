@@ -49,6 +49,23 @@ def retained(own: list[float], final: list[float], tolerance: float = 1.01) -> i
     return sum(1 for a, b in zip(own, final) if b <= tolerance * a)
 
 
+def retention(after_phase: list[list[list[float]]], tolerance: float = 1.01) -> dict:
+    """Retention probe over prior domains: after_phase[i][j] = per-passage losses of domain j after phase i.
+
+        k = #{passages p of prior domains j < T-1 : l_p(after phase T-1) <= tolerance * l_p(after phase j)}
+    Returns {"k", "n", "wilson95"}.
+    """
+    last = len(after_phase) - 1
+    k = sum(retained(after_phase[j][j], after_phase[last][j], tolerance) for j in range(last))
+    n = sum(len(after_phase[j][j]) for j in range(last))
+    return {"k": k, "n": n, "wilson95": list(wilson(k, n))}
+
+
+def certificate_ok(max_norm: float, max_alpha_times_norm: float, rho: float, tol: float = 1e-6) -> bool:
+    """The spectral certificate held: max ||M||_2 <= 1 and max |alpha| ||M||_2 <= rho (float slack tol)."""
+    return max_norm <= 1 + tol and max_alpha_times_norm <= rho * (1 + tol)
+
+
 def wilson(k: int, n: int, z: float = 1.959963984540054) -> tuple[float, float]:
     """Wilson score interval for k successes out of n:
 

@@ -34,7 +34,6 @@ PAPER = {
     "single_adapter_forgetting_pct": [58.0, 109.0],   # EWC, replay, O-LoRA, distillation (4 domains)
 }
 RETAIN_TOLERANCE = 1.01     # a passage is retained if L_final <= 1.01 * L_own
-CERT_TOL = 1e-6             # float-rounding slack of the spectral certificate (as in crma.run)
 
 
 def load_results(out: str | Path) -> list[dict]:
@@ -57,11 +56,6 @@ def run_metrics(res: dict) -> dict:
     """
     L, base = res["loss_matrix"], res["base_loss"]
     T = len(L)
-    after = res["passage_losses"]["after_phase"]
-    own = [after[j][j] for j in range(T - 1)]
-    final = [after[T - 1][j] for j in range(T - 1)]
-    k = sum(metrics.retained(o, f, RETAIN_TOLERANCE) for o, f in zip(own, final))
-    n = sum(len(o) for o in own)
     steps = [p.get("steps", 0) for p in res.get("phases", [])]
     grads = res.get("grad_norm", [])
     total = sum(steps)
@@ -73,7 +67,7 @@ def run_metrics(res: dict) -> dict:
         "L": [list(row) for row in L], "base": list(base),
         "drift": metrics.drift(L), "per_domain_drift": metrics.per_domain_drift(L),
         "gain": metrics.gain(base, L), "bwt": metrics.bwt(L),
-        "retention": {"k": k, "n": n, "wilson95": list(metrics.wilson(k, n))},
+        "retention": metrics.retention(res["passage_losses"]["after_phase"], RETAIN_TOLERANCE),
         "train_seconds": seconds, "train_tokens": tokens,
         "tokens_per_s": tokens / seconds if seconds else 0.0,
         "optimizer_steps": total,
@@ -97,7 +91,7 @@ def spectral_maxima(spec: dict | None) -> dict | None:
     else:           # no per-step log kept: fall back on the run's stored maxima
         worst = {"norm_dev": spec["max_norm_dev"], "sum_dev": spec["max_sum_dev"],
                  "norm": spec["max_norm"], "bound": spec["max_alpha_times_norm"]}
-    ok = worst["norm"] <= 1 + CERT_TOL and worst["bound"] <= rho * (1 + CERT_TOL)
+    ok = metrics.certificate_ok(worst["norm"], worst["bound"], rho)
     return {"logged_steps": len(per), "optimizer_steps": spec.get("steps"), "layers": spec.get("layers"),
             "rho": rho, "max_norm_dev": worst["norm_dev"], "max_sum_dev": worst["sum_dev"],
             "max_norm": worst["norm"], "max_alpha_times_norm": worst["bound"], "certificate_ok": ok}
