@@ -2,6 +2,10 @@
 
     crma run   --model M --domains NAME=TRAIN[:HOLDOUT] ... --condition C --seed S --out DIR
     crma demo  [--out DIR] [--model M]          short naive vs modular run on the bundled demo data
+    crma bench --protocol paper|cpu|smoke --out DIR [--corpus DIR] [--resume]   benchmark grid + report
+    crma report --out DIR                        recompute summary.json / report.md from the run folders
+    crma route --run DIR "query text" ...        which domain adapter the run's router picks
+    crma route-eval --run DIR --corpus DIR [--loss]   router accuracy, OOD abstention, latency, cost
 """
 from __future__ import annotations
 
@@ -46,11 +50,54 @@ def configs_from_args(args: argparse.Namespace) -> dict:
     return out
 
 
+def add_router_options(parser: argparse.ArgumentParser) -> None:
+    """One --router-* option per field of RouterConfig (issue 4)."""
+    from .router import RouterConfig
+    group = parser.add_argument_group("router settings")
+    for f in dataclasses.fields(RouterConfig):
+        default = f.default
+        group.add_argument(f"--router-{f.name.replace('_', '-')}", dest=f"router.{f.name}", type=_field_type(f),
+                           default=default, metavar=f.name.upper(), help=f"(default: {default})")
+
+
+def router_config_from_args(args: argparse.Namespace):
+    from .router import RouterConfig
+    return RouterConfig(**{f.name: getattr(args, f"router.{f.name}") for f in dataclasses.fields(RouterConfig)})
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     from .run import continual_run
     cfg = RunConfig(domains=[DomainSpec.parse(d) for d in args.domains], out=args.out, model=args.model,
                     condition=args.condition, seed=args.seed, **configs_from_args(args))
-    continual_run(cfg)
+    continual_run(cfg, router_cfg=router_config_from_args(args))
+    return 0
+
+
+def cmd_route(args: argparse.Namespace) -> int:
+    import json
+    from .inference import load_run
+    run = load_run(args.run, adapters=False)
+    for text, dec in zip(args.queries, run.route(args.queries)):
+        if args.json:
+            print(json.dumps({"query": text, **dec._asdict(), "adapter": run.adapter_for(dec.domain)}))
+            continue
+        runner = f"{dec.runner_up} ({dec.runner_up_confidence:.3f})" if dec.runner_up else "-"
+        note = ""
+        if dec.domain == "base":
+            why = "too few characters per token" if dec.reason == "characters" else "too far from every domain"
+            note = f"  (abstained, {why}: best {dec.best} at {dec.ood_ratio:.2f} x its threshold)"
+        print(f"domain: {dec.domain}  confidence: {dec.confidence:.3f}  runner-up: {runner}  "
+              f"adapter: {run.adapter_for(dec.domain) or 'none'}{note}")
+    return 0
+
+
+def cmd_route_eval(args: argparse.Namespace) -> int:
+    from .route_eval import format_report, route_eval
+    report = route_eval(args.run, args.corpus, loss=args.loss, max_queries=args.max_queries,
+                        max_holdout=args.max_holdout, seed=args.seed, n_random=args.n_random,
+                        command=" ".join(["crma"] + (args.argv if args.argv is not None else sys.argv[1:])))
+    print(format_report(report))
+    print(f"wrote {args.run / 'route_eval.json'}")
     return 0
 
 
@@ -58,6 +105,26 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
     run_demo(out=args.out, model=args.model, conditions=args.conditions.split(","), seed=args.seed,
              **configs_from_args(args))
+    return 0
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from .bench import PROTOCOLS, run_grid
+    seeds = [int(s) for s in args.seeds.split(",") if s] if args.seeds else None
+    conditions = [c for c in args.conditions.split(",") if c] if args.conditions else None
+    run_grid(PROTOCOLS[args.protocol], out=args.out, corpus=args.corpus, model=args.model,
+             conditions=conditions, seeds=seeds, resume=args.resume, progress=not args.quiet,
+             command=" ".join(["crma"] + (args.argv if args.argv is not None else sys.argv[1:])))
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from .report import write_all
+    if not args.out.is_dir():
+        raise FileNotFoundError(f"{args.out}: no such benchmark folder")
+    summary = write_all(args.out)
+    print(f"crma report: {summary['n_finished']} finished runs -> {args.out / 'summary.json'}, "
+          f"{args.out / 'report.md'}")
     return 0
 
 
@@ -76,6 +143,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--seed", type=int, default=0)
     run.add_argument("--out", type=Path, required=True)
     add_config_options(run)
+    add_router_options(run)
     run.set_defaults(func=cmd_run)
 
     demo = sub.add_parser("demo", help="short naive vs modular run on the bundled demo data")
@@ -85,17 +153,58 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--seed", type=int, default=0)
     add_config_options(demo, DEMO_DEFAULTS)
     demo.set_defaults(func=cmd_demo)
+
+    from .bench import PROTOCOLS
+    bench = sub.add_parser("bench", help="benchmark grid (conditions x seeds) with summary.json and report.md",
+                           description="Protocols: " + "; ".join(
+                               f"{p.name}: {p.model}, {len(p.domains)} domains, {p.train_passages}/"
+                               f"{p.holdout_passages} passages, max_len {p.max_len}, {p.epochs} epoch(s)"
+                               for p in PROTOCOLS.values()) + ". See benchmarks/README.md.")
+    bench.add_argument("--protocol", choices=list(PROTOCOLS), required=True)
+    bench.add_argument("--corpus", type=Path, default=None,
+                       help="folder with <domain>/{train,holdout}.jsonl (smoke: bundled demo data if omitted)")
+    bench.add_argument("--out", type=Path, required=True)
+    bench.add_argument("--model", default=None, help="override the protocol's model")
+    bench.add_argument("--conditions", default=None, help="comma list (default: naive,frozen,modular)")
+    bench.add_argument("--seeds", default=None, help="comma list (default: the protocol's seeds)")
+    bench.add_argument("--resume", action="store_true", help="skip runs whose results.json is finished")
+    bench.add_argument("--quiet", action="store_true", help="no progress lines or per-run bars")
+    bench.set_defaults(func=cmd_bench, argv=None)
+
+    report = sub.add_parser("report", help="recompute summary.json, report.md and plots of a bench folder")
+    report.add_argument("--out", type=Path, required=True)
+    report.set_defaults(func=cmd_report)
+
+    route = sub.add_parser("route", help="route queries with a run's router: domain, confidence, runner-up")
+    route.add_argument("--run", type=Path, required=True, help="a `crma run` output folder")
+    route.add_argument("--json", action="store_true", help="one JSON object per query")
+    route.add_argument("queries", nargs="+", metavar="QUERY")
+    route.set_defaults(func=cmd_route)
+
+    route_ev = sub.add_parser("route-eval", help="router accuracy, out-of-domain abstention, latency, "
+                                                 "and (--loss) routed vs oracle holdout loss")
+    route_ev.add_argument("--run", type=Path, required=True)
+    route_ev.add_argument("--corpus", type=Path, required=True, help="folder with <domain>/queries.jsonl")
+    route_ev.add_argument("--loss", action="store_true", help="also holdout loss, routed vs oracle adapters")
+    route_ev.add_argument("--max-queries", type=int, default=0, help="queries per domain (0 = all)")
+    route_ev.add_argument("--max-holdout", type=int, default=100, help="holdout passages per domain for --loss")
+    route_ev.add_argument("--seed", type=int, default=0, help="seed of the random-string OOD inputs")
+    route_ev.add_argument("--n-random", type=int, default=50, help="number of random-string OOD inputs")
+    route_ev.set_defaults(func=cmd_route_eval, argv=None)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     from .data import DataError
     from .models import ModelError
+    from .router import RouterError
 
     args = build_parser().parse_args(argv)
+    if argv is not None:
+        args.argv = list(argv)
     try:
         return args.func(args)
-    except (ConfigError, DataError, ModelError, FileNotFoundError) as err:
+    except (ConfigError, DataError, ModelError, RouterError, FileNotFoundError) as err:
         print(f"crma {args.command}: error: {err}", file=sys.stderr)
         return 2
 

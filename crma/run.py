@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -25,8 +25,10 @@ from .backbone import CRMABackbone
 from .config import RunConfig
 from .data import read_passages, split_holdout, tokenize
 from .evaluate import mean_loss, passage_losses
+from .features import domain_features, resolve_layer
 from .io import write_json
-from .models import load_model
+from .models import fingerprint, load_model
+from .router import Router, RouterConfig
 from .train import PhaseLog, train_phase
 
 
@@ -35,6 +37,8 @@ class DomainData:
     name: str
     train: list[list[int]]
     holdout: list[list[int]]
+    train_texts: list[str] = field(default_factory=list)     # raw text, only for building the router
+    holdout_texts: list[str] = field(default_factory=list)   # (never stored: the router keeps statistics)
 
 
 def load_domains(cfg: RunConfig, tokenizer) -> list[DomainData]:
@@ -51,7 +55,7 @@ def load_domains(cfg: RunConfig, tokenizer) -> list[DomainData]:
         if cfg.train.max_holdout:
             holdout = holdout[: cfg.train.max_holdout]
         out.append(DomainData(spec.name, tokenize(train, tokenizer, cfg.train.max_len),
-                              tokenize(holdout, tokenizer, cfg.train.max_len)))
+                              tokenize(holdout, tokenizer, cfg.train.max_len), train, holdout))
     return out
 
 
@@ -69,7 +73,7 @@ def spectral_summary(logs: list[PhaseLog], rho: float) -> dict:
     return {"steps": sum(len(log.losses) for log in logs), "layers": len(steps[0]), "rho": rho,
             "max_norm_dev": worst["norm_dev"], "max_sum_dev": worst["sum_dev"],
             "max_norm": worst["norm"], "max_alpha": worst["alpha"], "max_alpha_times_norm": worst["bound"],
-            "certificate_ok": worst["norm"] <= 1 + 1e-6 and worst["bound"] <= rho * (1 + 1e-6),
+            "certificate_ok": metrics.certificate_ok(worst["norm"], worst["bound"], rho),
             "per_step": per_step}
 
 
@@ -77,21 +81,16 @@ def build_results(cfg: RunConfig, command: str, base: list, matrix: list, logs: 
                   names: list[str], finished: bool) -> dict:
     """results.json content from the losses so far (per-passage losses kept for the probes)."""
     L = [[mean_loss(cell) for cell in row] for row in matrix]
+    after_phase = [[[s / n for s, n in cell] for cell in row] for row in matrix]   # per-passage means
     base_loss = [mean_loss(cell) for cell in base]
     res = {"model": cfg.model, "condition": cfg.condition, "seed": cfg.seed, "domains": names,
            "finished": finished, "phases_done": len(L), "base_loss": base_loss, "loss_matrix": L}
     if finished:
-        T = len(names)
-        own = [[s / n for s, n in matrix[j][j]] for j in range(T - 1)]
-        final = [[s / n for s, n in matrix[T - 1][j]] for j in range(T - 1)]
-        k = sum(metrics.retained(o, f) for o, f in zip(own, final))
-        n = sum(len(o) for o in own)
         res.update({"drift_pct": metrics.drift(L), "per_domain_drift_pct": metrics.per_domain_drift(L),
                     "gain_pct": metrics.gain(base_loss, L), "bwt": metrics.bwt(L),
-                    "retention": {"k": k, "n": n, "wilson95": list(metrics.wilson(k, n))}})
+                    "retention": metrics.retention(after_phase)})
     res.update({
-        "passage_losses": {"base": [[s / n for s, n in cell] for cell in base],
-                           "after_phase": [[[s / n for s, n in cell] for cell in row] for row in matrix]},
+        "passage_losses": {"base": [[s / n for s, n in cell] for cell in base], "after_phase": after_phase},
         "train_tokens": sum(log.tokens for log in logs),
         "train_seconds": sum(log.seconds for log in logs),
         "phases": [log.summary() for log in logs],
@@ -105,8 +104,10 @@ def build_results(cfg: RunConfig, command: str, base: list, matrix: list, logs: 
     return res
 
 
-def continual_run(cfg: RunConfig, command: str | None = None, progress: bool = True) -> dict:
-    """Run every phase of `cfg`; returns (and writes) the results."""
+def continual_run(cfg: RunConfig, command: str | None = None, progress: bool = True,
+                  router_cfg: RouterConfig | None = None) -> dict:
+    """Run every phase of `cfg`; returns (and writes) the results. The router (DIR/router) is
+    updated from each domain's own data as its phase ends (`router_cfg`, defaults when None)."""
     command = command or " ".join(["crma"] + sys.argv[1:])
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -125,6 +126,10 @@ def continual_run(cfg: RunConfig, command: str | None = None, progress: bool = T
         return [_eval_with(model, adapter_for(j), d, ebs, pad_id, progress) for j, d in enumerate(data)]
 
     base = evaluate_all(lambda j: None)                        # untouched base model
+    # ---- router (issue 4): built on the untouched base model's features, see crma/router.py
+    router_cfg = router_cfg or RouterConfig()
+    router = Router(router_cfg, meta={"model": cfg.model, "fingerprint": fingerprint(model),
+                                      "layer": resolve_layer(model, router_cfg.layer), "condition": cfg.condition})
     backbone = None
     if cfg.condition == "modular":
         backbone = CRMABackbone.for_model(model, cfg.crma, seed=cfg.seed).attach(model)
@@ -142,6 +147,14 @@ def continual_run(cfg: RunConfig, command: str | None = None, progress: bool = T
         logs.append(log)
         set_trainable(model, None, backbone=False)
         save_adapter(model, adapter, out / "adapters")
+        # ---- router (issue 4): add this domain from its own train passages, calibrate on its holdout
+        started = time.perf_counter()
+        router.add_domain(dom.name, domain_features(model, tokenizer, dom.train_texts, router_cfg,
+                                                    router_cfg.max_passages),
+                          domain_features(model, tokenizer, dom.holdout_texts, router_cfg, router_cfg.max_calib),
+                          adapter=adapter)
+        router.calibration[dom.name]["build_seconds"] = round(time.perf_counter() - started, 3)
+        router.save(out)
         if backbone is not None:
             backbone.save(out)
         if cfg.condition == "naive":

@@ -49,3 +49,14 @@ def conflict_runs(conflicting_domains, tmp_path_factory) -> dict[str, dict]:
     root = tmp_path_factory.mktemp("runs")
     return {c: continual_run(tiny_run_config(conflicting_domains, root / c, c), progress=False)
             | {"_dir": root / c} for c in ("naive", "frozen", "modular")}
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _one_thread():
+    """Tiny models run fastest on one thread, and one thread cannot oversubscribe a busy 2-core box."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
