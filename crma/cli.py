@@ -69,7 +69,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     from .run import continual_run
     cfg = RunConfig(domains=[DomainSpec.parse(d) for d in args.domains], out=args.out, model=args.model,
                     condition=args.condition, seed=args.seed, **configs_from_args(args))
-    continual_run(cfg, router_cfg=router_config_from_args(args))
+    continual_run(cfg, command=args.command_line, router_cfg=router_config_from_args(args))
     return 0
 
 
@@ -95,7 +95,7 @@ def cmd_route_eval(args: argparse.Namespace) -> int:
     from .route_eval import format_report, route_eval
     report = route_eval(args.run, args.corpus, loss=args.loss, max_queries=args.max_queries,
                         max_holdout=args.max_holdout, seed=args.seed, n_random=args.n_random,
-                        command=" ".join(["crma"] + (args.argv if args.argv is not None else sys.argv[1:])))
+                        command=args.command_line)
     print(format_report(report))
     print(f"wrote {args.run / 'route_eval.json'}")
     return 0
@@ -104,7 +104,7 @@ def cmd_route_eval(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
     run_demo(out=args.out, model=args.model, conditions=args.conditions.split(","), seed=args.seed,
-             **configs_from_args(args))
+             command=args.command_line, **configs_from_args(args))
     return 0
 
 
@@ -114,7 +114,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     conditions = [c for c in args.conditions.split(",") if c] if args.conditions else None
     run_grid(PROTOCOLS[args.protocol], out=args.out, corpus=args.corpus, model=args.model,
              conditions=conditions, seeds=seeds, resume=args.resume, progress=not args.quiet,
-             command=" ".join(["crma"] + (args.argv if args.argv is not None else sys.argv[1:])))
+             command=args.command_line)
     return 0
 
 
@@ -169,7 +169,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--seeds", default=None, help="comma list (default: the protocol's seeds)")
     bench.add_argument("--resume", action="store_true", help="skip runs whose results.json is finished")
     bench.add_argument("--quiet", action="store_true", help="no progress lines or per-run bars")
-    bench.set_defaults(func=cmd_bench, argv=None)
+    bench.set_defaults(func=cmd_bench)
 
     report = sub.add_parser("report", help="recompute summary.json, report.md and plots of a bench folder")
     report.add_argument("--out", type=Path, required=True)
@@ -190,7 +190,7 @@ def build_parser() -> argparse.ArgumentParser:
     route_ev.add_argument("--max-holdout", type=int, default=100, help="holdout passages per domain for --loss")
     route_ev.add_argument("--seed", type=int, default=0, help="seed of the random-string OOD inputs")
     route_ev.add_argument("--n-random", type=int, default=50, help="number of random-string OOD inputs")
-    route_ev.set_defaults(func=cmd_route_eval, argv=None)
+    route_ev.set_defaults(func=cmd_route_eval)
     return parser
 
 
@@ -199,12 +199,13 @@ def main(argv: list[str] | None = None) -> int:
     from .models import ModelError
     from .router import RouterError
 
+    from .backbone import FingerprintError
+
     args = build_parser().parse_args(argv)
-    if argv is not None:
-        args.argv = list(argv)
+    args.command_line = " ".join(["crma"] + list(sys.argv[1:] if argv is None else argv))  # recorded in results
     try:
         return args.func(args)
-    except (ConfigError, DataError, ModelError, RouterError, FileNotFoundError) as err:
+    except (ConfigError, DataError, ModelError, RouterError, FingerprintError, FileNotFoundError) as err:
         print(f"crma {args.command}: error: {err}", file=sys.stderr)
         return 2
 

@@ -17,7 +17,7 @@ def demo_domains() -> list[DomainSpec]:
 
 
 def run_demo(out: Path, model: str, conditions: list[str], seed: int, train: TrainConfig,
-             lora: LoraSettings, crma: CRMAConfig) -> dict[str, dict]:
+             lora: LoraSettings, crma: CRMAConfig, command: str | None = None) -> dict[str, dict]:
     """Run each condition into OUT/<condition>/ and print a side-by-side drift table."""
     from .run import continual_run
 
@@ -26,7 +26,7 @@ def run_demo(out: Path, model: str, conditions: list[str], seed: int, train: Tra
         cfg = RunConfig(domains=demo_domains(), out=Path(out) / condition, model=model, condition=condition,
                         seed=seed, train=train, lora=lora, crma=crma)
         print(f"== crma demo: {condition} ({len(cfg.domains)} domains, model {model})")
-        results[condition] = continual_run(cfg)
+        results[condition] = continual_run(cfg, command=command)
     print(drift_table(results))
     return results
 

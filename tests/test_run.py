@@ -112,3 +112,20 @@ def test_cli_run_end_to_end(conflicting_domains, tmp_path, capsys):
     assert res["seed"] == 7 and res["config"]["lora"]["r"] == 4 and res["config"]["crma"]["rho"] == 0.2
     assert res["config"]["train"]["max_len"] == 48 and res["model"] == "tiny:phi3"
     assert "drift (mean over prior domains)" in capsys.readouterr().out
+
+
+def test_cli_names_a_foreign_backbone_instead_of_crashing(conflict_runs, tmp_path, capsys):
+    """A run folder whose backbone belongs to another base model: exit code 2 and the mismatch named."""
+    run_dir = conflict_runs["modular"]["_dir"]
+    code = main(["route", "--run", str(run_dir), "abcdabcd"])
+    assert code == 0                                    # the run's own model: routes fine
+    capsys.readouterr()
+    from crma.backbone import CRMABackbone
+    other, _ = load_model("tiny:llama", seed=5)
+    CRMABackbone.for_model(other, CRMAConfig()).save(tmp_path)
+    import shutil
+    foreign = tmp_path / "foreign"
+    shutil.copytree(run_dir, foreign)
+    shutil.copy(tmp_path / "crma_backbone.safetensors", foreign / "crma_backbone.safetensors")
+    assert main(["route", "--run", str(foreign), "abcdabcd"]) == 2
+    assert "different base model" in capsys.readouterr().err
