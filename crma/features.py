@@ -19,6 +19,7 @@ from contextlib import ExitStack, contextmanager
 import torch
 from torch import nn
 
+from .backbone import CRMABackbone
 from .models import decoder_layers
 from .router import Features
 
@@ -47,7 +48,7 @@ def _scan(model: nn.Module) -> tuple[list, object, nn.ModuleList]:
         for m in model.modules():
             if isinstance(m, BaseTunerLayer):
                 tuners.append(m)
-            elif type(m).__name__ == "CRMABackbone":
+            elif isinstance(m, CRMABackbone):
                 backbone = m
         cached = (key, (tuners, backbone, decoder_layers(model)))
         _SCANS[model] = cached
