@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,7 +23,7 @@ import torch
 
 from .config import CONDITIONS, ConfigError, DomainSpec, RunConfig, TrainConfig
 from .data import DataError
-from .io import write_json
+from .io import command_line, write_json
 
 DEMO_DIR = Path(__file__).parent / "demo_data"
 CL5_DOMAINS = ("medical", "legal", "finance", "code", "science")
@@ -173,7 +172,7 @@ def run_grid(protocol: Protocol, out: str | Path, corpus: str | Path | None = No
 
     out = Path(out)
     plan = plan_grid(protocol, out, Path(corpus) if corpus else None, model, conditions, seeds, resume)
-    command = command or " ".join(["crma"] + sys.argv[1:])
+    command = command or command_line()
     write_json(out / "protocol.json", {**protocol.to_dict(), "model": model or protocol.model,
                                        "corpus": str(corpus or protocol.default_corpus),
                                        "grid": [[c.condition, c.seed] for c, _ in plan], "command": command})

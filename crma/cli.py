@@ -15,6 +15,7 @@ import sys
 from pathlib import Path
 
 from .config import CONDITIONS, ConfigError, CRMAConfig, DomainSpec, LoraSettings, RunConfig, TrainConfig
+from .io import command_line
 
 # (dataclass, option prefix, RunConfig attribute)
 SECTIONS = ((TrainConfig, "", "train"), (LoraSettings, "lora-", "lora"), (CRMAConfig, "crma-", "crma"))
@@ -202,7 +203,7 @@ def main(argv: list[str] | None = None) -> int:
     from .backbone import FingerprintError
 
     args = build_parser().parse_args(argv)
-    args.command_line = " ".join(["crma"] + list(sys.argv[1:] if argv is None else argv))  # recorded in results
+    args.command_line = command_line(list(sys.argv[1:] if argv is None else argv))  # recorded in results
     try:
         return args.func(args)
     except (ConfigError, DataError, ModelError, RouterError, FingerprintError, FileNotFoundError) as err:

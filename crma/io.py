@@ -3,10 +3,19 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
+import sys
 import shutil
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
+
+
+def command_line(argv: list[str] | None = None) -> str:
+    """The command recorded beside every result: `crma ARGS` from the CLI, else the Python invocation."""
+    if argv is not None:
+        return shlex.join(["crma", *argv])
+    return shlex.join(["python", *sys.argv])
 
 
 def _umask() -> int:

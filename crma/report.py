@@ -9,7 +9,7 @@ import json
 from pathlib import Path
 
 from .io import atomic_path, write_json
-from .summary import PAPER, load_results, summarize
+from .summary import PAPER, fmt_stats, load_results, summarize
 
 COLORS = {"naive": "tab:red", "frozen": "tab:blue", "modular": "tab:green"}
 STYLES = {"naive": "-", "frozen": "--", "modular": ":"}
@@ -113,13 +113,6 @@ def write_plots(out: Path, summary: dict, results: list[dict]) -> list[str]:
 
 
 # ---- markdown ---------------------------------------------------------------------------------
-def _pm(s: dict | None, digits: int = 2, unit: str = "%", sign: str = "+") -> str:
-    if not s or s.get("mean") is None:
-        return "n/a"
-    sd = f"{s['sd']:.{digits}f}" if len(s["values"]) > 1 else "n/a (1 seed)"
-    return f"{s['mean']:{sign}.{digits}f}{unit} ± {sd}"
-
-
 def _range(s: dict | None, digits: int = 2) -> str:
     return "n/a" if not s or s.get("min") is None else f"[{s['min']:+.{digits}f}, {s['max']:+.{digits}f}]"
 
@@ -164,8 +157,8 @@ def render(summary: dict, protocol: dict | None, plots: list[str]) -> str:
     for cond, c in conds.items():
         ret = c["retention"]
         lo, hi = ret["wilson95"]
-        rows.append([cond, _pm(c["drift"]), _seeds(c["drift"]), _range(c["drift"]),
-                     _pm(c["bwt"], 4, ""),
+        rows.append([cond, fmt_stats(c["drift"]), _seeds(c["drift"]), _range(c["drift"]),
+                     fmt_stats(c["bwt"], 4, ""),
                      f"{ret['k']}/{ret['n']} [{lo:.3f}, {hi:.3f}]"])
     lines += _table(["condition", "drift mean ± sd", "per seed (seed)", "[min, max]", "BWT (loss units)",
                      "retained k/n [Wilson 95%]"], rows) + [""]
@@ -176,17 +169,17 @@ def render(summary: dict, protocol: dict | None, plots: list[str]) -> str:
               "seed); a passage is retained if its loss after the last phase is <= 1.01 x its loss right "
               "after its own domain's phase.", "", "### Per-domain drift (%)", ""]
     lines += _table(["domain"] + list(conds),
-                    [[n] + [_pm(c["per_domain_drift"].get(n)) for c in conds.values()] for n in names[:-1]]) + [""]
+                    [[n] + [fmt_stats(c["per_domain_drift"].get(n)) for c in conds.values()] for n in names[:-1]]) + [""]
     lines += ["### Gain over base per domain (%)", "", "gain_j = 100 (Lbase[j] - L[j][j]) / Lbase[j].", ""]
     lines += _table(["domain"] + list(conds),
-                    [[n] + [_pm(c["gain"].get(n)) for c in conds.values()] for n in names]
-                    + [["mean over domains"] + [_pm(c["gain_mean"]) for c in conds.values()]]) + [""]
+                    [[n] + [fmt_stats(c["gain"].get(n)) for c in conds.values()] for n in names]
+                    + [["mean over domains"] + [fmt_stats(c["gain_mean"]) for c in conds.values()]]) + [""]
     adv = comp.get("advantage_modular_over_frozen")
     if adv:
         lines += ["## Learning advantage of modular over frozen (same seed)", "",
                   "100 mean_j (L_frozen[T-1][j] - L_modular[T-1][j]) / L_frozen[T-1][j].", ""]
         lines += _table(["over", "mean ± sd", "per seed (seed)", "positive at every seed"],
-                        [[scope + (" domains" if scope == "all" else " domains (j < T-1)"), _pm(a), _seeds(a),
+                        [[scope + (" domains" if scope == "all" else " domains (j < T-1)"), fmt_stats(a), _seeds(a),
                           "yes" if a["positive_every_seed"] else "no"] for scope, a in adv.items()]) + [""]
     spec = {c: v["spectral"] for c, v in conds.items() if v["spectral"]}
     if spec:
@@ -200,13 +193,13 @@ def render(summary: dict, protocol: dict | None, plots: list[str]) -> str:
     lines += ["## Training cost and gradients", ""]
     lines += _table(["condition", "tokens/s mean ± sd", "train seconds mean", "optimizer steps / run",
                      "grad-norm peak (max over seeds)", "grad-norm mean ± sd"],
-                    [[cond, _pm(c["tokens_per_s"], 1, "", ""), f"{c['train_seconds']['mean']:.1f}",
+                    [[cond, fmt_stats(c["tokens_per_s"], 1, "", ""), f"{c['train_seconds']['mean']:.1f}",
                       ", ".join(map(str, sorted(set(c["optimizer_steps"])))),
                       "n/a" if c["grad_norm"]["max_peak"] is None else f"{c['grad_norm']['max_peak']:.3f}",
-                      _pm(c["grad_norm"]["mean"], 3, "", "")] for cond, c in conds.items()]) + [""]
+                      fmt_stats(c["grad_norm"]["mean"], 3, "", "")] for cond, c in conds.items()]) + [""]
     over = comp.get("crma_time_overhead_pct")
     if over:
-        lines += [f"CRMA time overhead (modular / frozen train seconds - 1, same seed): {_pm(over, 1)} "
+        lines += [f"CRMA time overhead (modular / frozen train seconds - 1, same seed): {fmt_stats(over, 1)} "
                   f"(per seed {_seeds(over, 1)}). Grad norms are the total LoRA (+ CRMA) norm before clipping.", ""]
     lines += ["## The paper beside this run", "",
               f"Paper: {PAPER['model']}, {PAPER['train_passages']} train / {PAPER['holdout_passages']} holdout "

@@ -10,7 +10,6 @@ the backbone and DIR/config.json.
 from __future__ import annotations
 
 import json
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,7 +25,7 @@ from .config import RunConfig
 from .data import read_passages, split_holdout, tokenize
 from .evaluate import mean_loss, passage_losses
 from .features import domain_features, resolve_layer
-from .io import write_json
+from .io import command_line, write_json
 from .models import fingerprint, load_model
 from .router import Router, RouterConfig
 from .train import PhaseLog, train_phase
@@ -108,7 +107,7 @@ def continual_run(cfg: RunConfig, command: str | None = None, progress: bool = T
                   router_cfg: RouterConfig | None = None) -> dict:
     """Run every phase of `cfg`; returns (and writes) the results. The router (DIR/router) is
     updated from each domain's own data as its phase ends (`router_cfg`, defaults when None)."""
-    command = command or " ".join(["crma"] + sys.argv[1:])
+    command = command or command_line()
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     write_json(out / "config.json", cfg.to_dict())

@@ -226,10 +226,18 @@ def _comparisons(per: dict) -> dict:
 
 
 # ---- the paper beside this run --------------------------------------------------------------
-def _fmt(s: dict | None) -> str:
+def fmt_stats(s: dict | None, digits: int = 2, unit: str = "%", sign: str = "+", full: bool = False,
+              n: int | None = None) -> str:
+    """'mean ± sd' of a stats_by_seed dict (sd is n/a for one seed); `full` adds [min, max] and n
+    (the number of values, or `n` for published figures that come without them)."""
     if not s or s.get("mean") is None:
         return "n/a"
-    return f"{s['mean']:+.2f}% ± {s['sd']:.2f} [{s['min']:+.2f}, {s['max']:+.2f}] (n={len(s['values'])})"
+    n = n or len(s.get("values", ())) or None
+    sd = f"{s['sd']:.{digits}f}" if s.get("sd") is not None and n != 1 else "n/a"
+    text = f"{s['mean']:{sign}.{digits}f}{unit} ± {sd}"
+    if full:
+        return text + f" [{s['min']:+.{digits}f}, {s['max']:+.{digits}f}]" + (f" (n={n})" if n else "")
+    return text + (" (1 seed)" if n == 1 else "")
 
 
 def _setup_phrase(setup: dict, steps: int | None) -> str:
@@ -265,10 +273,9 @@ def paper_rows(summary: dict) -> list[dict]:
                     f"{'overlap' if overlap else 'do not overlap'}, and the sign "
                     f"{'agrees' if same_sign else 'differs'} ({'forgetting' if ours['mean'] > 0 else 'no forgetting'} "
                     f"here); magnitudes are not expected to match because {why}.")
-        ptext = ("0 (by construction)" if cond == "frozen" else
-                 f"{paper['mean']:+.2f}% ± {paper['sd']:.2f} [{paper['min']:+.2f}, {paper['max']:+.2f}] (n=3)")
+        ptext = "0 (by construction)" if cond == "frozen" else fmt_stats(paper, full=True, n=len(PAPER["seeds"]))
         rows.append({"metric": f"drift, {cond}", "paper": ptext,
-                     "ours": _fmt(ours), "sentence": text})
+                     "ours": fmt_stats(ours, full=True), "sentence": text})
     if "naive_modular_disjoint" in comp:
         d = comp["naive_modular_disjoint"]
         rows.append({"metric": "naive vs modular ranges disjoint", "paper": "yes", "ours": "yes" if d else "no",
@@ -282,7 +289,7 @@ def paper_rows(summary: dict) -> list[dict]:
         rows.append({"metric": "learning advantage, modular over frozen (prior domains)",
                      "paper": f"{p['mean']:+.2f}% ± {p['sd']:.2f} (per seed "
                               + ", ".join(f"{v:+.2f}" for v in p["values"]) + ")",
-                     "ours": _fmt(adv),
+                     "ours": fmt_stats(adv, full=True),
                      "sentence": f"The advantage differs from the paper's by {adv['mean'] - p['mean']:+.2f} points and "
                      f"is {'positive' if pos else 'not positive'} at every seed; the paper reports it only at 7B "
                      f"scale (absent at 1.1B), so {'its presence' if pos else 'its absence'} at "

@@ -6,7 +6,7 @@ import pytest
 
 from crma.bench import CPU, PAPER, PROTOCOLS, SMOKE, estimate_left, plan_grid
 from crma.cli import main
-from crma.summary import load_results, summarize
+from crma.summary import fmt_stats, load_results, stats_by_seed, summarize
 
 DOMAINS = ["a", "b", "c"]
 BASE = [4.0, 4.0, 4.0]
@@ -195,3 +195,11 @@ def test_partial_grid_report_and_missing_corpus(tmp_path):
     assert "1 of 2 runs finished" in report and "frozen-seed0" in report
     with pytest.raises(Exception, match="lacks files"):
         plan_grid(CPU, tmp_path / "x", corpus=tmp_path)
+
+
+def test_fmt_stats_never_shows_a_zero_sd_for_one_seed():
+    one, three = stats_by_seed([0], [9.5]), stats_by_seed([0, 42, 1234], [1.0, 2.0, 3.0])
+    assert fmt_stats(one) == "+9.50% ± n/a (1 seed)"
+    assert fmt_stats(three, full=True) == "+2.00% ± 1.00 [+1.00, +3.00] (n=3)"
+    assert fmt_stats({"mean": 42.96, "sd": 5.5, "min": 38.1, "max": 49.0}, full=True, n=3).endswith("(n=3)")
+    assert fmt_stats(None) == "n/a"

@@ -111,6 +111,7 @@ def test_cli_run_end_to_end(conflicting_domains, tmp_path, capsys):
     res = json.loads((out / "results.json").read_text())
     assert res["seed"] == 7 and res["config"]["lora"]["r"] == 4 and res["config"]["crma"]["rho"] == 0.2
     assert res["config"]["train"]["max_len"] == 48 and res["model"] == "tiny:phi3"
+    assert res["command"].startswith("crma run --model tiny:phi3 --domains") and "--crma-rho 0.2" in res["command"]
     assert "drift (mean over prior domains)" in capsys.readouterr().out
 
 
