@@ -148,6 +148,22 @@ def plan_grid(protocol: Protocol, out: Path, corpus: Path | None = None, model: 
     return plan
 
 
+def merge_protocol(old: dict | None, new: dict) -> dict:
+    """protocol.json of a grid filled by several invocations (sessions, machines, one seed each):
+    the union of their grids, in seed-then-condition order, and every command that added to it.
+    A folder last used with another protocol or model starts afresh."""
+    same = old is not None and all(old.get(k) == new[k] for k in new if k not in ("grid", "commands", "corpus"))
+    if not same:
+        return new
+    grid = {(c, s) for c, s in old.get("grid", []) + new["grid"]}
+    extra = sorted({s for _, s in grid} - set(new["seeds"]))
+    seeds = [s for s in list(new["seeds"]) + extra if any(s == g for _, g in grid)]
+    conds = [c for c in CONDITIONS if any(c == g for g, _ in grid)]
+    commands = old.get("commands", [old["command"]] if "command" in old else [])
+    return {**new, "grid": [[c, s] for s in seeds for c in conds if (c, s) in grid],
+            "commands": commands + [c for c in new["commands"] if c not in commands]}
+
+
 def _hms(seconds: float) -> str:
     s = int(round(seconds))
     return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}"
@@ -173,9 +189,10 @@ def run_grid(protocol: Protocol, out: str | Path, corpus: str | Path | None = No
     out = Path(out)
     plan = plan_grid(protocol, out, Path(corpus) if corpus else None, model, conditions, seeds, resume)
     command = command or command_line()
-    write_json(out / "protocol.json", {**protocol.to_dict(), "model": model or protocol.model,
-                                       "corpus": str(corpus or protocol.default_corpus),
-                                       "grid": [[c.condition, c.seed] for c, _ in plan], "command": command})
+    write_json(out / "protocol.json", merge_protocol(
+        _read_json(out / "protocol.json"),
+        {**protocol.to_dict(), "model": model or protocol.model, "corpus": str(corpus or protocol.default_corpus),
+         "grid": [[c.condition, c.seed] for c, _ in plan], "commands": [command]}))
     durations: dict[str, list[float]] = {}
     for cfg, _ in plan:                      # durations of runs finished earlier feed the ETA
         meta = _read_json(cfg.out / "bench_run.json")

@@ -127,6 +127,10 @@ def _table(head: list[str], rows: list[list[str]]) -> list[str]:
     return [row(head), "|" + "---|" * len(head)] + [row(r) for r in rows]
 
 
+def _commands(protocol: dict) -> list[str]:
+    return protocol.get("commands") or [protocol["command"]]
+
+
 def render(summary: dict, protocol: dict | None, plots: list[str]) -> str:
     """report.md text from a summary (and the protocol.json of the grid, when there is one)."""
     lines = ["# crma benchmark report", ""]
@@ -138,7 +142,8 @@ def render(summary: dict, protocol: dict | None, plots: list[str]) -> str:
                   f"{protocol['holdout_passages']} holdout passages per domain, max_len {protocol['max_len']}, "
                   f"{protocol['epochs']} epoch(s), lr {protocol['lr']}, batch {protocol['batch_size']}; "
                   f"corpus `{protocol['corpus']}`.", "",
-                  f"Command: `{protocol['command']}`", ""]
+                  "Made by" + ("" if len(_commands(protocol)) == 1 else " (each filled in part of the grid)")
+                  + ":", ""] + [f"    {c}" for c in _commands(protocol)] + [""]
         missing = [f"{c}-seed{s}" for c, s in grid
                    if not any(r["condition"] == c and r["seed"] == s and r["finished"] for r in runs)]
         if missing:

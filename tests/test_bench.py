@@ -4,7 +4,7 @@ import math
 
 import pytest
 
-from crma.bench import CPU, PAPER, PROTOCOLS, SMOKE, estimate_left, plan_grid
+from crma.bench import CPU, PAPER, PROTOCOLS, SMOKE, estimate_left, merge_protocol, plan_grid
 from crma.cli import main
 from crma.summary import fmt_stats, load_results, stats_by_seed, summarize
 
@@ -203,3 +203,26 @@ def test_fmt_stats_never_shows_a_zero_sd_for_one_seed():
     assert fmt_stats(three, full=True) == "+2.00% ± 1.00 [+1.00, +3.00] (n=3)"
     assert fmt_stats({"mean": 42.96, "sd": 5.5, "min": 38.1, "max": 49.0}, full=True, n=3).endswith("(n=3)")
     assert fmt_stats(None) == "n/a"
+
+
+def test_protocol_json_keeps_every_invocation_of_a_split_grid(tmp_path):
+    """Two sessions fill one folder (a seed each): protocol.json lists both commands and the union grid."""
+    out = tmp_path / "bench"
+    assert main(["bench", "--protocol", "smoke", "--out", str(out), "--seeds", "42", "--conditions", "frozen",
+                 "--quiet"]) == 0
+    assert main(["bench", "--protocol", "smoke", "--out", str(out), "--seeds", "0", "--conditions", "frozen",
+                 "--quiet"]) == 0
+    proto = json.loads((out / "protocol.json").read_text())
+    assert proto["grid"] == [["frozen", 0], ["frozen", 42]]
+    assert [c.split("--seeds ")[1][:2] for c in proto["commands"]] == ["42", "0 "]
+    report = (out / "report.md").read_text()
+    assert all(c in report for c in proto["commands"]) and "Partial grid" not in report
+
+
+def test_merge_protocol_starts_afresh_for_another_model_and_reads_the_old_single_command():
+    new = {**SMOKE.to_dict(), "model": "tiny:llama", "corpus": "x", "grid": [["naive", 42]], "commands": ["b"]}
+    old = {k: v for k, v in new.items() if k != "commands"} | {"grid": [["modular", 0]], "command": "a"}
+    merged = merge_protocol(old, new)
+    assert merged["grid"] == [["modular", 0], ["naive", 42]]      # seed order of the protocol, then conditions
+    assert merged["commands"] == ["a", "b"]
+    assert merge_protocol({**old, "model": "tiny:gpt2"}, new) == new
