@@ -1,7 +1,7 @@
 """`crma bench`: the benchmark grid (conditions x seeds) of DESIGN.md section 5, resumable.
 
     crma bench --corpus DIR --protocol paper|cpu|smoke --out OUT [--model M]
-               [--conditions naive,frozen,modular] [--seeds 0,42,1234] [--resume]
+               [--conditions naive,frozen,modular] [--seeds 0,42,1234] [--resume] [--jobs N]
 
 Every (condition, seed) run is a `crma.run.continual_run` into OUT/<condition>-seed<seed>/ and writes
 its own results.json as soon as it finishes. --resume skips folders whose results.json says
@@ -15,7 +15,10 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import multiprocessing
+import os
 import time
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -179,13 +182,52 @@ def estimate_left(durations: dict[str, list[float]], remaining: list[str]) -> fl
     return sum(sum(durations[c]) / len(durations[c]) if durations.get(c) else overall for c in remaining)
 
 
-def run_grid(protocol: Protocol, out: str | Path, corpus: str | Path | None = None, model: str | None = None,
-             conditions: list[str] | None = None, seeds: list[int] | None = None, resume: bool = False,
-             progress: bool = True, command: str | None = None) -> dict:
-    """Run the grid (skipping finished runs under --resume), then write summary.json and report.md."""
-    from .report import write_all
+def run_one(cfg: RunConfig, command: str, progress: bool = True, threads: int | None = None) -> float:
+    """One run of the grid (here or in a worker process): continual_run, then bench_run.json with its
+    wall seconds (the ETA of later sessions). `threads` pins torch's intra-op threads first."""
     from .run import continual_run
 
+    if threads:
+        torch.set_num_threads(threads)
+    t0 = time.perf_counter()
+    continual_run(cfg, command=f"{command}  # run {cfg.condition}-seed{cfg.seed}", progress=progress)
+    wall = time.perf_counter() - t0
+    write_json(cfg.out / "bench_run.json", {"wall_seconds": wall, "torch_threads": torch.get_num_threads(),
+                                             "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S")})
+    return wall
+
+
+def _in_workers(todo: list[RunConfig], jobs: int, command: str):
+    """Yield (cfg, wall seconds) as runs finish in `jobs` single-threaded worker processes.
+    On 2 cores, two one-thread runs side by side each keep the speed of one run alone, while one
+    two-thread process is only ~1.4x faster than one thread (benchmarks/README.md)."""
+    env = os.environ.get("OMP_NUM_THREADS")
+    os.environ["OMP_NUM_THREADS"] = "1"          # inherited by the spawned workers
+    try:
+        with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+            futures = {pool.submit(run_one, cfg, command, False, 1): cfg for cfg in todo}
+            try:
+                for fut in as_completed(futures):
+                    yield futures[fut], fut.result()
+            except BaseException:
+                pool.shutdown(wait=True, cancel_futures=True)
+                raise
+    finally:
+        if env is None:
+            os.environ.pop("OMP_NUM_THREADS", None)
+        else:
+            os.environ["OMP_NUM_THREADS"] = env
+
+
+def run_grid(protocol: Protocol, out: str | Path, corpus: str | Path | None = None, model: str | None = None,
+             conditions: list[str] | None = None, seeds: list[int] | None = None, resume: bool = False,
+             progress: bool = True, command: str | None = None, jobs: int = 1) -> dict:
+    """Run the grid (skipping finished runs under --resume), then write summary.json and report.md.
+    jobs > 1 runs that many runs at once, each in its own single-threaded process (no per-run bars)."""
+    from .report import write_all
+
+    if jobs < 1:
+        raise ConfigError(f"--jobs must be >= 1, got {jobs}")
     out = Path(out)
     plan = plan_grid(protocol, out, Path(corpus) if corpus else None, model, conditions, seeds, resume)
     command = command or command_line()
@@ -199,25 +241,35 @@ def run_grid(protocol: Protocol, out: str | Path, corpus: str | Path | None = No
         if meta and (_read_json(cfg.out / "results.json") or {}).get("finished"):
             durations.setdefault(cfg.condition, []).append(meta["wall_seconds"])
     todo = [cfg for cfg, done in plan if not done]
+    jobs = min(jobs, max(len(todo), 1))
     say = (lambda msg: print(msg, flush=True)) if progress else (lambda msg: None)
     say(f"crma bench: protocol {protocol.name}, {len(plan)} runs, {len(plan) - len(todo)} already finished, "
-        f"{len(todo)} to run -> {out}")
+        f"{len(todo)} to run" + (f" in {jobs} single-threaded processes" if jobs > 1 else "") + f" -> {out}")
     start = time.perf_counter()
+
+    def eta(left: list[RunConfig]) -> str:
+        secs = estimate_left(durations, [c.condition for c in left])
+        return _hms(secs / min(jobs, max(len(left), 1))) if secs is not None else "unknown"
+
     threads = torch.get_num_threads()
     if (model or protocol.model).startswith("tiny:"):
         torch.set_num_threads(1)     # tiny models are op-overhead bound; threads only add contention
     try:
-        for n, cfg in enumerate(todo, 1):
-            eta = estimate_left(durations, [c.condition for c in todo[n - 1:]])
-            say(f"[bench {n}/{len(todo)}] {cfg.condition} seed {cfg.seed} | elapsed "
-                f"{_hms(time.perf_counter() - start)} | ETA {_hms(eta) if eta is not None else 'unknown'}")
-            t0 = time.perf_counter()
-            continual_run(cfg, command=f"{command}  # run {cfg.condition}-seed{cfg.seed}", progress=progress)
-            wall = time.perf_counter() - t0
-            write_json(cfg.out / "bench_run.json", {"wall_seconds": wall, "protocol": protocol.name,
-                                                     "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S")})
-            durations.setdefault(cfg.condition, []).append(wall)
-            say(f"[bench {n}/{len(todo)}] {cfg.condition} seed {cfg.seed} finished in {_hms(wall)}")
+        if jobs == 1:
+            for n, cfg in enumerate(todo, 1):
+                say(f"[bench {n}/{len(todo)}] {cfg.condition} seed {cfg.seed} | elapsed "
+                    f"{_hms(time.perf_counter() - start)} | ETA {eta(todo[n - 1:])}")
+                wall = run_one(cfg, command, progress)
+                durations.setdefault(cfg.condition, []).append(wall)
+                say(f"[bench {n}/{len(todo)}] {cfg.condition} seed {cfg.seed} finished in {_hms(wall)}")
+        else:
+            say(f"[bench] started {', '.join(f'{c.condition}-seed{c.seed}' for c in todo[:jobs])} | ETA {eta(todo)}")
+            left = list(todo)
+            for n, (cfg, wall) in enumerate(_in_workers(todo, jobs, command), 1):
+                left.remove(cfg)
+                durations.setdefault(cfg.condition, []).append(wall)
+                say(f"[bench {n}/{len(todo)}] {cfg.condition} seed {cfg.seed} finished in {_hms(wall)} | "
+                    f"elapsed {_hms(time.perf_counter() - start)} | ETA {eta(left) if left else '0:00:00'}")
     finally:
         torch.set_num_threads(threads)
         summary = write_all(out)

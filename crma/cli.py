@@ -115,7 +115,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     conditions = [c for c in args.conditions.split(",") if c] if args.conditions else None
     run_grid(PROTOCOLS[args.protocol], out=args.out, corpus=args.corpus, model=args.model,
              conditions=conditions, seeds=seeds, resume=args.resume, progress=not args.quiet,
-             command=args.command_line)
+             command=args.command_line, jobs=args.jobs)
     return 0
 
 
@@ -169,6 +169,9 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--conditions", default=None, help="comma list (default: naive,frozen,modular)")
     bench.add_argument("--seeds", default=None, help="comma list (default: the protocol's seeds)")
     bench.add_argument("--resume", action="store_true", help="skip runs whose results.json is finished")
+    bench.add_argument("--jobs", type=int, default=1,
+                       help="runs at once, each in its own single-threaded process (2 on a 2-core machine: "
+                            "~1.4x the throughput of one 2-thread process); per-run bars are off when > 1")
     bench.add_argument("--quiet", action="store_true", help="no progress lines or per-run bars")
     bench.set_defaults(func=cmd_bench)
 

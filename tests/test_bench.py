@@ -226,3 +226,16 @@ def test_merge_protocol_starts_afresh_for_another_model_and_reads_the_old_single
     assert merged["grid"] == [["modular", 0], ["naive", 42]]      # seed order of the protocol, then conditions
     assert merged["commands"] == ["a", "b"]
     assert merge_protocol({**old, "model": "tiny:gpt2"}, new) == new
+
+
+def test_jobs_runs_the_grid_in_worker_processes_with_the_same_results(tmp_path, capsys):
+    """--jobs 2: two single-threaded worker processes give bit-identical loss matrices to one process."""
+    args = ["bench", "--protocol", "smoke", "--seeds", "0", "--conditions", "naive,modular"]
+    assert main(args + ["--out", str(tmp_path / "one"), "--quiet"]) == 0
+    assert main(args + ["--out", str(tmp_path / "two"), "--jobs", "2"]) == 0
+    assert "in 2 single-threaded processes" in capsys.readouterr().out
+    for run in ("naive-seed0", "modular-seed0"):
+        one, two = (json.loads((tmp_path / d / run / "results.json").read_text()) for d in ("one", "two"))
+        assert two["finished"] and two["loss_matrix"] == one["loss_matrix"]
+        assert json.loads((tmp_path / "two" / run / "bench_run.json").read_text())["torch_threads"] == 1
+    assert main(args + ["--out", str(tmp_path / "bad"), "--jobs", "0"]) == 2
