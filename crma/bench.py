@@ -2,6 +2,7 @@
 
     crma bench --corpus DIR --protocol paper|cpu|smoke --out OUT [--model M]
                [--conditions naive,frozen,modular] [--seeds 0,42,1234] [--resume] [--jobs N]
+               [--crma-rho R ...]
 
 Every (condition, seed) run is a `crma.run.continual_run` into OUT/<condition>-seed<seed>/ and writes
 its own results.json as soon as it finishes. --resume skips folders whose results.json says
@@ -24,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from .config import CONDITIONS, ConfigError, DomainSpec, RunConfig, TrainConfig
+from .config import CONDITIONS, ConfigError, CRMAConfig, DomainSpec, RunConfig, TrainConfig
 from .data import DataError
 from .io import command_line, write_json
 
@@ -125,7 +126,7 @@ def _read_json(path: Path) -> dict | None:
 
 def plan_grid(protocol: Protocol, out: Path, corpus: Path | None = None, model: str | None = None,
               conditions: list[str] | None = None, seeds: list[int] | None = None,
-              resume: bool = False) -> list[tuple[RunConfig, bool]]:
+              resume: bool = False, crma: CRMAConfig | None = None) -> list[tuple[RunConfig, bool]]:
     """(RunConfig, already finished) for every run, seed-major so each seed's comparison completes
     early. Fails before any training if a finished run would be overwritten (no --resume) or was
     made with other settings."""
@@ -138,7 +139,7 @@ def plan_grid(protocol: Protocol, out: Path, corpus: Path | None = None, model: 
     for seed in seeds if seeds is not None else protocol.seeds:
         for cond in conditions:
             cfg = RunConfig(domains=specs, out=run_dir(out, cond, seed), model=model or protocol.model,
-                            condition=cond, seed=seed, train=protocol.train_config())
+                            condition=cond, seed=seed, train=protocol.train_config(), crma=crma or CRMAConfig())
             old = _read_json(cfg.out / "results.json")
             done = bool(old and old.get("finished"))
             if done and not resume:
@@ -221,20 +222,23 @@ def _in_workers(todo: list[RunConfig], jobs: int, command: str):
 
 def run_grid(protocol: Protocol, out: str | Path, corpus: str | Path | None = None, model: str | None = None,
              conditions: list[str] | None = None, seeds: list[int] | None = None, resume: bool = False,
-             progress: bool = True, command: str | None = None, jobs: int = 1) -> dict:
+             progress: bool = True, command: str | None = None, jobs: int = 1,
+             crma: CRMAConfig | None = None) -> dict:
     """Run the grid (skipping finished runs under --resume), then write summary.json and report.md.
-    jobs > 1 runs that many runs at once, each in its own single-threaded process (no per-run bars)."""
+    jobs > 1 runs that many runs at once, each in its own single-threaded process (no per-run bars).
+    `crma` overrides the CRMA settings (defaults: CRMAConfig()) to compare them on the same protocol."""
     from .report import write_all
 
     if jobs < 1:
         raise ConfigError(f"--jobs must be >= 1, got {jobs}")
     out = Path(out)
-    plan = plan_grid(protocol, out, Path(corpus) if corpus else None, model, conditions, seeds, resume)
+    crma = crma or CRMAConfig()
+    plan = plan_grid(protocol, out, Path(corpus) if corpus else None, model, conditions, seeds, resume, crma)
     command = command or command_line()
     write_json(out / "protocol.json", merge_protocol(
         _read_json(out / "protocol.json"),
         {**protocol.to_dict(), "model": model or protocol.model, "corpus": str(corpus or protocol.default_corpus),
-         "grid": [[c.condition, c.seed] for c, _ in plan], "commands": [command]}))
+         "crma": dataclasses.asdict(crma), "grid": [[c.condition, c.seed] for c, _ in plan], "commands": [command]}))
     durations: dict[str, list[float]] = {}
     for cfg, _ in plan:                      # durations of runs finished earlier feed the ETA
         meta = _read_json(cfg.out / "bench_run.json")

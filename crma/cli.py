@@ -29,10 +29,11 @@ def _field_type(f: dataclasses.Field):
     return {"int": int, "float": float, "str": str}[name]
 
 
-def add_config_options(parser: argparse.ArgumentParser, defaults: dict | None = None) -> None:
+def add_config_options(parser: argparse.ArgumentParser, defaults: dict | None = None,
+                       sections: tuple[str, ...] = ("train", "lora", "crma")) -> None:
     """One --option per field of TrainConfig, LoraSettings (--lora-*) and CRMAConfig (--crma-*)."""
     defaults = defaults or {}
-    for cls, prefix, section in SECTIONS:
+    for cls, prefix, section in (s for s in SECTIONS if s[2] in sections):
         group = parser.add_argument_group(f"{section} settings")
         base = defaults.get(section, cls())
         for f in dataclasses.fields(cls):
@@ -42,10 +43,10 @@ def add_config_options(parser: argparse.ArgumentParser, defaults: dict | None = 
                                help=f"(default: {default})")
 
 
-def configs_from_args(args: argparse.Namespace) -> dict:
+def configs_from_args(args: argparse.Namespace, sections: tuple[str, ...] = ("train", "lora", "crma")) -> dict:
     """{'train': TrainConfig, 'lora': LoraSettings, 'crma': CRMAConfig} from parsed options."""
     out = {}
-    for cls, _, section in SECTIONS:
+    for cls, _, section in (s for s in SECTIONS if s[2] in sections):
         values = {f.name: getattr(args, f"{section}.{f.name}") for f in dataclasses.fields(cls)}
         out[section] = cls(**values)
     return out
@@ -115,7 +116,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     conditions = [c for c in args.conditions.split(",") if c] if args.conditions else None
     run_grid(PROTOCOLS[args.protocol], out=args.out, corpus=args.corpus, model=args.model,
              conditions=conditions, seeds=seeds, resume=args.resume, progress=not args.quiet,
-             command=args.command_line, jobs=args.jobs)
+             command=args.command_line, jobs=args.jobs, crma=configs_from_args(args, ("crma",))["crma"])
     return 0
 
 
@@ -173,6 +174,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="runs at once, each in its own single-threaded process (2 on a 2-core machine: "
                             "~1.4x the throughput of one 2-thread process); per-run bars are off when > 1")
     bench.add_argument("--quiet", action="store_true", help="no progress lines or per-run bars")
+    add_config_options(bench, sections=("crma",))     # CRMA settings to compare (an ablation); data/train fixed
     bench.set_defaults(func=cmd_bench)
 
     report = sub.add_parser("report", help="recompute summary.json, report.md and plots of a bench folder")

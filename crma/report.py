@@ -5,9 +5,11 @@ Every number in the report comes from `crma.summary.summarize` over the run fold
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
+from .config import CRMAConfig
 from .io import atomic_path, write_json
 from .summary import PAPER, fmt_stats, load_results, summarize
 
@@ -127,6 +129,13 @@ def _table(head: list[str], rows: list[list[str]]) -> list[str]:
     return [row(head), "|" + "---|" * len(head)] + [row(r) for r in rows]
 
 
+def _crma_settings(protocol: dict) -> str:
+    """The CRMA settings that differ from CRMAConfig's defaults, or 'defaults'."""
+    default = dataclasses.asdict(CRMAConfig())
+    changed = {k: v for k, v in (protocol.get("crma") or {}).items() if default.get(k) != v}
+    return ", ".join(f"{k} = {v} (default {default[k]})" for k, v in changed.items()) or "the defaults"
+
+
 def _commands(protocol: dict) -> list[str]:
     return protocol.get("commands") or [protocol["command"]]
 
@@ -141,7 +150,7 @@ def render(summary: dict, protocol: dict | None, plots: list[str]) -> str:
                   f"{', '.join(protocol['domains'])} (in order), {protocol['train_passages']} train / "
                   f"{protocol['holdout_passages']} holdout passages per domain, max_len {protocol['max_len']}, "
                   f"{protocol['epochs']} epoch(s), lr {protocol['lr']}, batch {protocol['batch_size']}; "
-                  f"corpus `{protocol['corpus']}`.", "",
+                  f"corpus `{protocol['corpus']}`. CRMA settings: {_crma_settings(protocol)}.", "",
                   "Made by" + ("" if len(_commands(protocol)) == 1 else " (each filled in part of the grid)")
                   + ":", ""] + [f"    {c}" for c in _commands(protocol)] + [""]
         missing = [f"{c}-seed{s}" for c, s in grid

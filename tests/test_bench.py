@@ -239,3 +239,15 @@ def test_jobs_runs_the_grid_in_worker_processes_with_the_same_results(tmp_path, 
         assert two["finished"] and two["loss_matrix"] == one["loss_matrix"]
         assert json.loads((tmp_path / "two" / run / "bench_run.json").read_text())["torch_threads"] == 1
     assert main(args + ["--out", str(tmp_path / "bad"), "--jobs", "0"]) == 2
+
+
+def test_bench_compares_crma_settings_and_refuses_to_mix_them(tmp_path):
+    """--crma-* changes every run's CRMA config and the report says so; resuming a folder made with
+    other CRMA settings is an error, not a silent mix."""
+    out = tmp_path / "rho"
+    args = ["bench", "--protocol", "smoke", "--out", str(out), "--seeds", "0", "--conditions", "modular", "--quiet"]
+    assert main(args + ["--crma-rho", "0.02"]) == 0
+    res = json.loads((out / "modular-seed0" / "results.json").read_text())
+    assert res["config"]["crma"]["rho"] == 0.02
+    assert "rho = 0.02 (default 0.1)" in (out / "report.md").read_text()
+    assert main(args + ["--resume"]) == 2          # default rho against a finished rho = 0.02 run
