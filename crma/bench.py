@@ -240,10 +240,10 @@ def run_grid(protocol: Protocol, out: str | Path, corpus: str | Path | None = No
         {**protocol.to_dict(), "model": model or protocol.model, "corpus": str(corpus or protocol.default_corpus),
          "crma": dataclasses.asdict(crma), "grid": [[c.condition, c.seed] for c, _ in plan], "commands": [command]}))
     durations: dict[str, list[float]] = {}
-    for cfg, _ in plan:                      # durations of runs finished earlier feed the ETA
-        meta = _read_json(cfg.out / "bench_run.json")
-        if meta and (_read_json(cfg.out / "results.json") or {}).get("finished"):
-            durations.setdefault(cfg.condition, []).append(meta["wall_seconds"])
+    for meta_path in sorted(out.glob("*/bench_run.json")):   # every finished run in OUT feeds the ETA
+        meta, res = _read_json(meta_path), _read_json(meta_path.parent / "results.json") or {}
+        if meta and res.get("finished") and res.get("condition"):
+            durations.setdefault(res["condition"], []).append(meta["wall_seconds"])
     todo = [cfg for cfg, done in plan if not done]
     jobs = min(jobs, max(len(todo), 1))
     say = (lambda msg: print(msg, flush=True)) if progress else (lambda msg: None)

@@ -205,13 +205,14 @@ def test_fmt_stats_never_shows_a_zero_sd_for_one_seed():
     assert fmt_stats(None) == "n/a"
 
 
-def test_protocol_json_keeps_every_invocation_of_a_split_grid(tmp_path):
-    """Two sessions fill one folder (a seed each): protocol.json lists both commands and the union grid."""
+def test_protocol_json_keeps_every_invocation_of_a_split_grid(tmp_path, capsys):
+    """Two sessions fill one folder (a seed each): protocol.json lists both commands and the union grid,
+    and the second session's ETA already knows the first one's run times."""
     out = tmp_path / "bench"
     assert main(["bench", "--protocol", "smoke", "--out", str(out), "--seeds", "42", "--conditions", "frozen",
                  "--quiet"]) == 0
-    assert main(["bench", "--protocol", "smoke", "--out", str(out), "--seeds", "0", "--conditions", "frozen",
-                 "--quiet"]) == 0
+    assert main(["bench", "--protocol", "smoke", "--out", str(out), "--seeds", "0", "--conditions", "frozen"]) == 0
+    assert "[bench 1/1] frozen seed 0 | elapsed 0:00:00 | ETA 0:00:" in capsys.readouterr().out
     proto = json.loads((out / "protocol.json").read_text())
     assert proto["grid"] == [["frozen", 0], ["frozen", 42]]
     assert [c.split("--seeds ")[1][:2] for c in proto["commands"]] == ["42", "0 "]
