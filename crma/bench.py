@@ -111,10 +111,11 @@ def domain_specs(protocol: Protocol, corpus: Path | None) -> list[DomainSpec]:
 
 
 def _identity(cfg: dict) -> dict:
-    """The settings that define a run, without paths (a grid may move between machines)."""
+    """The settings that define a run, without paths (a grid may move between machines). CRMA settings
+    only define modular runs: naive and frozen have no backbone, so they are shared across CRMA ablations."""
     return {"model": cfg["model"], "condition": cfg["condition"], "seed": cfg["seed"],
             "domains": [d["name"] for d in cfg["domains"]], "train": cfg["train"], "lora": cfg["lora"],
-            "crma": cfg["crma"]}
+            "crma": cfg["crma"] if cfg["condition"] == "modular" else None}
 
 
 def _read_json(path: Path) -> dict | None:

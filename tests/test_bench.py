@@ -252,3 +252,9 @@ def test_bench_compares_crma_settings_and_refuses_to_mix_them(tmp_path):
     assert res["config"]["crma"]["rho"] == 0.02
     assert "rho = 0.02 (default 0.1)" in (out / "report.md").read_text()
     assert main(args + ["--resume"]) == 2          # default rho against a finished rho = 0.02 run
+    # frozen has no backbone: a frozen run made under other CRMA settings is the same run, and is kept
+    frozen = args[:-2] + ["frozen", "--quiet"]
+    assert main(frozen) == 0
+    mtime = (out / "frozen-seed0" / "results.json").stat().st_mtime_ns
+    assert main(frozen + ["--crma-rho", "0.02", "--resume"]) == 0
+    assert (out / "frozen-seed0" / "results.json").stat().st_mtime_ns == mtime
