@@ -9,6 +9,8 @@ import dataclasses
 import json
 from pathlib import Path
 
+import numpy as np
+
 from .config import CRMAConfig
 from .io import atomic_path, write_json
 from .summary import PAPER, fmt_stats, load_results, summarize
@@ -70,10 +72,11 @@ def write_plots(out: Path, summary: dict, results: list[dict]) -> list[str]:
         if not c["drift"]:
             continue
         vals = c["drift"]["values"]
-        ax.scatter([x] * len(vals), vals, color=COLORS.get(cond, "k"), zorder=3)
-        ax.hlines(c["drift"]["mean"], x - 0.2, x + 0.2, color=COLORS.get(cond, "k"))
-        for s, v in zip(c["drift"]["seeds"], vals):
-            ax.annotate(str(s), (x, v), xytext=(6, 0), textcoords="offset points", fontsize=7)
+        xs = [x + 0.1 * (i - (len(vals) - 1) / 2) for i in range(len(vals))]     # side by side, not stacked
+        ax.scatter(xs, vals, color=COLORS.get(cond, "k"), zorder=3)
+        ax.hlines(c["drift"]["mean"], x - 0.25, x + 0.25, color=COLORS.get(cond, "k"))
+        for s, xi, v in zip(c["drift"]["seeds"], xs, vals):
+            ax.annotate(str(s), (xi, v), xytext=(0, 5), textcoords="offset points", fontsize=6, ha="center")
     ax.axhline(0, color="grey", lw=0.5)
     ax.set_xticks(range(len(conds)), list(conds))
     ax.set_ylabel("drift % (positive = forgetting)")
@@ -95,20 +98,32 @@ def write_plots(out: Path, summary: dict, results: list[dict]) -> list[str]:
         files.append(_save(fig, out / "spectral.png"))
         plt.close(fig)
 
-    fig, ax = plt.subplots(figsize=(8, 3.5))            # training loss across phases
-    for r in done:
-        curve = [v for phase in r["loss_curves"] for v in phase]
-        ax.plot(curve, lw=0.7, color=COLORS.get(r["condition"], "k"), alpha=0.8, ls=STYLES.get(r["condition"], "-"),
-                label=f"{r['condition']} seed {r['seed']}")
-    if done:
-        edge = 0
-        for name, phase in zip(names, done[0]["loss_curves"]):
-            ax.axvline(edge, color="grey", lw=0.5)
-            ax.text(edge, 1.0, name, transform=ax.get_xaxis_transform(), fontsize=7, va="bottom")
-            edge += len(phase)
+    fig, ax = plt.subplots(figsize=(8, 3.8))            # training loss across phases
+    lengths = [len(p) for p in done[0]["loss_curves"]] if done else []
+    window = 5 if lengths and min(lengths) >= 10 else 1
+    kernel = np.ones(window) / window
+    for cond in conds:
+        runs = [r["loss_curves"] for r in done if r["condition"] == cond and
+                [len(p) for p in r["loss_curves"]] == lengths]
+        color, edge = COLORS.get(cond, "k"), 0
+        for i, n in enumerate(lengths):                 # smoothed within each phase, never across
+            phase = np.array([r[i] for r in runs])      # (seeds, steps of phase i)
+            smooth = np.array([np.convolve(c, kernel, mode="valid") for c in phase])   # (seeds, n - window + 1)
+            steps = edge + np.arange(smooth.shape[1]) + window - 1
+            ax.plot(steps, smooth.mean(0), lw=1.0, color=color, ls=STYLES.get(cond, "-"),
+                    label=f"{cond}, mean of {len(runs)} seed(s)" if i == 0 else None)
+            if len(runs) > 1:
+                ax.fill_between(steps, smooth.min(0), smooth.max(0), color=color, alpha=0.15, lw=0)
+            edge += n
+    edge = 0
+    for name, n in zip(names, lengths):
+        ax.axvline(edge, color="grey", lw=0.5)
+        ax.text(edge + 1, 0.02, name, transform=ax.get_xaxis_transform(), fontsize=7, va="bottom")
+        edge += n
     ax.set_xlabel("optimizer step (phases in order)")
-    ax.set_ylabel("training loss")
-    ax.legend(fontsize=6, ncol=3)
+    ax.set_ylabel("training loss" + (f" ({window}-step mean)" if window > 1 else ""))
+    ax.set_title("training loss: mean over seeds per condition, band = range over seeds", fontsize=9)
+    ax.legend(fontsize=7, ncol=3, loc="upper left")
     files.append(_save(fig, out / "loss_curves.png"))
     plt.close(fig)
     return files
