@@ -75,7 +75,8 @@ def save_adapter(model: PeftModel, adapter: str, directory: str | Path) -> Path:
     """Save one adapter as DIR/<adapter>/{adapter_config.json, adapter_model.safetensors}, atomically."""
     target = Path(directory) / adapter
     with atomic_dir(target) as tmp:
-        model.save_pretrained(str(tmp), selected_adapters=[adapter])
+        model.save_pretrained(str(tmp), selected_adapters=[adapter],
+                              save_embedding_layers=False)   # LoRA on linears only; embeddings never change
         nested = tmp / adapter    # PEFT nests non-"default" adapters in a sub-folder
         if nested.is_dir():
             for f in nested.iterdir():
