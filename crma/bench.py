@@ -157,7 +157,9 @@ def merge_protocol(old: dict | None, new: dict) -> dict:
     """protocol.json of a grid filled by several invocations (sessions, machines, one seed each):
     the union of their grids, in seed-then-condition order, and every command that added to it.
     A folder last used with another protocol or model starts afresh."""
-    same = old is not None and all(old.get(k) == new[k] for k in new if k not in ("grid", "commands", "corpus"))
+    default_crma = dataclasses.asdict(CRMAConfig())         # folders written before --crma-* existed
+    same = old is not None and all(old.get(k, default_crma if k == "crma" else None) == new[k]
+                                   for k in new if k not in ("grid", "commands", "corpus"))
     if not same:
         return new
     grid = {(c, s) for c, s in old.get("grid", []) + new["grid"]}

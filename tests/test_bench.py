@@ -1,4 +1,5 @@
 """crma bench: the summary against a hand-computed example, and the smoke grid end to end (tiny:llama)."""
+import dataclasses
 import json
 import math
 
@@ -6,6 +7,7 @@ import pytest
 
 from crma.bench import CPU, PAPER, PROTOCOLS, SMOKE, estimate_left, merge_protocol, plan_grid
 from crma.cli import main
+from crma.config import CRMAConfig
 from crma.summary import fmt_stats, load_results, stats_by_seed, summarize
 
 DOMAINS = ["a", "b", "c"]
@@ -221,12 +223,14 @@ def test_protocol_json_keeps_every_invocation_of_a_split_grid(tmp_path, capsys):
 
 
 def test_merge_protocol_starts_afresh_for_another_model_and_reads_the_old_single_command():
-    new = {**SMOKE.to_dict(), "model": "tiny:llama", "corpus": "x", "grid": [["naive", 42]], "commands": ["b"]}
-    old = {k: v for k, v in new.items() if k != "commands"} | {"grid": [["modular", 0]], "command": "a"}
+    new = {**SMOKE.to_dict(), "model": "tiny:llama", "corpus": "x", "grid": [["naive", 42]], "commands": ["b"],
+           "crma": dataclasses.asdict(CRMAConfig())}
+    old = {k: v for k, v in new.items() if k not in ("commands", "crma")} | {"grid": [["modular", 0]], "command": "a"}
     merged = merge_protocol(old, new)
     assert merged["grid"] == [["modular", 0], ["naive", 42]]      # seed order of the protocol, then conditions
     assert merged["commands"] == ["a", "b"]
     assert merge_protocol({**old, "model": "tiny:gpt2"}, new) == new
+    assert merge_protocol({**old, "crma": {**new["crma"], "rho": 0.3}}, new) == new     # another ablation
 
 
 def test_jobs_runs_the_grid_in_worker_processes_with_the_same_results(tmp_path, capsys):
