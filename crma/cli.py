@@ -29,42 +29,43 @@ def _field_type(f: dataclasses.Field):
     return {"int": int, "float": float, "str": str}[name]
 
 
+def _add_options(parser: argparse.ArgumentParser, cls, prefix: str, section: str, base) -> None:
+    """One --{prefix}{field} option per field of dataclass `cls`, defaulting to `base`'s values,
+    stored as args.<section>.<field> (read back by _from_args)."""
+    group = parser.add_argument_group(f"{section} settings")
+    for f in dataclasses.fields(cls):
+        default = getattr(base, f.name)
+        group.add_argument(f"--{prefix}{f.name.replace('_', '-')}", dest=f"{section}.{f.name}",
+                           type=_field_type(f), default=default, metavar=f.name.upper(),
+                           help=f"(default: {default})")
+
+
+def _from_args(args: argparse.Namespace, cls, section: str):
+    return cls(**{f.name: getattr(args, f"{section}.{f.name}") for f in dataclasses.fields(cls)})
+
+
 def add_config_options(parser: argparse.ArgumentParser, defaults: dict | None = None,
                        sections: tuple[str, ...] = ("train", "lora", "crma")) -> None:
     """One --option per field of TrainConfig, LoraSettings (--lora-*) and CRMAConfig (--crma-*)."""
     defaults = defaults or {}
     for cls, prefix, section in (s for s in SECTIONS if s[2] in sections):
-        group = parser.add_argument_group(f"{section} settings")
-        base = defaults.get(section, cls())
-        for f in dataclasses.fields(cls):
-            default = getattr(base, f.name)
-            group.add_argument(f"--{prefix}{f.name.replace('_', '-')}", dest=f"{section}.{f.name}",
-                               type=_field_type(f), default=default, metavar=f.name.upper(),
-                               help=f"(default: {default})")
+        _add_options(parser, cls, prefix, section, defaults.get(section, cls()))
 
 
 def configs_from_args(args: argparse.Namespace, sections: tuple[str, ...] = ("train", "lora", "crma")) -> dict:
     """{'train': TrainConfig, 'lora': LoraSettings, 'crma': CRMAConfig} from parsed options."""
-    out = {}
-    for cls, _, section in (s for s in SECTIONS if s[2] in sections):
-        values = {f.name: getattr(args, f"{section}.{f.name}") for f in dataclasses.fields(cls)}
-        out[section] = cls(**values)
-    return out
+    return {section: _from_args(args, cls, section) for cls, _, section in SECTIONS if section in sections}
 
 
 def add_router_options(parser: argparse.ArgumentParser) -> None:
     """One --router-* option per field of RouterConfig (issue 4)."""
     from .router import RouterConfig
-    group = parser.add_argument_group("router settings")
-    for f in dataclasses.fields(RouterConfig):
-        default = f.default
-        group.add_argument(f"--router-{f.name.replace('_', '-')}", dest=f"router.{f.name}", type=_field_type(f),
-                           default=default, metavar=f.name.upper(), help=f"(default: {default})")
+    _add_options(parser, RouterConfig, "router-", "router", RouterConfig())
 
 
 def router_config_from_args(args: argparse.Namespace):
     from .router import RouterConfig
-    return RouterConfig(**{f.name: getattr(args, f"router.{f.name}") for f in dataclasses.fields(RouterConfig)})
+    return _from_args(args, RouterConfig, "router")
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -201,11 +202,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from .backbone import FingerprintError
     from .data import DataError
     from .models import ModelError
     from .router import RouterError
-
-    from .backbone import FingerprintError
 
     args = build_parser().parse_args(argv)
     args.command_line = command_line(list(sys.argv[1:] if argv is None else argv))  # recorded in results

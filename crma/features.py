@@ -28,11 +28,6 @@ class _Stop(Exception):
     """Raised by the capture hook to end the forward pass after the chosen block."""
 
 
-def find_backbone(model: nn.Module):
-    """The attached CRMABackbone of `model` (also under a PeftModel), or None."""
-    return _scan(model)[1]
-
-
 _SCANS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 
 

@@ -13,7 +13,7 @@ import numpy as np
 
 from .config import CRMAConfig
 from .io import atomic_path, write_json
-from .summary import PAPER, fmt_stats, load_results, summarize
+from .summary import PAPER, fmt_range, fmt_stats, load_results, summarize
 
 COLORS = {"naive": "tab:red", "frozen": "tab:blue", "modular": "tab:green"}
 STYLES = {"naive": "-", "frozen": "--", "modular": ":"}
@@ -130,10 +130,6 @@ def write_plots(out: Path, summary: dict, results: list[dict]) -> list[str]:
 
 
 # ---- markdown ---------------------------------------------------------------------------------
-def _range(s: dict | None, digits: int = 2) -> str:
-    return "n/a" if not s or s.get("min") is None else f"[{s['min']:+.{digits}f}, {s['max']:+.{digits}f}]"
-
-
 def _seeds(s: dict | None, digits: int = 2) -> str:
     return "n/a" if not s else ", ".join(f"{v:+.{digits}f} ({k})" for k, v in zip(s["seeds"], s["values"]))
 
@@ -186,7 +182,7 @@ def render(summary: dict, protocol: dict | None, plots: list[str]) -> str:
     for cond, c in conds.items():
         ret = c["retention"]
         lo, hi = ret["wilson95"]
-        rows.append([cond, fmt_stats(c["drift"]), _seeds(c["drift"]), _range(c["drift"]),
+        rows.append([cond, fmt_stats(c["drift"]), _seeds(c["drift"]), fmt_range(c["drift"]),
                      fmt_stats(c["bwt"], 4, ""),
                      f"{ret['k']}/{ret['n']} [{lo:.3f}, {hi:.3f}]"])
     lines += _table(["condition", "drift mean ± sd", "per seed (seed)", "[min, max]", "BWT (loss units)",

@@ -236,8 +236,13 @@ def fmt_stats(s: dict | None, digits: int = 2, unit: str = "%", sign: str = "+",
     sd = f"{s['sd']:.{digits}f}" if s.get("sd") is not None and n != 1 else "n/a"
     text = f"{s['mean']:{sign}.{digits}f}{unit} ± {sd}"
     if full:
-        return text + f" [{s['min']:+.{digits}f}, {s['max']:+.{digits}f}]" + (f" (n={n})" if n else "")
+        return f"{text} {fmt_range(s, digits)}" + (f" (n={n})" if n else "")
     return text + (" (1 seed)" if n == 1 else "")
+
+
+def fmt_range(s: dict | None, digits: int = 2) -> str:
+    """'[min, max]' of a stats_by_seed dict."""
+    return "n/a" if not s or s.get("min") is None else f"[{s['min']:+.{digits}f}, {s['max']:+.{digits}f}]"
 
 
 def _sign_count(values: list[float]) -> str:
