@@ -17,10 +17,10 @@ from pathlib import Path
 import torch
 
 from crma.data import read_passages
-from crma.features import domain_features, hidden_features
-from crma.models import load_model
-from crma.route_eval import TARGETS, ood_sets
-from crma.router import BASE, STRATEGIES, Router, RouterConfig
+from crma.routing.features import domain_features, hidden_features
+from crma.method.models import load_model
+from crma.routing.route_eval import TARGETS, ood_sets
+from crma.routing.router import BASE, STRATEGIES, Router, RouterConfig
 
 DOMAINS = ("medical", "legal", "finance", "code", "science")
 SPLITS = (("medical", "legal", "finance"), ("code", "science", "legal"))     # leave-two-out routers

@@ -59,12 +59,12 @@ def configs_from_args(args: argparse.Namespace, sections: tuple[str, ...] = ("tr
 
 def add_router_options(parser: argparse.ArgumentParser) -> None:
     """One --router-* option per field of RouterConfig (issue 4)."""
-    from .router import RouterConfig
+    from .routing.router import RouterConfig
     _add_options(parser, RouterConfig, "router-", "router", RouterConfig())
 
 
 def router_config_from_args(args: argparse.Namespace):
-    from .router import RouterConfig
+    from .routing.router import RouterConfig
     return _from_args(args, RouterConfig, "router")
 
 
@@ -95,7 +95,7 @@ def cmd_route(args: argparse.Namespace) -> int:
 
 
 def cmd_route_eval(args: argparse.Namespace) -> int:
-    from .route_eval import format_report, route_eval
+    from .routing.route_eval import format_report, route_eval
     report = route_eval(args.run, args.corpus, loss=args.loss, max_queries=args.max_queries,
                         max_holdout=args.max_holdout, seed=args.seed, n_random=args.n_random,
                         command=args.command_line)
@@ -112,7 +112,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    from .bench import PROTOCOLS, run_grid
+    from .bench.grid import PROTOCOLS, run_grid
     seeds = [int(s) for s in args.seeds.split(",") if s] if args.seeds else None
     conditions = [c for c in args.conditions.split(",") if c] if args.conditions else None
     run_grid(PROTOCOLS[args.protocol], out=args.out, corpus=args.corpus, model=args.model,
@@ -122,7 +122,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from .report import write_all
+    from .bench.report import write_all
     if not args.out.is_dir():
         raise FileNotFoundError(f"{args.out}: no such benchmark folder")
     summary = write_all(args.out)
@@ -133,7 +133,7 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     from .demo import DEMO_DEFAULTS
-    from .models import DEFAULT_MODEL
+    from .method.models import DEFAULT_MODEL
 
     parser = argparse.ArgumentParser(prog="crma", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -157,7 +157,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_config_options(demo, DEMO_DEFAULTS)
     demo.set_defaults(func=cmd_demo)
 
-    from .bench import PROTOCOLS
+    from .bench.grid import PROTOCOLS
     bench = sub.add_parser("bench", help="benchmark grid (conditions x seeds) with summary.json and report.md",
                            description="Protocols: " + "; ".join(
                                f"{p.name}: {p.model}, {len(p.domains)} domains, {p.train_passages}/"
@@ -202,10 +202,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from .backbone import FingerprintError
+    from .method.backbone import FingerprintError
     from .data import DataError
-    from .models import ModelError
-    from .router import RouterError
+    from .method.models import ModelError
+    from .routing.router import RouterError
 
     args = build_parser().parse_args(argv)
     args.command_line = command_line(list(sys.argv[1:] if argv is None else argv))  # recorded in results

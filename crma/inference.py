@@ -13,10 +13,10 @@ from pathlib import Path
 
 from torch import nn
 
-from .adapters import active, load_adapter
-from .features import hidden_features, resolve_layer
-from .models import fingerprint, load_model
-from .router import BASE, Decision, Router, RouterError
+from .method.adapters import active, load_adapter
+from .routing.features import hidden_features, resolve_layer
+from .method.models import fingerprint, load_model
+from .routing.router import BASE, Decision, Router, RouterError
 
 
 @dataclass
@@ -82,7 +82,7 @@ def load_run(run_dir: str | Path, adapters: bool = True, router: bool = True) ->
         check_router_model(rt, model, run_dir)
     backbone_file = run_dir / "crma_backbone.safetensors"
     if backbone_file.exists():
-        from .backbone import CRMABackbone
+        from .method.backbone import CRMABackbone
         CRMABackbone.load(run_dir, model).attach(model)
     names = []
     adapter_root = run_dir / "adapters"

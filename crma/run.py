@@ -18,16 +18,17 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import set_seed
 
-from . import __version__, metrics
-from .adapters import SHARED, add_adapter, active, save_adapter, set_trainable
-from .backbone import CRMABackbone
+from . import __version__
+from .bench import metrics
+from .method.adapters import SHARED, add_adapter, active, save_adapter, set_trainable
+from .method.backbone import CRMABackbone
 from .config import RunConfig
 from .data import read_passages, split_holdout, tokenize
 from .evaluate import mean_loss, passage_losses
-from .features import domain_features, resolve_layer
+from .routing.features import domain_features, resolve_layer
 from .io import command_line, write_json
-from .models import fingerprint, load_model
-from .router import Router, RouterConfig
+from .method.models import fingerprint, load_model
+from .routing.router import Router, RouterConfig
 from .train import PhaseLog, train_phase
 
 
@@ -125,7 +126,7 @@ def continual_run(cfg: RunConfig, command: str | None = None, progress: bool = T
         return [_eval_with(model, adapter_for(j), d, ebs, pad_id, progress) for j, d in enumerate(data)]
 
     base = evaluate_all(lambda j: None)                        # untouched base model
-    # ---- router (issue 4): built on the untouched base model's features, see crma/router.py
+    # ---- router (issue 4): built on the untouched base model's features, see crma/routing/router.py
     router_cfg = router_cfg or RouterConfig()
     router = Router(router_cfg, meta={"model": cfg.model, "fingerprint": fingerprint(model),
                                       "layer": resolve_layer(model, router_cfg.layer), "condition": cfg.condition})

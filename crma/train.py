@@ -10,7 +10,7 @@ from accelerate import Accelerator
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from .backbone import CRMABackbone
+from .method.backbone import CRMABackbone
 from .config import TrainConfig
 from .data import collate, epoch_order
 

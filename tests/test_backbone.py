@@ -2,10 +2,10 @@
 import pytest
 import torch
 
-from crma.backbone import CRMABackbone, FingerprintError
+from crma.method.backbone import CRMABackbone, FingerprintError
 from crma.config import CRMAConfig
-from crma.layer import CRMABlock, orthonormal_columns
-from crma.models import load_model
+from crma.method.layer import CRMABlock, orthonormal_columns
+from crma.method.models import load_model
 
 from .conftest import FAMILIES
 

@@ -5,10 +5,10 @@ import math
 
 import pytest
 
-from crma.bench import CPU, PAPER, PROTOCOLS, SMOKE, estimate_left, merge_protocol, plan_grid
+from crma.bench.grid import CPU, PAPER, PROTOCOLS, SMOKE, estimate_left, merge_protocol, plan_grid
 from crma.cli import main
 from crma.config import CRMAConfig
-from crma.summary import fmt_stats, load_results, stats_by_seed, summarize
+from crma.bench.summary import fmt_stats, load_results, stats_by_seed, summarize
 
 DOMAINS = ["a", "b", "c"]
 BASE = [4.0, 4.0, 4.0]

@@ -6,7 +6,7 @@ import pytest
 from crma.cli import main
 from crma.config import ConfigError, DomainSpec
 from crma.data import DataError, collate, epoch_order, read_passages, split_holdout, tokenize
-from crma.models import byte_tokenizer
+from crma.method.models import byte_tokenizer
 
 
 def write(path, content: str | bytes):

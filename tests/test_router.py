@@ -7,13 +7,13 @@ import string
 import pytest
 import torch
 
-from crma.adapters import add_adapter
-from crma.backbone import CRMABackbone
+from crma.method.adapters import add_adapter
+from crma.method.backbone import CRMABackbone
 from crma.cli import main
 from crma.config import ConfigError, CRMAConfig, LoraSettings
-from crma.features import domain_features, hidden_features, text_segments
-from crma.models import load_model
-from crma.router import BASE, STRATEGIES, Router, RouterConfig, RouterError
+from crma.routing.features import domain_features, hidden_features, text_segments
+from crma.method.models import load_model
+from crma.routing.router import BASE, STRATEGIES, Router, RouterConfig, RouterError
 
 VOCAB = {   # three clearly separable synthetic domains (different byte sets for the byte tokenizer)
     "fruit": "apple banana cherry grape lemon mango melon peach pear plum kiwi fig lime date".split(),

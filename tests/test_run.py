@@ -4,13 +4,13 @@ import json
 import torch
 from peft import PeftModel
 
-from crma.adapters import add_adapter, set_trainable
-from crma.backbone import CRMABackbone
+from crma.method.adapters import add_adapter, set_trainable
+from crma.method.backbone import CRMABackbone
 from crma.cli import main
 from crma.config import CRMAConfig, LoraSettings, TrainConfig
 from crma.data import read_passages, tokenize
 from crma.evaluate import mean_loss, passage_losses
-from crma.models import load_model
+from crma.method.models import load_model
 from crma.train import train_phase
 
 REQUIRED_KEYS = {"model", "condition", "seed", "domains", "base_loss", "loss_matrix", "drift_pct",
@@ -121,7 +121,7 @@ def test_cli_names_a_foreign_backbone_instead_of_crashing(conflict_runs, tmp_pat
     code = main(["route", "--run", str(run_dir), "abcdabcd"])
     assert code == 0                                    # the run's own model: routes fine
     capsys.readouterr()
-    from crma.backbone import CRMABackbone
+    from crma.method.backbone import CRMABackbone
     other, _ = load_model("tiny:llama", seed=5)
     CRMABackbone.for_model(other, CRMAConfig()).save(tmp_path)
     import shutil

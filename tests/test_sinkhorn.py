@@ -3,7 +3,7 @@ import torch
 from hypothesis import given, settings, strategies as st
 
 from crma.config import CRMAConfig
-from crma.sinkhorn import certify, mixing_matrix, sinkhorn, spectral_stats
+from crma.method.sinkhorn import certify, mixing_matrix, sinkhorn, spectral_stats
 
 DEFAULT = CRMAConfig()
 

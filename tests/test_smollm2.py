@@ -4,10 +4,10 @@ from pathlib import Path
 
 import torch
 
-from crma.backbone import CRMABackbone
+from crma.method.backbone import CRMABackbone
 from crma.config import CRMAConfig, DomainSpec, RunConfig, TrainConfig
 from crma.demo import DEMO_DIR
-from crma.models import load_model
+from crma.method.models import load_model
 from crma.run import continual_run
 
 CL5 = Path(__file__).resolve().parents[2] / "shared" / "corpora" / "cl5"

@@ -19,8 +19,8 @@ from contextlib import ExitStack, contextmanager
 import torch
 from torch import nn
 
-from .backbone import CRMABackbone
-from .models import decoder_layers
+from ..method.backbone import CRMABackbone
+from ..method.models import decoder_layers
 from .router import Features
 
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .config import CRMAConfig
+from ..config import CRMAConfig
 from .sinkhorn import mixing_matrix, spectral_stats
 
 

@@ -16,8 +16,8 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from .config import CRMAConfig
-from .io import atomic_path
+from ..config import CRMAConfig
+from ..io import atomic_path
 from .layer import CRMABlock
 from .models import decoder_layers, family, fingerprint, mlp_out_weight
 

@@ -15,7 +15,7 @@ import json
 from pathlib import Path
 
 from . import metrics
-from .config import CONDITIONS
+from ..config import CONDITIONS
 
 # DESIGN.md section 5: the paper's headline numbers (Mistral-7B, 5 domains, 500/100 passages, 3 seeds).
 PAPER = {

@@ -11,8 +11,8 @@ from pathlib import Path
 from peft import LoraConfig, PeftModel, get_peft_model
 from torch import nn
 
-from .config import LoraSettings
-from .io import atomic_dir
+from ..config import LoraSettings
+from ..io import atomic_dir
 from .models import family, lora_targets
 
 SHARED = "shared"   # adapter name of the naive condition

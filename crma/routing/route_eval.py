@@ -15,10 +15,10 @@ from pathlib import Path
 
 import torch
 
-from .data import read_passages, tokenize
-from .evaluate import mean_loss, passage_losses
-from .inference import LoadedRun, load_run
-from .io import write_json
+from ..data import read_passages, tokenize
+from ..evaluate import mean_loss, passage_losses
+from ..inference import LoadedRun, load_run
+from ..io import write_json
 from .router import BASE, quantile_summary
 
 TARGETS = {"accuracy_pct": 98.0, "ood_to_base_pct": 90.0, "latency_p50_ms": 25.0, "routed_loss_gap_pct": 1.0}

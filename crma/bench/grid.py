@@ -10,7 +10,7 @@ finished=true (after checking that they were made with the same settings), so a 
 over sessions or machines and merged by copying run folders into one OUT. Data order depends only
 on the seed and the phase (crma.data.epoch_order), so runs on the same data see the same order in
 every condition. After the grid (also when it stops early) OUT/summary.json and OUT/report.md are
-written from whatever runs are finished (crma.report.write_all).
+written from whatever runs are finished (crma.bench.report.write_all).
 """
 from __future__ import annotations
 
@@ -25,11 +25,11 @@ from pathlib import Path
 
 import torch
 
-from .config import CONDITIONS, ConfigError, CRMAConfig, DomainSpec, RunConfig, TrainConfig
-from .data import DataError
-from .io import command_line, write_json
+from ..config import CONDITIONS, ConfigError, CRMAConfig, DomainSpec, RunConfig, TrainConfig
+from ..data import DataError
+from ..demo import DEMO_DIR
+from ..io import command_line, write_json
 
-DEMO_DIR = Path(__file__).parent / "demo_data"
 CL5_DOMAINS = ("medical", "legal", "finance", "code", "science")
 PAPER_SEEDS = (0, 42, 1234)
 
@@ -189,7 +189,7 @@ def estimate_left(durations: dict[str, list[float]], remaining: list[str]) -> fl
 def run_one(cfg: RunConfig, command: str, progress: bool = True, threads: int | None = None) -> float:
     """One run of the grid (here or in a worker process): continual_run, then bench_run.json with its
     wall seconds (the ETA of later sessions). `threads` pins torch's intra-op threads first."""
-    from .run import continual_run
+    from ..run import continual_run
 
     if threads:
         torch.set_num_threads(threads)

@@ -1,6 +1,6 @@
 """Benchmark report: OUT/summary.json, OUT/report.md and the PNG plots it embeds.
 
-Every number in the report comes from `crma.summary.summarize` over the run folders' results.json
+Every number in the report comes from `crma.bench.summary.summarize` over the run folders' results.json
 (re-run any time with `crma report --out OUT`); the plots read the same files. Writes are atomic.
 """
 from __future__ import annotations
@@ -11,8 +11,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .config import CRMAConfig
-from .io import atomic_path, write_json
+from ..config import CRMAConfig
+from ..io import atomic_path, write_json
 from .summary import PAPER, fmt_range, fmt_stats, load_results, summarize
 
 COLORS = {"naive": "tab:red", "frozen": "tab:blue", "modular": "tab:green"}
@@ -169,7 +169,7 @@ def render(summary: dict, protocol: dict | None, plots: list[str]) -> str:
         if missing:
             lines += [f"**Partial grid**: {len(grid) - len(missing)} of {len(grid)} runs finished; "
                       f"missing: {', '.join(missing)}. Numbers below use the finished runs only.", ""]
-    lines += ["All numbers are computed by `crma.summary.summarize` from the run folders' results.json; "
+    lines += ["All numbers are computed by `crma.bench.summary.summarize` from the run folders' results.json; "
               "recompute with `crma report --out DIR`. Drift is loss-relative (DESIGN.md section 4): "
               "positive = forgetting. ± is the sample standard deviation over seeds.", ""]
     conds, comp = summary["conditions"], summary["comparisons"]

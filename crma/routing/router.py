@@ -1,6 +1,6 @@
 """The router: which domain adapter serves a query, from per-domain feature statistics only.
 
-Features in (crma.features: the base model's mean-pooled hidden state plus the query's characters per
+Features in (crma.routing.features: the base model's mean-pooled hidden state plus the query's characters per
 token), decisions out. The state is per-domain statistics, never text: count n_d, feature mean mu_d,
 feature covariance C_d, k prototypes (strategy `kproto`) and two abstain thresholds. Each is computed
 from domain d's own data; pooled quantities are recomputed from them, so adding domains one at a time
@@ -30,7 +30,7 @@ from typing import NamedTuple
 import torch
 from safetensors.torch import load_file, save_file
 
-from .io import atomic_dir
+from ..io import atomic_dir
 
 STRATEGIES = ("lda", "diag", "centroid", "kproto")
 BASE = "base"                     # the decision "no domain adapter"
@@ -67,7 +67,7 @@ class RouterConfig:
     def __post_init__(self) -> None:
         def check(ok: bool, name: str, msg: str) -> None:
             if not ok:
-                from .config import ConfigError
+                from ..config import ConfigError
                 raise ConfigError(f"router.{name}: {msg}")
         check(self.strategy in STRATEGIES, "strategy", f"must be one of {', '.join(STRATEGIES)}, got {self.strategy!r}")
         check(self.max_tokens >= 2, "max_tokens", f"must be >= 2, got {self.max_tokens}")

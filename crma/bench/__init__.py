@@ -1,0 +1,1 @@
+"""The benchmark: protocols and the resumable grid, forgetting metrics, summary and report."""

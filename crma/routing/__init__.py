@@ -1,0 +1,1 @@
+"""Routing queries to domain adapters: features, the router, its evaluation."""
