@@ -1,6 +1,10 @@
 """`crma <command>`: one CLI whose options are generated from the config dataclasses.
 
     crma run   --model M --domains NAME=TRAIN[:HOLDOUT] ... --condition C --seed S --out DIR
+    crma add   --store DIR --domain NAME --data TRAIN[:HOLDOUT]    add a domain to a model store
+    crma store list|show|rollback|remove DIR [NAME]              inspect or change a store
+    crma eval  --store DIR --data NAME=HOLDOUT ...                losses now vs at registration
+    crma generate --store DIR [--domain NAME|auto|base] "prompt"  routed, streamed generation
     crma demo  [--out DIR] [--model M]          short naive vs modular run on the bundled demo data
     crma bench --protocol paper|cpu|smoke --out DIR [--corpus DIR] [--resume]   benchmark grid + report
     crma report --out DIR                        recompute summary.json / report.md from the run folders
@@ -72,7 +76,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     from .run import continual_run
     cfg = RunConfig(domains=[DomainSpec.parse(d) for d in args.domains], out=args.out, model=args.model,
                     condition=args.condition, seed=args.seed, **configs_from_args(args))
-    continual_run(cfg, command=args.command_line, router_cfg=router_config_from_args(args))
+    continual_run(cfg, command=args.command_line, router_cfg=router_config_from_args(args), overwrite=args.overwrite)
     return 0
 
 
@@ -144,10 +148,14 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--domains", nargs="+", required=True, metavar="NAME=TRAIN[:HOLDOUT]")
     run.add_argument("--condition", choices=CONDITIONS, default="modular")
     run.add_argument("--seed", type=int, default=0)
-    run.add_argument("--out", type=Path, required=True)
+    run.add_argument("--out", type=Path, required=True, help="the run's folder: a model store plus results.json")
+    run.add_argument("--overwrite", action="store_true", help="replace whatever --out holds")
     add_config_options(run)
     add_router_options(run)
     run.set_defaults(func=cmd_run)
+
+    from .store.commands import add_store_parsers, run_store_command
+    add_store_parsers(sub, add_config_options, lambda a: run_store_command(a, configs_from_args))
 
     demo = sub.add_parser("demo", help="short naive vs modular run on the bundled demo data")
     demo.add_argument("--model", default=DEFAULT_MODEL)
@@ -206,12 +214,13 @@ def main(argv: list[str] | None = None) -> int:
     from .data import DataError
     from .method.models import ModelError
     from .routing.router import RouterError
+    from .store.manifest import StoreError
 
     args = build_parser().parse_args(argv)
     args.command_line = command_line(list(sys.argv[1:] if argv is None else argv))  # recorded in results
     try:
         return args.func(args)
-    except (ConfigError, DataError, ModelError, RouterError, FingerprintError, FileNotFoundError) as err:
+    except (ConfigError, DataError, ModelError, RouterError, FingerprintError, StoreError, FileNotFoundError) as err:
         print(f"crma {args.command}: error: {err}", file=sys.stderr)
         return 2
 

@@ -6,6 +6,7 @@ every result, so a results.json always says exactly how it was produced.
 from __future__ import annotations
 
 import dataclasses
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -19,6 +20,22 @@ class ConfigError(ValueError):
 def _check(ok: bool, name: str, message: str) -> None:
     if not ok:
         raise ConfigError(f"{name}: {message}")
+
+
+DOMAIN_NAME = re.compile(r"[a-z0-9][a-z0-9_-]{0,63}")
+RESERVED_NAMES = frozenset({"base", "auto", "shared", "latest", "pinned", "all", "none", "default",
+                            "router", "backbone", "adapters"})
+
+
+def check_domain_name(name: str, what: str = "domain name") -> str:
+    """Domain names become folder names in a store: `[a-z0-9][a-z0-9_-]{0,63}`, not a reserved word.
+    Anything else (paths, dots, spaces, capitals) is refused."""
+    if not isinstance(name, str) or not DOMAIN_NAME.fullmatch(name):
+        raise ConfigError(f"{what} {name!r} is not allowed: use 1-64 characters a-z, 0-9, '_' or '-', "
+                          "starting with a letter or digit (no paths, dots, spaces or capitals)")
+    if name in RESERVED_NAMES:
+        raise ConfigError(f"{what} {name!r} is reserved ({', '.join(sorted(RESERVED_NAMES))})")
+    return name
 
 
 @dataclass
@@ -98,9 +115,7 @@ class DomainSpec:
     holdout: Path | None = None
 
     def __post_init__(self) -> None:
-        _check(self.name.isidentifier(), "domains",
-               f"domain name {self.name!r} must be a plain identifier (letters, digits, underscore)")
-        _check(self.name not in ("base", "shared"), "domains", f"domain name {self.name!r} is reserved")
+        check_domain_name(self.name)
         self.train = Path(self.train)
         self.holdout = Path(self.holdout) if self.holdout else None
 

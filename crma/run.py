@@ -2,61 +2,54 @@
 
     naive    one shared LoRA adapter, trained on every domain in turn      base + shared LoRA
     frozen   a fresh LoRA adapter per domain                              base + LoRA_t
-    modular  a fresh LoRA adapter per domain + the CRMA backbone trains   base + CRMA + LoRA_t
+    modular  a fresh LoRA adapter per domain + the CRMA backbone trains   base + CRMA_v + LoRA_t
 
-Writes DIR/results.json after every phase (partial until `finished` is true), the adapters,
-the backbone and DIR/config.json.
+A run is a model store (crma/store) plus its results: each phase is `crma.store.add.add_domain` on
+one in-memory model, so DIR is a store that `crma generate`, `eval` and `add` use as they are. After
+every phase it evaluates every domain twice in modular: on the newest backbone (`latest`, the paper's
+behaviour: loss_matrix) and on the backbone version each adapter was trained with (`pinned`, how the
+store serves: loss_matrix_pinned). DIR/results.json is rewritten after every phase (partial until
+`finished` is true), beside DIR/config.json and DIR/spectral_log.jsonl.
 """
 from __future__ import annotations
 
 import json
-import time
-from dataclasses import dataclass, field
+import shutil
 from pathlib import Path
 
-import torch
 from accelerate import Accelerator
 from accelerate.utils import set_seed
 
 from . import __version__
 from .bench import metrics
-from .method.adapters import SHARED, add_adapter, active, save_adapter, set_trainable
-from .method.backbone import CRMABackbone
-from .config import RunConfig
-from .data import read_passages, split_holdout, tokenize
-from .evaluate import mean_loss, passage_losses
-from .routing.features import domain_features, resolve_layer
+from .config import ConfigError, RunConfig
+from .evaluate import mean_loss
 from .io import command_line, write_json
-from .method.models import fingerprint, load_model
-from .routing.router import Router, RouterConfig
-from .train import PhaseLog, train_phase
+from .routing import RouterConfig
+from .store.add import AddSettings, DomainData, add_domain, evaluate, load_domain, store_settings
+from .store.live import LiveModel
+from .train import PhaseLog
 
 
-@dataclass
-class DomainData:
-    name: str
-    train: list[list[int]]
-    holdout: list[list[int]]
-    train_texts: list[str] = field(default_factory=list)     # raw text, only for building the router
-    holdout_texts: list[str] = field(default_factory=list)   # (never stored: the router keeps statistics)
-
-
-def load_domains(cfg: RunConfig, tokenizer) -> list[DomainData]:
-    """Read and tokenise every domain; hold out a deterministic fraction when no holdout file is given."""
-    out = []
-    for spec in cfg.domains:
-        train = read_passages(spec.train, spec.name)
-        if spec.holdout is not None:
-            holdout = read_passages(spec.holdout, spec.name)
-        else:
-            train, holdout = split_holdout(train, cfg.train.holdout_fraction)
-        if cfg.train.max_passages:
-            train = train[: cfg.train.max_passages]
-        if cfg.train.max_holdout:
-            holdout = holdout[: cfg.train.max_holdout]
-        out.append(DomainData(spec.name, tokenize(train, tokenizer, cfg.train.max_len),
-                              tokenize(holdout, tokenizer, cfg.train.max_len), train, holdout))
-    return out
+def prepare_out(out: Path, cfg: RunConfig, overwrite: bool) -> None:
+    """An empty (or missing) DIR, or the same run left unfinished (started again), or --overwrite;
+    anything else is refused, so no earlier run's files (an old backbone, adapters) can leak in."""
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--out: {out} is a file, not a folder")
+    if not out.exists() or not any(out.iterdir()):
+        return
+    config, results = out / "config.json", out / "results.json"
+    same = False
+    try:
+        same = json.loads(config.read_text(encoding="utf-8")) == cfg.to_dict()
+        done = json.loads(results.read_text(encoding="utf-8")).get("finished") if results.exists() else False
+    except (OSError, ValueError):
+        done = False
+    if overwrite or (same and not done):
+        shutil.rmtree(out)
+        return
+    what = "this finished run" if same and done else "other files (another run or store)"
+    raise ConfigError(f"--out: {out} already holds {what}; pass --overwrite to replace it, or choose another folder")
 
 
 def spectral_summary(logs: list[PhaseLog], rho: float) -> dict:
@@ -77,20 +70,32 @@ def spectral_summary(logs: list[PhaseLog], rho: float) -> dict:
             "per_step": per_step}
 
 
+def _per_passage(matrix: list) -> list:
+    return [[[s / n for s, n in cell] for cell in row] for row in matrix]
+
+
 def build_results(cfg: RunConfig, command: str, base: list, matrix: list, logs: list[PhaseLog],
-                  names: list[str], finished: bool) -> dict:
+                  names: list[str], finished: bool, pinned: list | None = None,
+                  backbone_versions: list | None = None) -> dict:
     """results.json content from the losses so far (per-passage losses kept for the probes)."""
     L = [[mean_loss(cell) for cell in row] for row in matrix]
-    after_phase = [[[s / n for s, n in cell] for cell in row] for row in matrix]   # per-passage means
     base_loss = [mean_loss(cell) for cell in base]
     res = {"model": cfg.model, "condition": cfg.condition, "seed": cfg.seed, "domains": names,
            "finished": finished, "phases_done": len(L), "base_loss": base_loss, "loss_matrix": L}
+    P = [[mean_loss(cell) for cell in row] for row in pinned] if pinned is not None else None
+    if P is not None:
+        res["loss_matrix_pinned"] = P
+        res["backbone_versions"] = backbone_versions
     if finished:
         res.update({"drift_pct": metrics.drift(L), "per_domain_drift_pct": metrics.per_domain_drift(L),
                     "gain_pct": metrics.gain(base_loss, L), "bwt": metrics.bwt(L),
-                    "retention": metrics.retention(after_phase)})
+                    "retention": metrics.retention(_per_passage(matrix))})
+        if P is not None:
+            res.update({"drift_pct_pinned": metrics.drift(P), "per_domain_drift_pct_pinned": metrics.per_domain_drift(P),
+                        "bwt_pinned": metrics.bwt(P), "retention_pinned": metrics.retention(_per_passage(pinned))})
     res.update({
-        "passage_losses": {"base": [[s / n for s, n in cell] for cell in base], "after_phase": after_phase},
+        "passage_losses": {"base": [[s / n for s, n in cell] for cell in base], "after_phase": _per_passage(matrix),
+                           **({"after_phase_pinned": _per_passage(pinned)} if pinned is not None else {})},
         "train_tokens": sum(log.tokens for log in logs),
         "train_seconds": sum(log.seconds for log in logs),
         "phases": [log.summary() for log in logs],
@@ -105,66 +110,38 @@ def build_results(cfg: RunConfig, command: str, base: list, matrix: list, logs: 
 
 
 def continual_run(cfg: RunConfig, command: str | None = None, progress: bool = True,
-                  router_cfg: RouterConfig | None = None) -> dict:
-    """Run every phase of `cfg`; returns (and writes) the results. The router (DIR/router) is
-    updated from each domain's own data as its phase ends (`router_cfg`, defaults when None)."""
+                  router_cfg: RouterConfig | None = None, overwrite: bool = False) -> dict:
+    """Run every phase of `cfg` into the store DIR = cfg.out; returns (and writes) the results.
+    Each phase adds its domain to the store (adapter, backbone version, router) exactly as `crma add`."""
     command = command or command_line()
     out = Path(cfg.out)
+    prepare_out(out, cfg, overwrite)
     out.mkdir(parents=True, exist_ok=True)
     write_json(out / "config.json", cfg.to_dict())
     set_seed(cfg.seed)
     accelerator = Accelerator()
-    model, tokenizer = load_model(cfg.model, seed=cfg.seed)
-    model.to(accelerator.device)
-    pad_id = tokenizer.pad_token_id
-    data = load_domains(cfg, tokenizer)
+    live = LiveModel.fresh(cfg.model, cfg.condition, seed=cfg.seed)
+    live.model.to(accelerator.device)
+    settings = AddSettings(seed=cfg.seed, train=cfg.train, lora=cfg.lora, crma=cfg.crma, min_gain=None)
+    data = [load_domain(spec, live.tokenizer, cfg.train) for spec in cfg.domains]
     names = [d.name for d in data]
-    ebs = cfg.train.eval_batch_size
-
-    def evaluate_all(adapter_for) -> list:
-        """Per-passage losses of every domain, domain j evaluated with adapter adapter_for(j)."""
-        return [_eval_with(model, adapter_for(j), d, ebs, pad_id, progress) for j, d in enumerate(data)]
-
-    base = evaluate_all(lambda j: None)                        # untouched base model
-    # ---- router (issue 4): built on the untouched base model's features, see crma/routing/router.py
-    router_cfg = router_cfg or RouterConfig()
-    router = Router(router_cfg, meta={"model": cfg.model, "fingerprint": fingerprint(model),
-                                      "layer": resolve_layer(model, router_cfg.layer), "condition": cfg.condition})
-    backbone = None
-    if cfg.condition == "modular":
-        backbone = CRMABackbone.for_model(model, cfg.crma, seed=cfg.seed).attach(model)
-    matrix, logs = [], []
+    with live.untouched():
+        base = [evaluate(live, d, settings, progress) for d in data]     # the untouched base model
+    create = store_settings(cfg.condition, cfg.model, live.base_fingerprint, settings, router_cfg)
+    modular = cfg.condition == "modular"
+    latest, pinned, logs, versions = [], [], [], []
     for i, dom in enumerate(data):
-        adapter = SHARED if cfg.condition == "naive" else dom.name
-        if i == 0 or cfg.condition != "naive":
-            torch.manual_seed(cfg.seed * 1000 + i)     # same LoRA init for every condition
-            model = add_adapter(model, adapter, cfg.lora)
-        lora_params = set_trainable(model, adapter, backbone=backbone is not None)
-        with active(model, adapter):
-            log = train_phase(model, dom.train, cfg.train, seed=cfg.seed * 1000 + i, domain=dom.name,
-                              adapter=adapter, lora_params=lora_params, backbone=backbone,
-                              accelerator=accelerator, pad_id=pad_id)
-        logs.append(log)
-        set_trainable(model, None, backbone=False)
-        save_adapter(model, adapter, out / "adapters")
-        # ---- router (issue 4): add this domain from its own train passages, calibrate on its holdout
-        started = time.perf_counter()
-        router.add_domain(dom.name, domain_features(model, tokenizer, dom.train_texts, router_cfg,
-                                                    router_cfg.max_passages),
-                          domain_features(model, tokenizer, dom.holdout_texts, router_cfg, router_cfg.max_calib),
-                          adapter=adapter)
-        router.calibration[dom.name]["build_seconds"] = round(time.perf_counter() - started, 3)
-        router.save(out)
-        if backbone is not None:
-            backbone.save(out)
-        if cfg.condition == "naive":
-            matrix.append(evaluate_all(lambda j: SHARED))
-        else:
-            matrix.append(evaluate_all(lambda j, i=i: names[j] if j <= i else None))
-        finished = i == len(data) - 1
-        results = build_results(cfg, command, base, matrix, logs, names, finished)
+        added = add_domain(live, out, dom, settings, command=command, router_cfg=router_cfg,
+                           accelerator=accelerator, progress=progress, create=create)
+        logs.append(added.log)
+        versions.append(added.backbone_version)
+        latest.append(evaluate_row(live, data, i, "latest", settings, progress))
+        if modular:
+            pinned.append(evaluate_row(live, data, i, "pinned", settings, progress))
+        results = build_results(cfg, command, base, latest, logs, names, i == len(data) - 1,
+                                pinned if modular else None, versions if modular else None)
         write_json(out / "results.json", results)
-    if backbone is not None:
+    if modular:
         (out / "spectral_log.jsonl").write_text(
             "".join(json.dumps({"phase": p, "step": s, "layers": layers}) + "\n"
                     for p, log in enumerate(logs) for s, layers in enumerate(log.spectral)))
@@ -173,9 +150,15 @@ def continual_run(cfg: RunConfig, command: str | None = None, progress: bool = T
     return results
 
 
-def _eval_with(model, adapter, dom: DomainData, ebs: int, pad_id: int, progress: bool):
-    with active(model, adapter):
-        return passage_losses(model, dom.holdout, ebs, pad_id, desc=f"eval {dom.name}", progress=progress)
+def evaluate_row(live: LiveModel, data: list[DomainData], phase: int, backbone: str, settings: AddSettings,
+                 progress: bool) -> list:
+    """Per-passage losses of every domain after `phase`: trained domains with their own adapter on the
+    `backbone` version (pinned or latest), later ones with no domain adapter."""
+    row = []
+    for j, dom in enumerate(data):
+        with live.using(dom.name if j <= phase else None, backbone):
+            row.append(evaluate(live, dom, settings, progress))
+    return row
 
 
 def format_table(res: dict) -> str:
@@ -188,11 +171,16 @@ def format_table(res: dict) -> str:
     for i, row in enumerate(res["loss_matrix"]):
         lines.append(f"after {names[i]}"[:14].ljust(14) + "".join(f"{v:{w}.4f}" for v in row))
     if res.get("finished"):
-        drift = res["per_domain_drift_pct"] + [float("nan")]
-        lines.append("drift %".ljust(14) + "".join(f"{v:{w}.2f}" for v in drift))
+        lines.append("drift %".ljust(14) + "".join(f"{v:{w}.2f}" for v in res["per_domain_drift_pct"]) + "-".rjust(w))
+        if res.get("per_domain_drift_pct_pinned") is not None:
+            lines.append("drift % pinned".ljust(14) + "".join(f"{v:{w}.2f}" for v in res["per_domain_drift_pct_pinned"])
+                         + "-".rjust(w))
         lines.append("gain %".ljust(14) + "".join(f"{v:{w}.2f}" for v in res["gain_pct"]))
         if res["drift_pct"] is not None:
-            lines.append(f"drift (mean over prior domains): {res['drift_pct']:+.2f}%")
+            pinned = res.get("drift_pct_pinned")
+            lines.append(f"drift (mean over prior domains): {res['drift_pct']:+.2f}%"
+                         + (" on the latest backbone, " + f"{pinned:+.2f}% pinned (how the store serves)"
+                            if pinned is not None else ""))
         if res.get("spectral"):
             s = res["spectral"]
             lines.append(f"spectral: max | ||M||_2 - 1 | = {s['max_norm_dev']:.2e}, max sum dev = "

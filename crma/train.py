@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import time
-import warnings
 from dataclasses import dataclass, field
 
 import torch
@@ -14,8 +13,6 @@ from .method.backbone import CRMABackbone
 from .config import TrainConfig
 from .data import collate, epoch_order
 
-# accelerate/peft still ask for the pre-v6 name; harmless, and noisy on every phase
-warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
 
 
 @dataclass

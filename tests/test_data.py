@@ -52,14 +52,16 @@ def test_domain_spec_parsing_and_names():
     assert (spec.name, str(spec.train), str(spec.holdout)) == ("medical", "train.jsonl", "hold.jsonl")
     assert DomainSpec.parse("legal=dir").holdout is None
     for bad in ("medical", "=x.jsonl", "bad name=x.jsonl", "base=x.jsonl"):
-        with pytest.raises(ConfigError, match="domains"):
+        with pytest.raises(ConfigError, match="domain"):
             DomainSpec.parse(bad)
 
 
 def test_holdout_split_is_deterministic_and_disjoint():
     texts = [f"passage number {i}" for i in range(50)]
     train, hold = split_holdout(texts, 0.1)
-    assert (train, hold) == split_holdout(list(reversed(texts))[::-1], 0.1)
+    train_r, hold_r = split_holdout(list(reversed(texts)), 0.1)     # the same passages, whatever the order
+    assert (train_r, hold_r) == (train[::-1], hold[::-1])
+    assert split_holdout(texts[:25], 0.2)[1] != hold[:5]              # ...and it depends on the content
     assert len(hold) == 5 and not set(train) & set(hold) and len(train) + len(hold) == 50
 
 

@@ -31,7 +31,9 @@ def test_naive_forgets_and_frozen_does_not(conflict_runs):
     assert modular["drift_pct"] < naive["drift_pct"] / 5
     for res in (naive, frozen, modular):
         assert REQUIRED_KEYS <= set(res) and res["finished"]
-        assert res["loss_matrix"][0][1] != res["base_loss"][1] or res["condition"] != "naive"
+    for res in (naive, frozen):                       # an untrained domain is served by the untouched base
+        assert res["loss_matrix"][0][1] == res["base_loss"][1]
+    assert modular["loss_matrix"][0][1] != modular["base_loss"][1]   # ...or by the base plus the moved backbone
 
 
 def test_results_file_and_artifacts_on_disk(conflict_runs):
@@ -41,10 +43,11 @@ def test_results_file_and_artifacts_on_disk(conflict_runs):
     assert saved["config"]["condition"] == "modular" and saved["config"]["crma"]["n_streams"] == 4
     assert json.loads((run_dir / "config.json").read_text()) == saved["config"]
     for name in ("up", "down"):
-        assert (run_dir / "adapters" / name / "adapter_config.json").exists()
-        assert (run_dir / "adapters" / name / "adapter_model.safetensors").exists()
-    assert (run_dir / "crma_backbone.safetensors").exists()
-    assert not (conflict_runs["frozen"]["_dir"] / "crma_backbone.safetensors").exists()
+        assert (run_dir / "adapters" / name / "v1" / "adapter_config.json").exists()
+        assert (run_dir / "adapters" / name / "v1" / "adapter_model.safetensors").exists()
+    assert sorted(p.name for p in (run_dir / "backbone").iterdir()) == ["v1", "v2"]   # one per phase
+    assert not (conflict_runs["frozen"]["_dir"] / "backbone").exists()
+    assert sorted(p.name for p in (conflict_runs["naive"]["_dir"] / "adapters" / "shared").iterdir()) == ["v1", "v2"]
     assert [g["peak"] >= g["mean"] > 0 for g in saved["grad_norm"]] == [True, True]
 
 
@@ -64,7 +67,7 @@ def test_spectral_log_summary(conflict_runs):
 def test_saved_adapter_loads_in_plain_peft_and_reproduces_the_loss(conflict_runs, conflicting_domains):
     res = conflict_runs["frozen"]
     base, tok = load_model("tiny:llama", seed=0)
-    model = PeftModel.from_pretrained(base, str(res["_dir"] / "adapters" / "up"))
+    model = PeftModel.from_pretrained(base, str(res["_dir"] / "adapters" / "up" / "v1"))
     loss = mean_loss(passage_losses(model, holdout_ids(conflicting_domains[0], tok), 8, tok.pad_token_id,
                                     progress=False))
     assert abs(loss - res["loss_matrix"][-1][0]) < 1e-5
@@ -73,8 +76,8 @@ def test_saved_adapter_loads_in_plain_peft_and_reproduces_the_loss(conflict_runs
 def test_modular_round_trip_backbone_plus_adapter(conflict_runs, conflicting_domains):
     res = conflict_runs["modular"]
     base, tok = load_model("tiny:llama", seed=0)
-    CRMABackbone.load(res["_dir"], base).attach(base)
-    model = PeftModel.from_pretrained(base, str(res["_dir"] / "adapters" / "down"))
+    CRMABackbone.load(res["_dir"] / "backbone" / "v2", base).attach(base)
+    model = PeftModel.from_pretrained(base, str(res["_dir"] / "adapters" / "down" / "v1"))
     loss = mean_loss(passage_losses(model, holdout_ids(conflicting_domains[1], tok), 8, tok.pad_token_id,
                                     progress=False))
     assert abs(loss - res["loss_matrix"][-1][1]) < 1e-5
@@ -115,18 +118,35 @@ def test_cli_run_end_to_end(conflicting_domains, tmp_path, capsys):
     assert "drift (mean over prior domains)" in capsys.readouterr().out
 
 
-def test_cli_names_a_foreign_backbone_instead_of_crashing(conflict_runs, tmp_path, capsys):
-    """A run folder whose backbone belongs to another base model: exit code 2 and the mismatch named."""
-    run_dir = conflict_runs["modular"]["_dir"]
-    code = main(["route", "--run", str(run_dir), "abcdabcd"])
-    assert code == 0                                    # the run's own model: routes fine
-    capsys.readouterr()
-    from crma.method.backbone import CRMABackbone
-    other, _ = load_model("tiny:llama", seed=5)
-    CRMABackbone.for_model(other, CRMAConfig()).save(tmp_path)
+def test_cli_names_a_foreign_base_model_instead_of_crashing(conflict_runs, tmp_path, capsys):
+    """A store whose manifest names another base model: exit code 2 and the mismatch named."""
     import shutil
+    run_dir = conflict_runs["modular"]["_dir"]
+    assert main(["route", "--run", str(run_dir), "abcdabcd"]) == 0     # the run's own model: routes fine
+    capsys.readouterr()
     foreign = tmp_path / "foreign"
     shutil.copytree(run_dir, foreign)
-    shutil.copy(tmp_path / "crma_backbone.safetensors", foreign / "crma_backbone.safetensors")
+    manifest = json.loads((foreign / "manifest.json").read_text())
+    manifest["model"]["fingerprint"]["weights_sha256"] = "0" * 16
+    (foreign / "manifest.json").write_text(json.dumps(manifest))
     assert main(["route", "--run", str(foreign), "abcdabcd"]) == 2
-    assert "different base model" in capsys.readouterr().err
+    assert "the store was built on base model" in capsys.readouterr().err
+
+
+def test_isolation_with_domains_named_like_modules():
+    """Adapter names that are also parts of parameter names must not capture other adapters' weights,
+    and activating adapters never leaves a frozen adapter with gradients on."""
+    from crma.method.adapters import active, adapter_of
+    model, _ = load_model("tiny:llama")
+    for name in ("model", "layers", "q_proj", "mlp"):
+        model = add_adapter(model, name, LoraSettings())
+    for name in ("model", "layers", "q_proj", "mlp"):
+        lora = set_trainable(model, name, backbone=False)
+        grads = {adapter_of(n) for n, p in model.named_parameters() if p.requires_grad}
+        assert grads == {name} and len(lora) == 2 * 7 * 2          # A and B, 7 targets, 2 layers
+    set_trainable(model, None, backbone=False)
+    for name in ("model", "layers"):
+        with active(model, name):
+            with active(model, "q_proj"):
+                pass
+    assert not any(p.requires_grad for p in model.parameters())

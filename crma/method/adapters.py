@@ -1,7 +1,8 @@
 """Per-domain PEFT LoRA adapters: create, activate, isolate, save in standard PEFT format.
 
 Each domain gets a fresh adapter named after it (the `naive` condition shares one named `shared`).
-Only the adapter being trained (and, in `modular`, the CRMA backbone) has gradients.
+Only the adapter being trained (and, in `modular`, the CRMA backbone) has gradients: activating an
+adapter never turns its gradients on; `set_trainable` is the one place that does, after activation.
 """
 from __future__ import annotations
 
@@ -12,7 +13,6 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from torch import nn
 
 from ..config import LoraSettings
-from ..io import atomic_dir
 from .models import family, lora_targets
 
 SHARED = "shared"   # adapter name of the naive condition
@@ -41,11 +41,22 @@ def set_trainable(model: nn.Module, adapter: str | None, backbone: bool) -> list
     Returns the LoRA parameters that train (the backbone's come from CRMABackbone.param_groups)."""
     lora = []
     for name, p in model.named_parameters():
-        is_lora = "lora_" in name and adapter is not None and f".{adapter}." in name
+        is_lora = adapter is not None and adapter_of(name) == adapter
         p.requires_grad_(is_lora or (backbone and "crma_" in name))
         if is_lora:
             lora.append(p)
     return lora
+
+
+def adapter_of(param_name: str) -> str | None:
+    """The adapter a LoRA parameter belongs to: the key right after `lora_A`/`lora_B`/... in its
+    dotted name (`...q_proj.lora_A.medical.weight` -> 'medical'), matched whole, so a domain named
+    `model`, `layers` or `q_proj` cannot capture other adapters' weights. None if not a LoRA weight."""
+    parts = param_name.split(".")
+    for k in range(len(parts) - 1):
+        if parts[k].startswith("lora_"):
+            return parts[k + 1]
+    return None
 
 
 def active(model: nn.Module, adapter: str | None):
@@ -64,25 +75,26 @@ def _using(model: PeftModel, adapter: str):
     if adapter not in model.peft_config:
         raise ValueError(f"unknown adapter {adapter!r}; have {sorted(model.peft_config)}")
     previous = model.active_adapter
-    model.set_adapter(adapter)
+    model.set_adapter(adapter, inference_mode=True)      # activating never turns gradients on
     try:
         yield model
     finally:
-        model.set_adapter(previous)
+        model.set_adapter(previous, inference_mode=True)
 
 
-def save_adapter(model: PeftModel, adapter: str, directory: str | Path) -> Path:
-    """Save one adapter as DIR/<adapter>/{adapter_config.json, adapter_model.safetensors}, atomically."""
-    target = Path(directory) / adapter
-    with atomic_dir(target) as tmp:
-        model.save_pretrained(str(tmp), selected_adapters=[adapter],
-                              save_embedding_layers=False)   # LoRA on linears only; embeddings never change
-        nested = tmp / adapter    # PEFT nests non-"default" adapters in a sub-folder
-        if nested.is_dir():
-            for f in nested.iterdir():
-                f.rename(tmp / f.name)
-            nested.rmdir()
-    return target
+def save_adapter(model: PeftModel, adapter: str, folder: str | Path) -> Path:
+    """Write one adapter's adapter_config.json + adapter_model.safetensors into `folder` (standard PEFT
+    format: `PeftModel.from_pretrained(base, folder)` loads it). The model store makes it atomic."""
+    folder = Path(folder)
+    model.save_pretrained(str(folder), selected_adapters=[adapter],
+                          save_embedding_layers=False)   # LoRA on linears only; embeddings never change
+    nested = folder / adapter    # PEFT nests non-"default" adapters in a sub-folder
+    if nested.is_dir():
+        for f in nested.iterdir():
+            f.rename(folder / f.name)
+        nested.rmdir()
+    (folder / "README.md").unlink(missing_ok=True)   # PEFT's model-card stub says nothing about crma
+    return folder
 
 
 def load_adapter(model: nn.Module, adapter: str, directory: str | Path) -> PeftModel:

@@ -117,23 +117,35 @@ class CRMABackbone(nn.Module):
         """Load a saved backbone for `model`; fails clearly if it was trained on another base model."""
         path = Path(directory)
         path = path / BACKBONE_FILE if path.is_dir() else path
-        if not path.exists():
-            raise FileNotFoundError(f"{path}: no saved CRMA backbone here")
-        from safetensors import safe_open
-        with safe_open(str(path), framework="pt") as f:
-            meta = f.metadata() or {}
-        if meta.get("format") != "crma-backbone-v1":
-            raise ValueError(f"{path}: not a crma backbone file (metadata format={meta.get('format')!r})")
-        saved_fp = json.loads(meta["base_fingerprint"])
-        current_fp = fingerprint(model)
-        if saved_fp != current_fp:
-            diff = {k: (saved_fp.get(k), current_fp.get(k)) for k in saved_fp if saved_fp.get(k) != current_fp.get(k)}
-            raise FingerprintError(f"{path}: backbone was trained on a different base model; "
-                                   f"mismatch (saved, this model): {diff}")
-        cfg = CRMAConfig(**json.loads(meta["crma_config"]))
-        backbone = cls(cfg, model.config.hidden_size, model.config.num_hidden_layers, current_fp)
-        backbone.load_state_dict(load_file(str(path)))
+        cfg, state = read_backbone_file(path, fingerprint(model))
+        backbone = cls(cfg, model.config.hidden_size, model.config.num_hidden_layers, fingerprint(model))
+        backbone.load_state_dict(state)
         return backbone
+
+    def load_version(self, path: str | Path) -> dict[str, torch.Tensor]:
+        """The state of another saved version of this backbone (same base model and settings)."""
+        cfg, state = read_backbone_file(Path(path), self.base_fingerprint)
+        if cfg != self.cfg:
+            raise FingerprintError(f"{path}: backbone settings {asdict(cfg)} differ from {asdict(self.cfg)}")
+        return state
+
+
+def read_backbone_file(path: Path, expected_fingerprint: dict) -> tuple[CRMAConfig, dict[str, torch.Tensor]]:
+    """(config, state) of a crma_backbone.safetensors file, checked against the base model's fingerprint."""
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: no saved CRMA backbone here")
+    from safetensors import safe_open
+    with safe_open(str(path), framework="pt") as f:
+        meta = f.metadata() or {}
+    if meta.get("format") != "crma-backbone-v1":
+        raise ValueError(f"{path}: not a crma backbone file (metadata format={meta.get('format')!r})")
+    saved_fp = json.loads(meta["base_fingerprint"])
+    if saved_fp != expected_fingerprint:
+        diff = {k: (saved_fp.get(k), expected_fingerprint.get(k)) for k in saved_fp
+                if saved_fp.get(k) != expected_fingerprint.get(k)}
+        raise FingerprintError(f"{path}: backbone was trained on a different base model; "
+                               f"mismatch (saved, this model): {diff}")
+    return CRMAConfig(**json.loads(meta["crma_config"])), load_file(str(path))
 
 
 def _make_hook(backbone: CRMABackbone, block: CRMABlock):

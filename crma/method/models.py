@@ -8,10 +8,14 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
+import warnings
 from pathlib import Path
 
 import torch
 from torch import nn
+
+# accelerate/peft still ask transformers for the pre-v6 name; harmless, and noisy on every phase
+warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
 
 DEFAULT_MODEL = "smollm2-135m"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -144,13 +148,16 @@ def mlp_out_weight(block: nn.Module, fam: str, d: int) -> torch.Tensor | None:
 
 
 def fingerprint(model: nn.Module) -> dict:
-    """Identity of a base model: architecture, sizes and a hash of some of its weights."""
+    """Identity of a base model: architecture, sizes and a hash of some of its weights (the same
+    with or without PEFT adapters around it)."""
+    if hasattr(model, "get_base_model"):
+        model = model.get_base_model()
     cfg = model.config
     digest = hashlib.sha256()
     embed = model.get_input_embeddings().weight.detach()
-    digest.update(embed.flatten()[:65536].float().numpy().tobytes())
+    digest.update(embed.flatten()[:65536].float().cpu().numpy().tobytes())
     first = next(p for n, p in decoder_layers(model)[0].named_parameters() if "lora_" not in n)
-    digest.update(first.detach().flatten()[:65536].float().numpy().tobytes())
+    digest.update(first.detach().flatten()[:65536].float().cpu().numpy().tobytes())
     return {
         "model_type": cfg.model_type,
         "architecture": type(model).__name__,

@@ -162,7 +162,7 @@ class Router:
         if name == BASE or not name:
             raise RouterError(f"domain name {name!r} is reserved")
         if name in self.names:
-            raise RouterError(f"domain {name!r} is already in the router")
+            raise RouterError(f"domain {name!r} is already in the router (merge_domain adds data to it)")
         f = _as_features(features)
         x = f.pooled                                                               # (n, dim)
         if x.ndim != 2 or x.shape[0] < 2:
@@ -194,6 +194,84 @@ class Router:
                                   "quantile_distance": q, "threshold": float(row["threshold"][0]),
                                   "min_chars_per_token": float(row["cpt_min"][0])}
         self._cache = {}
+        return self
+
+    def _row(self, name: str) -> dict[str, torch.Tensor]:
+        i = self.names.index(name)
+        return {k: v[i : i + 1].clone() for k, v in self.t.items()}
+
+    def _set_row(self, name: str, row: dict[str, torch.Tensor], calibration: dict, adapter: str) -> None:
+        if name in self.names:
+            i = self.names.index(name)
+            for k, v in row.items():
+                self.t[k][i : i + 1] = v.float()
+        else:
+            for k, v in row.items():
+                self.t[k] = v.float() if k not in self.t else torch.cat([self.t[k], v.float()])
+            self.names.append(name)
+        self.adapters[name] = adapter
+        self.calibration[name] = calibration
+        self._cache = {}
+
+    def merge_domain(self, name: str, features, calib=None) -> "Router":
+        """Add new data to domain `name` (add it when new): pooled statistics of old and new data,
+        exactly as if both had been given at once, with no old text or features needed:
+
+            n = n1 + n2,   mu = (n1 mu1 + n2 mu2) / n,
+            C = ((n1 - 1) C1 + (n2 - 1) C2 + n1 n2 / n (mu1 - mu2)(mu1 - mu2)^T) / (n - 1)
+
+        The abstain threshold is recalibrated on the new held-out features under the merged
+        statistics and averaged with the old one, weighted by their calibration counts."""
+        if name not in self.names:
+            return self.add_domain(name, features, calib)
+        old, old_cal, adapter = self._row(name), self.calibration[name], self.adapters[name]
+        tmp = Router(self.cfg, self.dim, self.meta).add_domain(name, features, calib, adapter)
+        new, new_cal = tmp._row(name), tmp.calibration[name]
+        n1, n2 = float(old["count"][0]), float(new["count"][0])
+        mu1, mu2 = old["mean"][0].double(), new["mean"][0].double()
+        n = n1 + n2
+        mu = (n1 * mu1 + n2 * mu2) / n
+        diff = (mu1 - mu2)[:, None]
+        cov = ((n1 - 1) * old["cov"][0].double() + (n2 - 1) * new["cov"][0].double()
+               + n1 * n2 / n * diff @ diff.T) / (n - 1)
+        row = {"count": torch.tensor([n]), "mean": mu[None], "cov": cov[None]}
+        if "protos" in old:     # k-means over the old centres and the new ones
+            p = kmeans(torch.cat([old["protos"][0], new["protos"][0]]).double(), self.cfg.prototypes)
+            row["protos"] = torch.cat([p, p[-1:].expand(self.cfg.prototypes - p.shape[0], -1)])[None]
+        held = _as_features(features if calib is None else calib)
+        dist = _quad(held.pooled, mu, shrunk_precision(cov, self.cfg.ood_shrinkage))
+        q_new = float(torch.quantile(dist, self.cfg.quantile))
+        c1, c2 = old_cal["n_calib"], new_cal["n_calib"]
+        row["threshold"] = torch.tensor([(c1 * float(old["threshold"][0]) + c2 * q_new * self.cfg.slack) / (c1 + c2)])
+        row["cpt_min"] = torch.minimum(old["cpt_min"], new["cpt_min"])
+        cal = {"n_train": old_cal["n_train"] + new_cal["n_train"], "n_calib": c1 + c2,
+               "calibrated_on": new_cal["calibrated_on"], "quantile_distance": q_new,
+               "threshold": float(row["threshold"][0]), "min_chars_per_token": float(row["cpt_min"][0]),
+               "merged": old_cal.get("merged", 1) + 1}
+        self._set_row(name, row, cal, adapter)
+        return self
+
+    def remove_domain(self, name: str) -> "Router":
+        """Drop domain `name` and its statistics."""
+        if name not in self.names:
+            raise RouterError(f"domain {name!r} is not in the router; have {self.names}")
+        i = self.names.index(name)
+        keep = [j for j in range(len(self.names)) if j != i]
+        self.t = {k: v[keep] for k, v in self.t.items()} if keep else {}
+        self.names.pop(i)
+        self.adapters.pop(name)
+        self.calibration.pop(name)
+        self._cache = {}
+        return self
+
+    def take_domain(self, other: "Router", name: str) -> "Router":
+        """Replace (or add) domain `name` with its state in `other` (rollback to an earlier version)."""
+        if name not in other.names:
+            raise RouterError(f"domain {name!r} is not in the router to take it from")
+        if other.dim != self.dim and self.names:
+            raise RouterError(f"feature size {other.dim} != {self.dim}")
+        self.dim = other.dim
+        self._set_row(name, other._row(name), dict(other.calibration[name]), other.adapters[name])
         return self
 
     # ---- deciding ---------------------------------------------------------------------------
@@ -269,13 +347,19 @@ class Router:
     def save(self, directory: str | Path) -> Path:
         """Write DIR/router/{router.safetensors, router.json} together (atomically, as one folder)."""
         target = Path(directory) / ROUTER_DIR
+        with atomic_dir(target) as tmp:
+            self.save_to(tmp)
+        return target
+
+    def save_to(self, folder: str | Path) -> list[Path]:
+        """Write router.safetensors and router.json into `folder` itself (the caller makes it atomic)."""
+        folder = Path(folder)
         info = {"format": FORMAT, "config": asdict(self.cfg), "dim": self.dim, "domains": self.names,
                 "adapters": self.adapters, "calibration": self.calibration, "meta": self.meta}
-        with atomic_dir(target) as tmp:
-            save_file({k: v.contiguous() for k, v in self.t.items()}, str(tmp / "router.safetensors"),
-                      metadata={"format": FORMAT})
-            (tmp / "router.json").write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
-        return target
+        save_file({k: v.contiguous() for k, v in self.t.items()}, str(folder / "router.safetensors"),
+                  metadata={"format": FORMAT})
+        (folder / "router.json").write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
+        return [folder / "router.safetensors", folder / "router.json"]
 
     @classmethod
     def load(cls, directory: str | Path) -> "Router":

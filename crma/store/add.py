@@ -1,0 +1,195 @@
+"""Adding a domain to a store: train a fresh adapter (and, in modular, the backbone) on that domain's
+data only, check it against the base model, and register the new versions.
+
+    crma add --store DIR --domain NAME --data TRAIN[:HOLDOUT] [--condition modular|frozen] [--min-gain PCT]
+
+`crma run` is a sequence of exactly these steps on one in-memory model (`add_domain`), so a run over
+A, B, C and three `crma add` calls give the same numbers, to the last bit on CPU.
+"""
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+
+from ..config import ConfigError, CRMAConfig, DomainSpec, LoraSettings, TrainConfig
+from ..data import read_passages, split_holdout, tokenize
+from ..evaluate import mean_loss, passage_losses
+from ..method.adapters import SHARED, active, add_adapter, save_adapter, set_trainable
+from ..method.backbone import BACKBONE_FILE
+from ..routing import Router, RouterConfig, new_router, update_router
+from ..train import PhaseLog, train_phase
+from .live import LiveModel
+from .manifest import sha256_texts
+from .store import Store
+
+
+@dataclass
+class DomainData:
+    name: str
+    train: list[list[int]]
+    holdout: list[list[int]]
+    train_texts: list[str] = field(default_factory=list)     # raw text: training and the router's statistics
+    holdout_texts: list[str] = field(default_factory=list)   # (never stored, only checksums and counts)
+
+    def data_record(self) -> dict:
+        """What the store keeps about the data: checksums and counts, never the text."""
+        return {part: {"sha256": sha256_texts(texts), "passages": len(texts), "tokens": sum(map(len, ids))}
+                for part, texts, ids in (("train", self.train_texts, self.train),
+                                         ("holdout", self.holdout_texts, self.holdout))}
+
+
+def load_domain(spec: DomainSpec, tokenizer, cfg: TrainConfig) -> DomainData:
+    """Read and tokenise one domain; hold out a deterministic fraction when no holdout file is given."""
+    train = read_passages(spec.train, spec.name)
+    if spec.holdout is not None:
+        holdout = read_passages(spec.holdout, spec.name)
+    else:
+        train, holdout = split_holdout(train, cfg.holdout_fraction)
+    if cfg.max_passages:
+        train = train[: cfg.max_passages]
+    if cfg.max_holdout:
+        holdout = holdout[: cfg.max_holdout]
+    return DomainData(spec.name, tokenize(train, tokenizer, cfg.max_len), tokenize(holdout, tokenizer, cfg.max_len),
+                      train, holdout)
+
+
+@dataclass
+class AddSettings:
+    """Everything that defines how one domain is trained onto a store."""
+
+    seed: int = 0
+    train: TrainConfig = field(default_factory=TrainConfig)
+    lora: LoraSettings = field(default_factory=LoraSettings)
+    crma: CRMAConfig = field(default_factory=CRMAConfig)
+    min_gain: float | None = 0.0        # percent over the base model's holdout loss; None: no gate (runs)
+
+
+@dataclass
+class AddResult:
+    domain: str
+    adapter: str
+    registered: bool
+    reason: str
+    base_loss: float
+    loss: float                         # holdout loss with the new adapter (on the backbone it trained with)
+    gain_pct: float
+    log: PhaseLog
+    base_passages: list                 # per-passage (loss sum, tokens), for the run's probes
+    version: int | None = None
+    backbone_version: int | None = None
+    router_version: int | None = None
+
+
+def evaluate(live: LiveModel, dom: DomainData, settings: AddSettings, progress: bool = False) -> list:
+    """Per-passage (loss sum, tokens) of `dom`'s holdout with whatever `live` currently has active."""
+    return passage_losses(live.model, dom.holdout, settings.train.eval_batch_size, live.tokenizer.pad_token_id,
+                          desc=f"eval {dom.name}", progress=progress)
+
+
+def train_domain(live: LiveModel, dom: DomainData, phase: int, settings: AddSettings,
+                 accelerator: Accelerator) -> tuple[str, PhaseLog]:
+    """Train `dom`'s adapter in place on `live`: a fresh LoRA adapter named after the domain (naive:
+    the shared one, continued), plus the backbone in modular. Returns (adapter name, log)."""
+    naive = live.condition == "naive"
+    adapter = SHARED if naive else dom.name
+    if live.condition == "modular" and live.backbone is None:
+        live.create_backbone(settings.crma, seed=settings.seed)
+    if not (naive and SHARED in live.adapters):
+        live.drop_adapter(adapter)                          # a re-added domain starts a fresh adapter
+        torch.manual_seed(settings.seed * 1000 + phase)     # the same LoRA init in every condition
+        live.model = add_adapter(live.model, adapter, settings.lora)
+    backbone = live.backbone if live.condition == "modular" else None
+    with active(live.model, adapter):
+        live.set_backbone(live.store.backbone_version(None) if live.store else None)
+        lora_params = set_trainable(live.model, adapter, backbone=backbone is not None)
+        log = train_phase(live.model, dom.train, settings.train, seed=settings.seed * 1000 + phase,
+                          domain=dom.name, adapter=adapter, lora_params=lora_params, backbone=backbone,
+                          accelerator=accelerator, pad_id=live.tokenizer.pad_token_id)
+    set_trainable(live.model, None, backbone=False)
+    live.adapters[adapter] = -1                            # trained in memory, not registered yet
+    return adapter, log
+
+
+def add_domain(live: LiveModel, root: Path, dom: DomainData, settings: AddSettings, *, command: str = "",
+               router_cfg: RouterConfig | None = None, accelerator: Accelerator | None = None,
+               progress: bool = True, create: dict | None = None) -> AddResult:
+    """Train `dom` onto `live` and register it in the store at `root` (created from `create` when new).
+
+    Nothing is written unless the new adapter's holdout loss beats the base model's by at least
+    settings.min_gain percent. The store's writer lock is held only while writing."""
+    accelerator = accelerator or Accelerator()
+    store = live.store
+    phase = sum(1 for e in store.manifest["log"] if e["op"] == "add") if store else 0
+    with live.untouched():
+        base = evaluate(live, dom, settings, progress)
+    adapter, log = train_domain(live, dom, phase, settings, accelerator)
+    with active(live.model, adapter):
+        after = evaluate(live, dom, settings, progress)
+    base_loss, loss = mean_loss(base), mean_loss(after)
+    gain = 100.0 * (base_loss - loss) / base_loss
+    result = AddResult(dom.name, adapter, False, "", base_loss, loss, gain, log, base)
+    if settings.min_gain is not None and gain < settings.min_gain:
+        result.reason = (f"not registered: holdout loss {loss:.4f} vs base model {base_loss:.4f} is a gain of "
+                         f"{gain:+.2f}%, below --min-gain {settings.min_gain:g}%; the store is unchanged")
+        return result
+
+    with Store.writer(root, command, create=create) as w:
+        if live.backbone is not None and live.condition == "modular":
+            result.backbone_version = w.add_backbone_version(
+                lambda folder: live.backbone.save(folder), {"trained_on": dom.name, "phase": phase,
+                                                            "crma": asdict(live.backbone.cfg)})
+        router = load_router(w.store) or new_router(live.model, router_cfg or RouterConfig(),
+                                                    meta={"model": live.spec, "condition": live.condition})
+        update_router(router, live.model, live.tokenizer, dom.name, adapter, dom.train_texts, dom.holdout_texts)
+        result.router_version = w.add_router_version(router, f"add {dom.name}")
+        meta = {"adapter": adapter, "backbone_version": result.backbone_version, "router_version": result.router_version,
+                "phase": phase, "data": dom.data_record(), "base_loss": base_loss, "holdout_loss": loss,
+                "gain_pct": gain, "train": {**asdict(settings.train), "seed": settings.seed},
+                "lora": asdict(settings.lora), "steps": len(log.losses), "train_tokens": log.tokens,
+                "train_seconds": round(log.seconds, 3)}
+
+        def save(folder: Path) -> None:
+            save_adapter(live.model, adapter, folder)
+            (folder / "meta.json").write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
+
+        result.version = w.add_adapter_version(dom.name, adapter, save, meta)
+        if live.condition == "naive":                 # every domain is served by the newest shared adapter
+            for d in w.store.domains():
+                w.set_domain_version(d, adapter, result.version)
+        w.log("add", domain=dom.name, version=result.version, backbone_version=result.backbone_version)
+        w.commit()
+    live.store = Store(root)
+    live.adapters[adapter] = result.version
+    if result.backbone_version is not None:
+        live.remember_backbone(result.backbone_version)
+    result.registered = True
+    result.reason = (f"registered {dom.name} v{result.version}: holdout loss {loss:.4f} "
+                     f"(base model {base_loss:.4f}, gain {gain:+.2f}%)")
+    return result
+
+
+def load_router(store: Store, version: int | None = None) -> Router | None:
+    """The store's router at `version` (default: current), checksum verified; None before the first add."""
+    from .manifest import verify_files
+
+    version = store.manifest["router"]["current"] if version is None else version
+    if version is None:
+        return None
+    meta = store.manifest["router"]["versions"][str(version)]
+    verify_files(store.root, meta["files"])
+    return Router.load(store.root / meta["path"])
+
+
+def store_settings(condition: str, model_spec: str, fingerprint: dict, settings: AddSettings,
+                   router_cfg: RouterConfig | None) -> dict:
+    """The `create` argument of Store.writer for a new store."""
+    if condition not in ("naive", "frozen", "modular"):
+        raise ConfigError(f"condition: must be naive, frozen or modular, got {condition!r}")
+    return {"model_spec": model_spec, "fingerprint": fingerprint, "condition": condition,
+            "settings": {"seed": settings.seed, "crma": asdict(settings.crma), "lora": asdict(settings.lora),
+                         "router": asdict(router_cfg or RouterConfig()), "created_with": time.strftime("%Y-%m-%d")}}
