@@ -18,11 +18,13 @@ import dataclasses
 import sys
 from pathlib import Path
 
-from .config import CONDITIONS, ConfigError, CRMAConfig, DomainSpec, LoraSettings, RunConfig, TrainConfig
+from .config import ALL_CONDITIONS, CLConfig, ConfigError, CRMAConfig, DomainSpec, LoraSettings, RunConfig, TrainConfig
 from .io import command_line
 
 # (dataclass, option prefix, RunConfig attribute)
-SECTIONS = ((TrainConfig, "", "train"), (LoraSettings, "lora-", "lora"), (CRMAConfig, "crma-", "crma"))
+SECTIONS = ((TrainConfig, "", "train"), (LoraSettings, "lora-", "lora"), (CRMAConfig, "crma-", "crma"),
+            (CLConfig, "cl-", "cl"))
+RUN_SECTIONS = ("train", "lora", "crma", "cl")      # crma run: every section (cl: the baseline conditions)
 
 
 def _field_type(f: dataclasses.Field):
@@ -75,7 +77,7 @@ def router_config_from_args(args: argparse.Namespace):
 def cmd_run(args: argparse.Namespace) -> int:
     from .run import continual_run
     cfg = RunConfig(domains=[DomainSpec.parse(d) for d in args.domains], out=args.out, model=args.model,
-                    condition=args.condition, seed=args.seed, **configs_from_args(args))
+                    condition=args.condition, seed=args.seed, **configs_from_args(args, RUN_SECTIONS))
     continual_run(cfg, command=args.command_line, router_cfg=router_config_from_args(args), overwrite=args.overwrite)
     return 0
 
@@ -121,7 +123,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     conditions = [c for c in args.conditions.split(",") if c] if args.conditions else None
     run_grid(PROTOCOLS[args.protocol], out=args.out, corpus=args.corpus, model=args.model,
              conditions=conditions, seeds=seeds, resume=args.resume, progress=not args.quiet,
-             command=args.command_line, jobs=args.jobs, crma=configs_from_args(args, ("crma",))["crma"])
+             command=args.command_line, jobs=args.jobs, **configs_from_args(args, ("crma", "cl")))
     return 0
 
 
@@ -146,11 +148,12 @@ def build_parser() -> argparse.ArgumentParser:
     run = sub.add_parser("run", help="continual run over domains in order, with forgetting metrics")
     run.add_argument("--model", default=DEFAULT_MODEL, help="hub id, local dir, smollm2-135m or tiny:<family>")
     run.add_argument("--domains", nargs="+", required=True, metavar="NAME=TRAIN[:HOLDOUT]")
-    run.add_argument("--condition", choices=CONDITIONS, default="modular")
+    run.add_argument("--condition", choices=ALL_CONDITIONS, default="modular",
+                     help="naive, frozen, modular; or a continual-learning baseline: ewc, replay, olora (--cl-*)")
     run.add_argument("--seed", type=int, default=0)
     run.add_argument("--out", type=Path, required=True, help="the run's folder: a model store plus results.json")
     run.add_argument("--overwrite", action="store_true", help="replace whatever --out holds")
-    add_config_options(run)
+    add_config_options(run, sections=RUN_SECTIONS)
     add_router_options(run)
     run.set_defaults(func=cmd_run)
 
@@ -176,14 +179,16 @@ def build_parser() -> argparse.ArgumentParser:
                        help="folder with <domain>/{train,holdout}.jsonl (smoke: bundled demo data if omitted)")
     bench.add_argument("--out", type=Path, required=True)
     bench.add_argument("--model", default=None, help="override the protocol's model")
-    bench.add_argument("--conditions", default=None, help="comma list (default: naive,frozen,modular)")
+    bench.add_argument("--conditions", default=None,
+                       help="comma list (default: the protocol's; naive,frozen,modular for paper and cpu, "
+                            "every condition for smoke); baselines: ewc, replay, olora")
     bench.add_argument("--seeds", default=None, help="comma list (default: the protocol's seeds)")
     bench.add_argument("--resume", action="store_true", help="skip runs whose results.json is finished")
     bench.add_argument("--jobs", type=int, default=1,
                        help="runs at once, each in its own single-threaded process (2 on a 2-core machine: "
                             "~1.4x the throughput of one 2-thread process); per-run bars are off when > 1")
     bench.add_argument("--quiet", action="store_true", help="no progress lines or per-run bars")
-    add_config_options(bench, sections=("crma",))     # CRMA settings to compare (an ablation); data/train fixed
+    add_config_options(bench, sections=("crma", "cl"))   # CRMA / baseline settings to compare; data/train fixed
     bench.set_defaults(func=cmd_bench)
 
     report = sub.add_parser("report", help="recompute summary.json, report.md and plots of a bench folder")

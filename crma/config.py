@@ -10,7 +10,10 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-CONDITIONS = ("naive", "frozen", "modular")
+CONDITIONS = ("naive", "frozen", "modular")            # the core conditions (DESIGN.md section 3)
+BASELINES = ("ewc", "replay", "olora")                 # continual-learning baselines (crma/baselines), run/bench only
+ALL_CONDITIONS = CONDITIONS + BASELINES
+SHARED_ADAPTER_CONDITIONS = ("naive", "ewc", "replay")  # one LoRA adapter named `shared`, trained on every domain
 
 
 class ConfigError(ValueError):
@@ -107,6 +110,46 @@ class TrainConfig:
 
 
 @dataclass
+class CLConfig:
+    """The continual-learning baselines (crma/baselines). Each field defines only its own condition's runs
+    (ewc_* ewc, replay_* replay, olora_* olora), so changing one never invalidates the others' results.
+    None of these was tuned on cl5: they are the papers' / common practice's values, as said per field."""
+
+    # EWC (Kirkpatrick et al. 2017). 400 is the EWC default of TRACE (Wang et al. 2023), the LLM continual-
+    # learning benchmark, whose Fisher is likewise squared gradients of the mean-token loss. Our Fisher is per
+    # passage (crma/baselines/ewc.py), so the Laplace (Bayesian) value is about the tokens per passage (~127 at
+    # max_len 128): 400 is the usual stronger-than-Bayesian regime of EWC, not a tuned optimum.
+    ewc_lambda: float = 400.0
+    ewc_fisher: str = "empirical"   # "empirical": gradients of the gold tokens' loss (what LLM EWC code uses);
+                                    # "sampled": tokens drawn from the model (the true Fisher, one draw/position)
+    ewc_fisher_passages: int = 0    # passages of the phase's training data the Fisher uses (0 = all of them)
+    # Experience replay. 200 is the smallest standard reservoir of the replay literature (Buzzega et al. 2020,
+    # buffers of 200 / 500 / 5120); ratio 0.25 puts one replayed passage in every batch of 4 (3 new + 1 old),
+    # between LLM practice (1-10% rehearsal) and ER's equal halves (Chaudhry et al. 2019).
+    replay_buffer: int = 200        # passages kept (as text) from earlier domains, reservoir-sampled
+    replay_ratio: float = 0.25      # fraction of each later phase's training passages drawn from the buffer
+    # O-LoRA (Wang et al., Findings of EMNLP 2023): lambda_1 = 0.5, lambda_2 = 0 are the values of the authors'
+    # released scripts (also TRACE's defaults); see crma/baselines/olora.py for the squared vs L1 norm.
+    olora_lambda1: float = 0.5      # orthogonality to earlier tasks' frozen A
+    olora_lambda2: float = 0.0      # L2 on the new task's LoRA weights
+
+    def __post_init__(self) -> None:
+        _check(self.ewc_lambda >= 0, "cl.ewc_lambda", f"must be >= 0, got {self.ewc_lambda}")
+        _check(self.ewc_fisher in ("empirical", "sampled"), "cl.ewc_fisher",
+               f"must be 'empirical' or 'sampled', got {self.ewc_fisher!r}")
+        _check(self.ewc_fisher_passages >= 0, "cl.ewc_fisher_passages", "must be >= 0 (0 = all)")
+        _check(self.replay_buffer >= 1, "cl.replay_buffer", f"must be >= 1, got {self.replay_buffer}")
+        _check(0 <= self.replay_ratio < 1, "cl.replay_ratio", f"must be in [0, 1), got {self.replay_ratio}")
+        for name in ("olora_lambda1", "olora_lambda2"):
+            _check(getattr(self, name) >= 0, f"cl.{name}", f"must be >= 0, got {getattr(self, name)}")
+
+    def for_condition(self, condition: str) -> dict | None:
+        """The fields that define `condition`'s runs (None for the core conditions)."""
+        prefix = {"ewc": "ewc_", "replay": "replay_", "olora": "olora_"}.get(condition)
+        return None if prefix is None else {k: v for k, v in dataclasses.asdict(self).items() if k.startswith(prefix)}
+
+
+@dataclass
 class DomainSpec:
     """One domain of a continual run: its name (the adapter's name) and its data paths."""
 
@@ -140,10 +183,11 @@ class RunConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     lora: LoraSettings = field(default_factory=LoraSettings)
     crma: CRMAConfig = field(default_factory=CRMAConfig)
+    cl: CLConfig = field(default_factory=CLConfig)          # used by the baseline conditions only
 
     def __post_init__(self) -> None:
-        _check(self.condition in CONDITIONS, "condition",
-               f"must be one of {', '.join(CONDITIONS)}, got {self.condition!r}")
+        _check(self.condition in ALL_CONDITIONS, "condition",
+               f"must be one of {', '.join(ALL_CONDITIONS)}, got {self.condition!r}")
         _check(len(self.domains) >= 1, "domains", "give at least one NAME=TRAIN[:HOLDOUT]")
         names = [d.name for d in self.domains]
         _check(len(set(names)) == len(names), "domains", f"duplicate domain names in {names}")

@@ -1,4 +1,12 @@
-"""`crma demo`: a short continual run on the bundled demo data, naive vs modular, with a drift table."""
+"""`crma demo`: a continual model built domain by domain on the bundled demo data, then used.
+
+1. modular: the three demo domains are added one at a time to a model store (OUT/modular, exactly
+   what `crma add` does; the same folder is a `crma run` with its results.json);
+2. naive: the same domains through one shared adapter (OUT/naive), for comparison;
+3. the store answers one question per domain and one off-topic question, routed by its router;
+4. a drift table: modular with each adapter on its own backbone version (pinned, how the store
+   serves), on the newest backbone (latest, the paper's behaviour), and naive.
+"""
 from __future__ import annotations
 
 from pathlib import Path
@@ -7,8 +15,11 @@ from .config import CRMAConfig, DomainSpec, LoraSettings, RunConfig, TrainConfig
 
 DEMO_DIR = Path(__file__).parent / "demo_data"
 DEMO_DOMAINS = ("cooking", "astronomy", "contracts")
-# Sized for about 10 minutes for two conditions with smollm2-135m on 2 CPU cores (see README).
+# Sized for about 5 minutes for both conditions with smollm2-135m on 2 CPU cores (see README).
 DEMO_DEFAULTS = {"train": TrainConfig(epochs=2, lr=1e-3, batch_size=4, max_len=128, eval_batch_size=8)}
+DEMO_QUESTIONS = ("How long should I knead bread dough?", "What is a red giant star?",
+                  "The lessee shall indemnify the lessor against all claims.",
+                  "Who won the football match yesterday?")
 
 
 def demo_domains() -> list[DomainSpec]:
@@ -17,28 +28,61 @@ def demo_domains() -> list[DomainSpec]:
 
 
 def run_demo(out: Path, model: str, conditions: list[str], seed: int, train: TrainConfig,
-             lora: LoraSettings, crma: CRMAConfig, command: str | None = None) -> dict[str, dict]:
-    """Run each condition into OUT/<condition>/ and print a side-by-side drift table."""
+             lora: LoraSettings, crma: CRMAConfig, command: str | None = None,
+             questions: tuple[str, ...] = DEMO_QUESTIONS, max_new_tokens: int = 40) -> dict[str, dict]:
+    """Run each condition into OUT/<condition>/ (a previous demo there is replaced), answer the
+    questions from the modular store, and print the drift table."""
     from .run import continual_run
 
     results = {}
     for condition in conditions:
-        cfg = RunConfig(domains=demo_domains(), out=Path(out) / condition, model=model, condition=condition,
+        folder = Path(out) / condition
+        cfg = RunConfig(domains=demo_domains(), out=folder, model=model, condition=condition,
                         seed=seed, train=train, lora=lora, crma=crma)
-        print(f"== crma demo: {condition} ({len(cfg.domains)} domains, model {model})")
-        results[condition] = continual_run(cfg, command=command)
+        print(f"== crma demo: {condition} ({len(cfg.domains)} domains added one at a time, model {model})", flush=True)
+        results[condition] = continual_run(cfg, command=command, overwrite=(folder / "config.json").exists())
+    served = "modular" if "modular" in results else next(iter(results))
+    if questions:
+        print(f"\n== the {served} store answers (router picks the adapter; greedy, {max_new_tokens} new tokens)")
+        answer_questions(Path(out) / served, questions, max_new_tokens)
     print(drift_table(results))
     return results
 
 
+def answer_questions(store_dir: Path, questions, max_new_tokens: int) -> list:
+    from .store import Store
+
+    store = Store(store_dir)
+    answers = []
+    for q in questions:
+        gen = store.generate(q, domain="auto", temperature=0, max_new_tokens=max_new_tokens)
+        conf = f"{gen.confidence:.2f}" if gen.confidence is not None else "-"
+        print(f"\nQ: {q}\n[router: {gen.domain}, confidence {conf}"
+              + (f", runner-up {gen.runner_up}" if gen.runner_up else "") + "]")
+        print("A: " + " ".join(gen.text.split()), flush=True)
+        answers.append(gen)
+    return answers
+
+
 def drift_table(results: dict[str, dict]) -> str:
-    """Conditions side by side: per-domain drift (%) of prior domains and the mean."""
+    """Per-domain drift (%) of the prior domains and the mean; '-' where a value does not exist."""
     first = next(iter(results.values()))
-    prior = first["domains"][:-1]
-    head = "condition".ljust(10) + "".join(n.rjust(12) for n in prior) + "mean drift".rjust(13) + "  gain (mean)"
+    names = first["domains"]
+    head = "".ljust(20) + "".join(n.rjust(12) for n in names) + "mean drift".rjust(13) + "  gain (mean)"
     rows = [head]
+
+    def row(label, per_domain, mean, gains):
+        cells = [f"{v:+11.2f}%" for v in per_domain] + ["-".rjust(12)] * (len(names) - len(per_domain))
+        gain = sum(gains) / len(gains)
+        return label.ljust(20) + "".join(cells) + (f"{mean:+12.2f}%" if mean is not None else "-".rjust(13)) \
+            + f"{gain:+12.2f}%"
+
     for cond, res in results.items():
-        gain = sum(res["gain_pct"]) / len(res["gain_pct"])
-        rows.append(cond.ljust(10) + "".join(f"{v:+11.2f}%" for v in res["per_domain_drift_pct"])
-                    + f"{res['drift_pct']:+12.2f}%" + f"{gain:+12.2f}%")
-    return "\n".join(["", "drift = loss increase on earlier domains after the last phase (positive = forgetting)"] + rows)
+        if res.get("per_domain_drift_pct_pinned") is not None:
+            rows.append(row(f"{cond} pinned", res["per_domain_drift_pct_pinned"], res["drift_pct_pinned"], res["gain_pct"]))
+            rows.append(row(f"{cond} latest", res["per_domain_drift_pct"], res["drift_pct"], res["gain_pct"]))
+        else:
+            rows.append(row(cond, res["per_domain_drift_pct"], res["drift_pct"], res["gain_pct"]))
+    return "\n".join(["", "drift = loss increase on earlier domains after the last phase (positive = forgetting);",
+                      "pinned = each adapter on the backbone version it was trained with (how the store serves),",
+                      "latest = every adapter on the newest backbone (the paper's behaviour)"] + rows)

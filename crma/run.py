@@ -3,6 +3,8 @@
     naive    one shared LoRA adapter, trained on every domain in turn      base + shared LoRA
     frozen   a fresh LoRA adapter per domain                              base + LoRA_t
     modular  a fresh LoRA adapter per domain + the CRMA backbone trains   base + CRMA_v + LoRA_t
+    ewc, replay, olora   continual-learning baselines (crma/baselines): a Method object made per run
+             holds their state across phases; olora is evaluated with every trained adapter summed
 
 A run is a model store (crma/store) plus its results: each phase is `crma.store.add.add_domain` on
 one in-memory model, so DIR is a store that `crma generate`, `eval` and `add` use as they are. After
@@ -27,6 +29,7 @@ from .evaluate import mean_loss
 from .io import command_line, write_json
 from .routing import RouterConfig
 from .store.add import AddSettings, DomainData, add_domain, evaluate, load_domain, store_settings
+from .baselines import make_method, store_create
 from .store.live import LiveModel
 from .train import PhaseLog
 
@@ -76,7 +79,7 @@ def _per_passage(matrix: list) -> list:
 
 def build_results(cfg: RunConfig, command: str, base: list, matrix: list, logs: list[PhaseLog],
                   names: list[str], finished: bool, pinned: list | None = None,
-                  backbone_versions: list | None = None) -> dict:
+                  backbone_versions: list | None = None, storage: dict | None = None) -> dict:
     """results.json content from the losses so far (per-passage losses kept for the probes)."""
     L = [[mean_loss(cell) for cell in row] for row in matrix]
     base_loss = [mean_loss(cell) for cell in base]
@@ -105,6 +108,8 @@ def build_results(cfg: RunConfig, command: str, base: list, matrix: list, logs: 
         "spectral": spectral_summary(logs, cfg.crma.rho) if cfg.condition == "modular" else None,
         "config": cfg.to_dict(), "command": command, "version": __version__,
     })
+    if storage is not None:                     # a baseline: what it keeps beyond its adapters
+        res["storage"] = storage
     res["tokens_per_s"] = res["train_tokens"] / res["train_seconds"] if res["train_seconds"] else 0.0
     return res
 
@@ -127,19 +132,22 @@ def continual_run(cfg: RunConfig, command: str | None = None, progress: bool = T
     names = [d.name for d in data]
     with live.untouched():
         base = [evaluate(live, d, settings, progress) for d in data]     # the untouched base model
-    create = store_settings(cfg.condition, cfg.model, live.base_fingerprint, settings, router_cfg)
+    method = make_method(cfg)                   # None for naive, frozen, modular
+    create = (store_settings(cfg.condition, cfg.model, live.base_fingerprint, settings, router_cfg) if method is None
+              else store_create(cfg, live.base_fingerprint, settings, router_cfg))
     modular = cfg.condition == "modular"
     latest, pinned, logs, versions = [], [], [], []
     for i, dom in enumerate(data):
         added = add_domain(live, out, dom, settings, command=command, router_cfg=router_cfg,
-                           accelerator=accelerator, progress=progress, create=create)
+                           accelerator=accelerator, progress=progress, create=create, method=method)
         logs.append(added.log)
         versions.append(added.backbone_version)
-        latest.append(evaluate_row(live, data, i, "latest", settings, progress))
+        latest.append(evaluate_row(live, data, i, "latest", settings, progress, method))
         if modular:
             pinned.append(evaluate_row(live, data, i, "pinned", settings, progress))
         results = build_results(cfg, command, base, latest, logs, names, i == len(data) - 1,
-                                pinned if modular else None, versions if modular else None)
+                                pinned if modular else None, versions if modular else None,
+                                method.storage() if method is not None else None)
         write_json(out / "results.json", results)
     if modular:
         (out / "spectral_log.jsonl").write_text(
@@ -151,12 +159,14 @@ def continual_run(cfg: RunConfig, command: str | None = None, progress: bool = T
 
 
 def evaluate_row(live: LiveModel, data: list[DomainData], phase: int, backbone: str, settings: AddSettings,
-                 progress: bool) -> list:
+                 progress: bool, method=None) -> list:
     """Per-passage losses of every domain after `phase`: trained domains with their own adapter on the
-    `backbone` version (pinned or latest), later ones with no domain adapter."""
+    `backbone` version (pinned or latest), later ones with no domain adapter. olora (method.summed): every
+    domain on the one model it serves, all adapters trained so far summed (no router)."""
+    summed = method is not None and method.summed
     row = []
     for j, dom in enumerate(data):
-        with live.using(dom.name if j <= phase else None, backbone):
+        with method.serving(live) if summed else live.using(dom.name if j <= phase else None, backbone):
             row.append(evaluate(live, dom, settings, progress))
     return row
 
@@ -186,6 +196,9 @@ def format_table(res: dict) -> str:
             lines.append(f"spectral: max | ||M||_2 - 1 | = {s['max_norm_dev']:.2e}, max sum dev = "
                          f"{s['max_sum_dev']:.2e}, certificate {'held' if s['certificate_ok'] else 'FAILED'} "
                          f"over {s['steps']} steps x {s['layers']} layers")
+    if res.get("storage"):
+        from .baselines import describe_storage
+        lines.append(f"stores: {describe_storage(res['storage'])}")
     lines.append(f"train: {res['train_tokens']} tokens in {res['train_seconds']:.1f}s "
                  f"({res['tokens_per_s']:.1f} tokens/s)")
     return "\n".join(lines)

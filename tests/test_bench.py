@@ -7,7 +7,7 @@ import pytest
 
 from crma.bench.grid import CPU, PAPER, PROTOCOLS, SMOKE, estimate_left, merge_protocol, plan_grid
 from crma.cli import main
-from crma.config import CRMAConfig
+from crma.config import ALL_CONDITIONS, CRMAConfig
 from crma.bench.summary import fmt_stats, load_results, stats_by_seed, summarize
 
 DOMAINS = ["a", "b", "c"]
@@ -135,6 +135,7 @@ def test_protocols_follow_the_design():
     assert (PAPER.train_passages, PAPER.holdout_passages) == (500, 100)
     assert PAPER.seeds == CPU.seeds == (0, 42, 1234)
     assert PAPER.conditions == CPU.conditions == ("naive", "frozen", "modular")
+    assert SMOKE.conditions == ALL_CONDITIONS == ("naive", "frozen", "modular", "ewc", "replay", "olora")
     assert CPU.model == "smollm2-135m" and SMOKE.model == "tiny:llama" and len(SMOKE.domains) == 2
     assert set(PROTOCOLS) == {"paper", "cpu", "smoke"}
     assert estimate_left({"naive": [10.0, 20.0]}, ["naive", "modular"]) == 30.0
@@ -145,15 +146,15 @@ def test_smoke_grid_resume_and_report(tmp_path):
     out = tmp_path / "bench"
     assert main(["bench", "--protocol", "smoke", "--out", str(out), "--seeds", "0", "--quiet"]) == 0
     first = {p.parent.name: p.stat().st_mtime_ns for p in out.glob("*/results.json")}
-    assert sorted(first) == ["frozen-seed0", "modular-seed0", "naive-seed0"]
+    assert sorted(first) == [f"{c}-seed0" for c in sorted(ALL_CONDITIONS)]      # every condition, baselines too
     # the rest of the grid in a "second session": finished runs are skipped, not rewritten
     assert main(["bench", "--protocol", "smoke", "--out", str(out), "--resume", "--quiet"]) == 0
     mtimes = {p.parent.name: p.stat().st_mtime_ns for p in out.glob("*/results.json")}
-    assert len(mtimes) == 6 and all(mtimes[k] == v for k, v in first.items())
+    assert len(mtimes) == 12 and all(mtimes[k] == v for k, v in first.items())
     results = load_results(out)
     summary = json.loads((out / "summary.json").read_text())
     assert summary == json.loads(json.dumps(summarize(results)))
-    assert summary["n_finished"] == 6
+    assert summary["n_finished"] == 12
     by = {(r["condition"], r["seed"]): r for r in results}
     for seed in (0, 42):
         assert by["frozen", seed]["drift_pct"] == 0.0
@@ -163,11 +164,21 @@ def test_smoke_grid_resume_and_report(tmp_path):
         assert by["naive", seed]["loss_matrix"][0][0] == by["frozen", seed]["loss_matrix"][0][0]
         assert summary["conditions"]["naive"]["drift"]["values"][[0, 42].index(seed)] == \
             pytest.approx(by["naive", seed]["drift_pct"])
+        # baselines share the data, order and LoRA init: with nothing to protect, replay or orthogonalise
+        # yet, phase 0 of ewc and replay is naive's and olora's is frozen's, to the bit
+        for cond, like in (("ewc", "naive"), ("replay", "naive"), ("olora", "frozen")):
+            assert by[cond, seed]["loss_curves"][0] == by[like, seed]["loss_curves"][0]
+            assert by[cond, seed]["loss_matrix"][0][0] == by[like, seed]["loss_matrix"][0][0]
+            assert by[cond, seed]["storage"]["method"] == cond and "storage" not in by[like, seed]
+        assert by["replay", seed]["phases"][1]["steps"] > by["naive", seed]["phases"][1]["steps"]   # + replayed
+    assert set(summary["conditions"]) == {*ALL_CONDITIONS, "modular-pinned"}
     assert summary["conditions"]["modular"]["spectral"]["certificate_ok"] is True
     report = (out / "report.md").read_text()
-    for png in ("drift", "spectral", "loss_curves", "loss_matrix_naive", "loss_matrix_frozen", "loss_matrix_modular"):
+    for png in ("drift", "spectral", "loss_curves", *(f"loss_matrix_{c}" for c in ALL_CONDITIONS)):
         assert (out / f"{png}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and f"({png}.png)" in report
     assert "Partial grid" not in report and "Learning advantage" in report
+    assert "## What each condition costs and keeps" in report and "training passages kept as text" in report
+    assert "drift, single-adapter continual-learning baselines" in report and "this grid has no baseline" not in report
     # refusing to overwrite finished runs, and to resume with other settings
     assert main(["bench", "--protocol", "smoke", "--out", str(out), "--quiet"]) == 2
     assert main(["bench", "--protocol", "smoke", "--out", str(out), "--resume", "--model", "tiny:gpt2"]) == 2

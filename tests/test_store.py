@@ -238,3 +238,17 @@ def test_generate_greedy_is_deterministic_and_streams(added_store):
     assert base.adapter_version is None
     with pytest.raises(StoreError, match="not in this store"):
         store.generate("x", domain="legal")
+
+
+def test_demo_builds_a_store_answers_and_prints_pinned_and_latest(tmp_path, capsys):
+    from crma.config import CRMAConfig, LoraSettings
+    from crma.demo import DEMO_QUESTIONS, run_demo
+    train = TrainConfig(epochs=1, lr=1e-2, batch_size=8, max_len=48, max_passages=8, max_holdout=4)
+    results = run_demo(tmp_path / "demo", "tiny:llama", ["naive", "modular"], 0, train, LoraSettings(),
+                       CRMAConfig(), max_new_tokens=4)
+    out = capsys.readouterr().out
+    assert Store(tmp_path / "demo" / "modular").domains() == ["cooking", "astronomy", "contracts"]
+    assert out.count("[router: ") == len(DEMO_QUESTIONS) and "modular pinned" in out and "modular latest" in out
+    assert "nan" not in out and results["modular"]["drift_pct_pinned"] == 0.0
+    run_demo(tmp_path / "demo", "tiny:llama", ["modular"], 0, train, LoraSettings(), CRMAConfig(),
+             questions=())                                             # a second demo replaces the first

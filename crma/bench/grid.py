@@ -2,7 +2,7 @@
 
     crma bench --corpus DIR --protocol paper|cpu|smoke --out OUT [--model M]
                [--conditions naive,frozen,modular] [--seeds 0,42,1234] [--resume] [--jobs N]
-               [--crma-rho R ...]
+               [--crma-rho R ...] [--cl-ewc-lambda X ...]    # baselines: --conditions ewc,replay,olora
 
 Every (condition, seed) run is a `crma.run.continual_run` into OUT/<condition>-seed<seed>/ and writes
 its own results.json as soon as it finishes. --resume skips folders whose results.json says
@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from ..config import CONDITIONS, ConfigError, CRMAConfig, DomainSpec, RunConfig, TrainConfig
+from ..config import ALL_CONDITIONS, CONDITIONS, CLConfig, ConfigError, CRMAConfig, DomainSpec, RunConfig, TrainConfig
 from ..data import DataError
 from ..demo import DEMO_DIR
 from ..io import command_line, write_json
@@ -86,9 +86,10 @@ CPU = Protocol("cpu", model="smollm2-135m", domains=CL5_DOMAINS, train_passages=
                max_len=128, epochs=1, lr=1e-3, batch_size=4)
 
 # The test-suite protocol: a random 2-layer tiny:llama, two bundled demo domains, two seeds; seconds.
+# It runs every condition, the continual-learning baselines (ewc, replay, olora) included.
 SMOKE = Protocol("smoke", model="tiny:llama", domains=("cooking", "contracts"), train_passages=16,
                  holdout_passages=4, max_len=64, epochs=2, lr=1e-2, batch_size=4, eval_batch_size=4,
-                 seeds=(0, 42), default_corpus=DEMO_DIR)
+                 seeds=(0, 42), conditions=ALL_CONDITIONS, default_corpus=DEMO_DIR)
 
 PROTOCOLS = {p.name: p for p in (PAPER, CPU, SMOKE)}
 
@@ -112,10 +113,12 @@ def domain_specs(protocol: Protocol, corpus: Path | None) -> list[DomainSpec]:
 
 def _identity(cfg: dict) -> dict:
     """The settings that define a run, without paths (a grid may move between machines). CRMA settings
-    only define modular runs: naive and frozen have no backbone, so they are shared across CRMA ablations."""
+    only define modular runs: naive and frozen have no backbone, so they are shared across CRMA ablations.
+    Likewise a baseline's settings (--cl-ewc-*, --cl-replay-*, --cl-olora-*) define only its own runs."""
     return {"model": cfg["model"], "condition": cfg["condition"], "seed": cfg["seed"],
             "domains": [d["name"] for d in cfg["domains"]], "train": cfg["train"], "lora": cfg["lora"],
-            "crma": cfg["crma"] if cfg["condition"] == "modular" else None}
+            "crma": cfg["crma"] if cfg["condition"] == "modular" else None,
+            "cl": CLConfig(**cfg.get("cl", {})).for_condition(cfg["condition"])}
 
 
 def _read_json(path: Path) -> dict | None:
@@ -127,20 +130,22 @@ def _read_json(path: Path) -> dict | None:
 
 def plan_grid(protocol: Protocol, out: Path, corpus: Path | None = None, model: str | None = None,
               conditions: list[str] | None = None, seeds: list[int] | None = None,
-              resume: bool = False, crma: CRMAConfig | None = None) -> list[tuple[RunConfig, bool]]:
+              resume: bool = False, crma: CRMAConfig | None = None,
+              cl: CLConfig | None = None) -> list[tuple[RunConfig, bool]]:
     """(RunConfig, already finished) for every run, seed-major so each seed's comparison completes
     early. Fails before any training if a finished run would be overwritten (no --resume) or was
     made with other settings."""
     specs = domain_specs(protocol, corpus)
     conditions = list(conditions or protocol.conditions)
-    bad = [c for c in conditions if c not in CONDITIONS]
+    bad = [c for c in conditions if c not in ALL_CONDITIONS]
     if bad:
-        raise ConfigError(f"--conditions: unknown {bad}; choose from {', '.join(CONDITIONS)}")
+        raise ConfigError(f"--conditions: unknown {bad}; choose from {', '.join(ALL_CONDITIONS)}")
     plan = []
     for seed in seeds if seeds is not None else protocol.seeds:
         for cond in conditions:
             cfg = RunConfig(domains=specs, out=run_dir(out, cond, seed), model=model or protocol.model,
-                            condition=cond, seed=seed, train=protocol.train_config(), crma=crma or CRMAConfig())
+                            condition=cond, seed=seed, train=protocol.train_config(), crma=crma or CRMAConfig(),
+                            cl=cl or CLConfig())
             old = _read_json(cfg.out / "results.json")
             done = bool(old and old.get("finished"))
             if done and not resume:
@@ -157,15 +162,16 @@ def merge_protocol(old: dict | None, new: dict) -> dict:
     """protocol.json of a grid filled by several invocations (sessions, machines, one seed each):
     the union of their grids, in seed-then-condition order, and every command that added to it.
     A folder last used with another protocol or model starts afresh."""
-    default_crma = dataclasses.asdict(CRMAConfig())         # folders written before --crma-* existed
-    same = old is not None and all(old.get(k, default_crma if k == "crma" else None) == new[k]
+    defaults = {"crma": dataclasses.asdict(CRMAConfig()),   # folders written before --crma-* / --cl-* existed
+                "cl": dataclasses.asdict(CLConfig())}
+    same = old is not None and all(old.get(k, defaults.get(k)) == new[k]
                                    for k in new if k not in ("grid", "commands", "corpus"))
     if not same:
         return new
     grid = {(c, s) for c, s in old.get("grid", []) + new["grid"]}
     extra = sorted({s for _, s in grid} - set(new["seeds"]))
     seeds = [s for s in list(new["seeds"]) + extra if any(s == g for _, g in grid)]
-    conds = [c for c in CONDITIONS if any(c == g for g, _ in grid)]
+    conds = [c for c in ALL_CONDITIONS if any(c == g for g, _ in grid)]
     commands = old.get("commands", [old["command"]] if "command" in old else [])
     return {**new, "grid": [[c, s] for s in seeds for c in conds if (c, s) in grid],
             "commands": commands + [c for c in new["commands"] if c not in commands]}
@@ -226,22 +232,23 @@ def _in_workers(todo: list[RunConfig], jobs: int, command: str):
 def run_grid(protocol: Protocol, out: str | Path, corpus: str | Path | None = None, model: str | None = None,
              conditions: list[str] | None = None, seeds: list[int] | None = None, resume: bool = False,
              progress: bool = True, command: str | None = None, jobs: int = 1,
-             crma: CRMAConfig | None = None) -> dict:
+             crma: CRMAConfig | None = None, cl: CLConfig | None = None) -> dict:
     """Run the grid (skipping finished runs under --resume), then write summary.json and report.md.
     jobs > 1 runs that many runs at once, each in its own single-threaded process (no per-run bars).
-    `crma` overrides the CRMA settings (defaults: CRMAConfig()) to compare them on the same protocol."""
+    `crma` overrides the CRMA settings (defaults: CRMAConfig()) to compare them on the same protocol;
+    `cl` the baselines' settings (defaults: CLConfig())."""
     from .report import write_all
 
     if jobs < 1:
         raise ConfigError(f"--jobs must be >= 1, got {jobs}")
     out = Path(out)
-    crma = crma or CRMAConfig()
-    plan = plan_grid(protocol, out, Path(corpus) if corpus else None, model, conditions, seeds, resume, crma)
+    crma, cl = crma or CRMAConfig(), cl or CLConfig()
+    plan = plan_grid(protocol, out, Path(corpus) if corpus else None, model, conditions, seeds, resume, crma, cl)
     command = command or command_line()
     write_json(out / "protocol.json", merge_protocol(
         _read_json(out / "protocol.json"),
         {**protocol.to_dict(), "model": model or protocol.model, "corpus": str(corpus or protocol.default_corpus),
-         "crma": dataclasses.asdict(crma), "grid": [[c.condition, c.seed] for c, _ in plan], "commands": [command]}))
+         "crma": dataclasses.asdict(crma), "cl": dataclasses.asdict(cl), "grid": [[c.condition, c.seed] for c, _ in plan], "commands": [command]}))
     durations: dict[str, list[float]] = {}
     for meta_path in sorted(out.glob("*/bench_run.json")):   # every finished run in OUT feeds the ETA
         meta, res = _read_json(meta_path), _read_json(meta_path.parent / "results.json") or {}

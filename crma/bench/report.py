@@ -11,12 +11,15 @@ from pathlib import Path
 
 import numpy as np
 
-from ..config import CRMAConfig
+from ..baselines import describe_storage, fmt_bytes
+from ..config import BASELINES, CRMAConfig
 from ..io import atomic_path, write_json
 from .summary import PAPER, PINNED, fmt_range, fmt_stats, load_results, summarize
 
-COLORS = {"naive": "tab:red", "frozen": "tab:blue", "modular": "tab:green", "modular-pinned": "tab:olive"}
-STYLES = {"naive": "-", "frozen": "--", "modular": ":", "modular-pinned": "-."}
+COLORS = {"naive": "tab:red", "frozen": "tab:blue", "modular": "tab:green", "modular-pinned": "tab:olive",
+          "ewc": "tab:orange", "replay": "tab:purple", "olora": "tab:brown"}
+STYLES = {"naive": "-", "frozen": "--", "modular": ":", "modular-pinned": "-.", "ewc": "-", "replay": "--",
+          "olora": ":"}
 
 
 def write_all(out: str | Path) -> dict:
@@ -237,6 +240,7 @@ def render(summary: dict, protocol: dict | None, plots: list[str]) -> str:
     if over:
         lines += [f"CRMA time overhead (modular / frozen train seconds - 1, same seed): {fmt_stats(over, 1)} "
                   f"(per seed {_seeds(over, 1)}). Grad norms are the total LoRA (+ CRMA) norm before clipping.", ""]
+    lines += _stores_section(conds, names)
     lines += ["## The paper beside this run", "",
               f"Paper: {PAPER['model']}, {PAPER['train_passages']} train / {PAPER['holdout_passages']} holdout "
               f"passages per domain, seeds {', '.join(map(str, PAPER['seeds']))}. This run: `{setup['model']}`, "
@@ -244,10 +248,53 @@ def render(summary: dict, protocol: dict | None, plots: list[str]) -> str:
               f"{setup['epochs']} epoch(s), lr {setup['lr']}.", ""]
     lines += _table(["metric", "paper", "this run", "difference"],
                     [[r["metric"], r["paper"], r["ours"], r["sentence"]] for r in summary["paper_comparison"]]) + [""]
+    measured = [(c, conds[c]["drift"]) for c in BASELINES if (conds.get(c) or {}).get("drift")]
     lines += [f"The paper also reports single-adapter continual-learning stacks (EWC, replay, orthogonal LoRA, "
               f"distillation) at +{PAPER['single_adapter_forgetting_pct'][0]:.0f}% to "
               f"+{PAPER['single_adapter_forgetting_pct'][1]:.0f}% forgetting on a 4-domain protocol; "
-              "this benchmark does not run those baselines.", ""]
+              + ("measured here on the same data, order, seeds and LoRA settings: "
+                 + ", ".join(f"{c} {fmt_stats(d)}" for c, d in measured)
+                 + "".join(f", {c} {fmt_stats(conds[c]['drift'])}" for c in ("naive", "modular")
+                           if (conds.get(c) or {}).get("drift"))
+                 + " (the baselines' row above and the section on what each condition stores)."
+                 if measured else "this grid has no baseline runs (`--conditions ewc,replay,olora` adds them)."), ""]
     if plots:
         lines += ["## Plots", ""] + [f"![{p[:-4]}]({p})" for p in plots] + [""]
     return "\n".join(lines)
+
+
+def _core_stores(cond: str, T: int, one: str) -> str:
+    """What a core condition keeps (no storage dict in its results.json: it is fixed by the design)."""
+    if cond == "naive":
+        return f"1 shared LoRA{one}; no data"
+    if cond == "frozen":
+        return f"{T} LoRA adapters{one}, one per domain, routed; no data"
+    return (f"{T} LoRA adapters{one} + the CRMA backbone ({T} versions in the store), routed; no data"
+            + (" (each adapter on its own backbone version)" if cond == PINNED else ""))
+
+
+def _stores_section(conds: dict, names: list[str]) -> list[str]:
+    """Per condition: drift, final loss per domain, gain, time, and what it must store."""
+    T = len(names)
+    sized = next((c["storage"] for c in conds.values() if c.get("storage")), None)
+    one = f" ({sized['adapter_params']:,} params, {fmt_bytes(sized['adapter_bytes'])} fp32 each)" if sized else ""
+    rows = []
+    for cond, c in conds.items():
+        stores = describe_storage(c["storage"]) if c.get("storage") else _core_stores(cond, T, one)
+        extra = c.get("extra_seconds") or {}
+        rows.append([cond, fmt_stats(c["drift"])] + [f"{c['final_loss'][n]['mean']:.4f}" for n in names]
+                    + [fmt_stats(c["gain_mean"]), f"{c['train_seconds']['mean']:.1f}",
+                       f"{extra['mean']:.1f}" if extra.get("mean") else "-", stores])
+    lines = ["## What each condition costs and keeps", "",
+             "Same data, order, seeds, LoRA settings and LoRA initialisation for every condition. Final loss: "
+             "holdout loss of each domain after the last phase (mean over seeds; olora on its summed adapters, "
+             "the others on each domain's adapter). Extra seconds: time outside the training steps a method "
+             "needs (EWC's Fisher, replay's reservoir). Baselines: `crma/baselines/`; replay trains "
+             "1 / (1 - ratio) times the steps of the others (its replayed passages come on top).", ""]
+    lines += _table(["condition", "drift"] + [f"final loss {n}" for n in names]
+                    + ["mean gain", "train s", "extra s", "what it stores"], rows) + [""]
+    per_seed = [(cond, c["storage_per_seed"]) for cond, c in conds.items() if c.get("storage_per_seed")]
+    if any(len(s) > 1 for _, s in per_seed):
+        lines += ["Stored per seed: " + "; ".join(f"{cond} seed {s['seed']}: {describe_storage(s)}"
+                                                  for cond, ss in per_seed for s in ss[1:]) + ".", ""]
+    return lines

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 from accelerate import Accelerator
 
-from ..config import ConfigError, CRMAConfig, DomainSpec, LoraSettings, TrainConfig
+from ..config import CONDITIONS, SHARED_ADAPTER_CONDITIONS, ConfigError, CRMAConfig, DomainSpec, LoraSettings, TrainConfig
 from ..data import read_passages, split_holdout, tokenize
 from ..evaluate import mean_loss, passage_losses
 from ..method.adapters import SHARED, active, add_adapter, save_adapter, set_trainable
@@ -92,10 +92,14 @@ def evaluate(live: LiveModel, dom: DomainData, settings: AddSettings, progress: 
 
 
 def train_domain(live: LiveModel, dom: DomainData, phase: int, settings: AddSettings,
-                 accelerator: Accelerator) -> tuple[str, PhaseLog]:
+                 accelerator: Accelerator, method=None) -> tuple[str, PhaseLog]:
     """Train `dom`'s adapter in place on `live`: a fresh LoRA adapter named after the domain (naive:
-    the shared one, continued), plus the backbone in modular. Returns (adapter name, log)."""
-    naive = live.condition == "naive"
+    the shared one, continued), plus the backbone in modular. Returns (adapter name, log).
+    A baseline condition (ewc, replay, olora) needs its run's `method` (crma/baselines)."""
+    if live.condition not in CONDITIONS and method is None:
+        raise ConfigError(f"condition {live.condition}: a continual-learning baseline exists for `crma run` and "
+                          "`crma bench` only (its state lives in the run); `crma add` builds modular or frozen stores")
+    naive = live.condition in SHARED_ADAPTER_CONDITIONS
     adapter = SHARED if naive else dom.name
     if live.condition == "modular" and live.backbone is None:
         live.create_backbone(settings.crma, seed=settings.seed)
@@ -104,12 +108,16 @@ def train_domain(live: LiveModel, dom: DomainData, phase: int, settings: AddSett
         torch.manual_seed(settings.seed * 1000 + phase)     # the same LoRA init in every condition
         live.model = add_adapter(live.model, adapter, settings.lora)
     backbone = live.backbone if live.condition == "modular" else None
-    with active(live.model, adapter):
+    with active(live.model, adapter) if method is None else method.training(live, adapter):
         live.set_backbone(live.store.backbone_version(None) if live.store else None)
         lora_params = set_trainable(live.model, adapter, backbone=backbone is not None)
+        if method is not None:
+            method.begin_phase(live, adapter, lora_params)
         log = train_phase(live.model, dom.train, settings.train, seed=settings.seed * 1000 + phase,
                           domain=dom.name, adapter=adapter, lora_params=lora_params, backbone=backbone,
-                          accelerator=accelerator, pad_id=live.tokenizer.pad_token_id)
+                          accelerator=accelerator, pad_id=live.tokenizer.pad_token_id, method=method)
+        if method is not None:
+            method.after_phase(live, dom, adapter, settings)      # Fisher, reservoir, frozen A (timed apart)
     set_trainable(live.model, None, backbone=False)
     live.adapters[adapter] = -1                            # trained in memory, not registered yet
     return adapter, log
@@ -117,7 +125,7 @@ def train_domain(live: LiveModel, dom: DomainData, phase: int, settings: AddSett
 
 def add_domain(live: LiveModel, root: Path, dom: DomainData, settings: AddSettings, *, command: str = "",
                router_cfg: RouterConfig | None = None, accelerator: Accelerator | None = None,
-               progress: bool = True, create: dict | None = None) -> AddResult:
+               progress: bool = True, create: dict | None = None, method=None) -> AddResult:
     """Train `dom` onto `live` and register it in the store at `root` (created from `create` when new).
 
     Nothing is written unless the new adapter's holdout loss beats the base model's by at least
@@ -127,8 +135,9 @@ def add_domain(live: LiveModel, root: Path, dom: DomainData, settings: AddSettin
     phase = sum(1 for e in store.manifest["log"] if e["op"] == "add") if store else 0
     with live.untouched():
         base = evaluate(live, dom, settings, progress)
-    adapter, log = train_domain(live, dom, phase, settings, accelerator)
-    with active(live.model, adapter):
+    adapter, log = train_domain(live, dom, phase, settings, accelerator, method)
+    summed = method is not None and method.summed               # olora: served with every adapter summed
+    with method.serving(live) if summed else active(live.model, adapter):
         after = evaluate(live, dom, settings, progress)
     base_loss, loss = mean_loss(base), mean_loss(after)
     gain = 100.0 * (base_loss - loss) / base_loss
@@ -158,7 +167,7 @@ def add_domain(live: LiveModel, root: Path, dom: DomainData, settings: AddSettin
             (folder / "meta.json").write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
 
         result.version = w.add_adapter_version(dom.name, adapter, save, meta)
-        if live.condition == "naive":                 # every domain is served by the newest shared adapter
+        if adapter == SHARED:                         # every domain is served by the newest shared adapter
             for d in w.store.domains():
                 w.set_domain_version(d, adapter, result.version)
         w.log("add", domain=dom.name, version=result.version, backbone_version=result.backbone_version)

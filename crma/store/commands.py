@@ -27,7 +27,7 @@ def cmd_add(args: argparse.Namespace, configs: dict) -> int:
                                   "a store keeps one base model and condition")
         crma = CRMAConfig(**store.manifest["settings"]["crma"])
         router_cfg = RouterConfig(**store.manifest["settings"]["router"])
-        live = LiveModel.open(store, seed=args.seed)
+        live = LiveModel.open(store)               # the base model as the store was built (tiny models: its seed)
     else:
         if root.exists() and any(p.name != ".lock" for p in root.iterdir()):
             raise StoreError(f"{root}: not a crma store (no {MANIFEST}) and not empty; choose an empty folder")
