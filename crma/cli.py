@@ -5,6 +5,7 @@
     crma store list|show|rollback|remove DIR [NAME]              inspect or change a store
     crma eval  --store DIR --data NAME=HOLDOUT ...                losses now vs at registration
     crma generate --store DIR [--domain NAME|auto|base] "prompt"  routed, streamed generation
+    crma serve --store DIR [--port 8000] [--admin-token T] [--watch] OpenAI-compatible HTTP server
     crma demo  [--out DIR] [--model M]          short naive vs modular run on the bundled demo data
     crma bench --protocol paper|cpu|smoke --out DIR [--corpus DIR] [--resume]   benchmark grid + report
     crma report --out DIR                        recompute summary.json / report.md from the run folders
@@ -159,6 +160,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     from .store.commands import add_store_parsers, run_store_command
     add_store_parsers(sub, add_config_options, lambda a: run_store_command(a, configs_from_args))
+    from .serve.cli import add_serve_parser
+    add_serve_parser(sub)
 
     demo = sub.add_parser("demo", help="short naive vs modular run on the bundled demo data")
     demo.add_argument("--model", default=DEFAULT_MODEL)

@@ -18,7 +18,7 @@ from torch import nn
 
 from ..config import CRMAConfig
 from ..io import atomic_path
-from .layer import CRMABlock
+from .layer import CRMABlock, crma_operators
 from .models import decoder_layers, family, fingerprint, mlp_out_weight
 
 BACKBONE_FILE = "crma_backbone.safetensors"
@@ -26,6 +26,33 @@ BACKBONE_FILE = "crma_backbone.safetensors"
 
 class FingerprintError(ValueError):
     """A saved backbone that belongs to a different base model."""
+
+
+class VersionStack:
+    """Several backbone versions' operators, stacked per block (serving: one batch, many versions).
+
+    `keys[i]` names the i-th stacked version; `blocks[layer]` is (R^T (V, d, n), M^T (V, n, n),
+    W^T (V, n, d), alpha (V,)), each version's crma_operators exactly as a single forward computes them."""
+
+    def __init__(self, keys: list, blocks: list[tuple[torch.Tensor, ...]]):
+        self.keys = list(keys)
+        self.blocks = blocks
+        self._pos = {k: i for i, k in enumerate(self.keys)}
+        self._gathered_key, self._gathered = None, []
+
+    def rows(self, keys: list) -> torch.Tensor:
+        """Row -> stack position index (b,) for the version key of every batch row."""
+        device = self.blocks[0][0].device if self.blocks else None
+        return torch.tensor([self._pos[k] for k in keys], dtype=torch.long, device=device)
+
+    def gather(self, rows: torch.Tensor) -> list[tuple[torch.Tensor, ...]]:
+        """Per block, the operators of each row's version (b, ...); the last gather is kept, since
+        consecutive decoding steps usually have the same rows."""
+        key = tuple(rows.tolist())
+        if key != self._gathered_key:
+            self._gathered = [tuple(t.index_select(0, rows) for t in ops) for ops in self.blocks]
+            self._gathered_key = key
+        return self._gathered
 
 
 class CRMABackbone(nn.Module):
@@ -94,6 +121,32 @@ class CRMABackbone(nn.Module):
             groups["crma_rw" if key in ("crma_read", "crma_write") else key].append(p)
         lrs = {"crma_theta": self.cfg.lr_theta, "crma_gate": self.cfg.lr_gate, "crma_rw": self.cfg.lr_rw}
         return [{"params": ps, "lr": lrs[k], "name": k, "weight_decay": 0.0} for k, ps in groups.items()]
+
+    # ---- serving: one parameter set per batch row (additive; the single-version path is unchanged) ----
+    @torch.no_grad()
+    def stack_versions(self, states: dict) -> VersionStack:
+        """Stack the operators of several saved states ({key: state_dict as from load_version}) of this
+        backbone, for per_row. Computed once per set of versions, not on every forward."""
+        keys = list(states)
+        device = next(self.parameters()).device
+        blocks = []
+        for i, block in enumerate(self.crma_blocks):
+            ops = [crma_operators(*(states[k][f"crma_blocks.{i}.crma_{p}"].to(device).float()
+                                    for p in ("read", "theta", "write", "gate")), block.cfg) for k in keys]
+            blocks.append(tuple(torch.stack([o[j] for o in ops]).contiguous() for j in range(4)))
+        return VersionStack(keys, blocks)
+
+    @contextmanager
+    def per_row(self, stack: VersionStack, rows: torch.Tensor):
+        """Context: batch row b of the hooked model uses version stack.keys[rows[b]] of the backbone
+        (per-row gather of the stacked operators); `bypassed` still switches CRMA off entirely."""
+        for block, ops in zip(self.crma_blocks, stack.gather(rows)):
+            block.row_operators = ops
+        try:
+            yield self
+        finally:
+            for block in self.crma_blocks:
+                block.row_operators = None
 
     def stats(self) -> list[dict[str, float]]:
         """Per-layer spectral diagnostics: norm, norm_dev, row_dev, col_dev, alpha."""

@@ -105,6 +105,33 @@ class LiveModel:
         self.model.eval()
         self.adapters[adapter] = version
 
+    def load_adapter_as(self, name: str, adapter: str, version: int, store: Store | None = None) -> None:
+        """Have store version `version` of adapter `adapter` in memory under the name `name` (checksum
+        verified), beside any other version: a server keeps e.g. 'medical@v1' for requests still in
+        flight while new ones use 'medical@v2'. `store` (default self.store) is the manifest to read."""
+        if self.adapters.get(name) == version:
+            return
+        store = store or self.store
+        if store is None:
+            raise StoreError(f"adapter {adapter} v{version} is not in memory and there is no store to read it from")
+        meta = store.manifest["adapters"][adapter][str(version)]
+        verify_files(store.root, meta["files"])
+        if name in self.adapters:
+            self.model.delete_adapter(name)
+            del self.adapters[name]
+        self.model = load_adapter(self.model, name, store.root / meta["path"])
+        self.model.eval()
+        self.adapters[name] = version
+
+    def backbone_state(self, version: int, store: Store | None = None) -> dict[str, torch.Tensor]:
+        """The saved state of backbone `version` (read once, checksum verified, cached), without
+        changing what the attached backbone holds. `store` (default self.store) is the manifest to read."""
+        if version not in self.backbone_states and store is not None and store is not self.store:
+            meta = store.backbone_meta(version)
+            verify_files(store.root, meta["files"])
+            self.backbone_states[version] = self.backbone.load_version(store.root / meta["path"] / BACKBONE_FILE)
+        return self._backbone_state(version)
+
     def drop_adapter(self, adapter: str) -> None:
         if adapter in self.adapters:
             self.model.delete_adapter(adapter)

@@ -124,7 +124,11 @@ def new_version_dir(folder: Path, version: int):
     tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=folder))
     try:
         yield tmp
-        for f in tmp.iterdir():
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o777 & ~umask)                 # mkdtemp (and some writers) make owner-only modes:
+        for f in tmp.iterdir():                       # readers such as a server may run as another user
+            os.chmod(f, 0o666 & ~umask)
             with open(f, "rb") as fh:
                 os.fsync(fh.fileno())
         _hook("before-version-rename")

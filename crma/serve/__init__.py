@@ -1,0 +1,18 @@
+"""`crma serve`: an OpenAI-compatible HTTP server for a model store, used while it learns.
+
+    protocol.py   the OpenAI wire format: request models, error objects, response/chunk bodies
+    app.py        the FastAPI routes (completions, chat, models, health, admin reload), SSE streaming
+    config.py     ServeConfig: address, batch and queue sizes, request limits, reload options
+    server.py     the process's state: model, registry, scheduler, limits; reload
+    registry.py   snapshots of the store's manifest; hot reload; what stays loaded for requests in flight
+    scheduler.py  continuous batching in one model-owning thread: admit, prefill, step, retire
+    mixed.py      one forward over rows with different LoRA adapters (PEFT adapter_names) and backbone versions
+    lora_rows.py  opt-in `--lora-mixing gather`: per-row LoRA from stacked adapter weights
+    batch.py      the running batch's left-padded KV cache
+    decoding.py   sampling (greedy / seeded top-p) and stop-string-safe incremental detokenising
+    watch.py      --watch: reload when the manifest changes
+    cli.py        `crma serve` options
+"""
+from .config import ServeConfig
+
+__all__ = ["ServeConfig"]

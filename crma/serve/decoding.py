@@ -1,0 +1,89 @@
+"""Per-request decoding: choosing the next token (greedy or seeded nucleus sampling) and turning
+token ids into text pieces safe to send (no half UTF-8 characters, nothing that may become a stop
+string), the way OpenAI streams do.
+"""
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class SamplingParams:
+    max_tokens: int = 16
+    temperature: float = 1.0          # 0: greedy (argmax), deterministic
+    top_p: float = 1.0
+    seed: int | None = None           # None: a fresh random seed
+    stop: tuple[str, ...] = ()
+
+
+class Sampler:
+    """Next-token choice for one request, with its own torch.Generator (seeded: reproducible whatever
+    else is in the batch)."""
+
+    def __init__(self, params: SamplingParams):
+        self.temperature, self.top_p = params.temperature, params.top_p
+        self.generator = None
+        if params.temperature > 0:
+            seed = params.seed if params.seed is not None else random.SystemRandom().randrange(2**63)
+            self.generator = torch.Generator().manual_seed(seed)
+
+    def __call__(self, logits: torch.Tensor) -> int:
+        """logits (vocab,) of the last position -> token id."""
+        if self.generator is None:
+            return int(torch.argmax(logits))
+        probs = torch.softmax(logits.float().cpu() / self.temperature, dim=-1)          # (vocab,)
+        if self.top_p < 1.0:
+            sorted_p, order = torch.sort(probs, descending=True)
+            before = torch.cumsum(sorted_p, 0) - sorted_p                              # mass ranked above each
+            sorted_p = torch.where(before < self.top_p, sorted_p, torch.zeros_like(sorted_p))
+            sorted_p[0] = sorted_p[0] if sorted_p[0] > 0 else 1.0                       # always keep the best
+            probs = torch.zeros_like(probs).scatter_(0, order, sorted_p)
+        return int(torch.multinomial(probs, 1, generator=self.generator))
+
+
+class TextStream:
+    """Decodes a request's generated ids and releases text as soon as it is final.
+
+    Text is held back while it ends in an incomplete UTF-8 character (decoded as U+FFFD) or in a
+    prefix of a stop string; a stop string ends the generation and is not part of the text."""
+
+    def __init__(self, tokenizer, stop: tuple[str, ...] = ()):
+        self.tokenizer, self.stop = tokenizer, tuple(s for s in stop if s)
+        self.ids: list[int] = []
+        self.sent = 0                   # characters of the text already released
+        self.text = ""
+        self.stopped = False
+
+    def push(self, token: int) -> str:
+        """Add one generated token; return the newly releasable text (maybe empty)."""
+        self.ids.append(token)
+        text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
+        if self.stop:
+            hits = [i for i in (text.find(s, max(0, self.sent - len(s))) for s in self.stop) if i >= 0]
+            if hits:
+                self.stopped = True
+                return self._release(text[: min(hits)], final=True)
+        return self._release(text, final=False)
+
+    def finish(self) -> str:
+        """The generation ended (length or end of text): release whatever is held back."""
+        text = self.tokenizer.decode(self.ids, skip_special_tokens=True) if not self.stopped else self.text
+        return self._release(text, final=True)
+
+    def _release(self, text: str, final: bool) -> str:
+        self.text = text
+        end = len(text)
+        if not final:
+            if text.endswith("\ufffd"):
+                end -= 1
+            for s in self.stop:               # keep back a tail that could still grow into a stop string
+                for k in range(min(len(s) - 1, end - self.sent), 0, -1):
+                    if text[:end].endswith(s[:k]):
+                        end -= k
+                        break
+        end = max(end, self.sent)
+        piece, self.sent = text[self.sent:end], end
+        return piece

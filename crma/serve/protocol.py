@@ -1,0 +1,193 @@
+"""The OpenAI wire format: request models (pydantic), error objects, response and chunk bodies.
+
+Requests accept OpenAI's parameters; those the server cannot honour are accepted only at their
+neutral value (n=1, logprobs off, no penalties, ...) and refused otherwise with a clear 400, and an
+unknown parameter is refused the way OpenAI does ("Unrecognized request argument supplied").
+Every response carries an extra `crma` object (served domain, router confidence, adapter and
+backbone versions), which OpenAI clients keep as an extra field.
+"""
+from __future__ import annotations
+
+import time
+import uuid
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+
+class APIError(Exception):
+    """An error the client gets as an OpenAI error object with an HTTP status."""
+
+    def __init__(self, status: int, message: str, type_: str = "invalid_request_error", param: str | None = None,
+                 code: str | None = None, headers: dict | None = None):
+        super().__init__(message)
+        self.status, self.message, self.type, self.param, self.code = status, message, type_, param, code
+        self.headers = headers or {}
+
+    def body(self) -> dict:
+        return error_body(self.message, self.type, self.param, self.code)
+
+
+def error_body(message: str, type_: str = "invalid_request_error", param: str | None = None,
+               code: str | None = None) -> dict:
+    return {"error": {"message": message, "type": type_, "param": param, "code": code}}
+
+
+def _neutral(value, *allowed) -> bool:
+    return value is None or any(value == a for a in allowed)
+
+
+class StreamOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    include_usage: bool = False
+
+
+class _Common(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    model: str = Field(min_length=1)
+    max_tokens: int | None = Field(None, ge=1)
+    temperature: float | None = Field(None, ge=0, le=2)
+    top_p: float | None = Field(None, ge=0, le=1)
+    seed: int | None = Field(None, ge=-(2**63), lt=2**64)
+    stop: str | list[str] | None = None
+    n: int | None = None
+    stream: bool | None = False
+    stream_options: StreamOptions | None = None
+    user: str | None = None
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+    logit_bias: dict[str, float] | None = None
+
+    @field_validator("stop")
+    @classmethod
+    def _stop(cls, v):
+        stops = [v] if isinstance(v, str) else (v or [])
+        if len(stops) > 4:
+            raise ValueError("at most 4 stop sequences")
+        if any(not s for s in stops):
+            raise ValueError("stop sequences must be non-empty strings")
+        return stops
+
+    def unsupported(self) -> list[str]:
+        """Parameters given at a value this server cannot honour."""
+        bad = []
+        if not _neutral(self.n, 1):
+            bad.append("n")
+        for name in ("presence_penalty", "frequency_penalty"):
+            if not _neutral(getattr(self, name), 0):
+                bad.append(name)
+        if self.logit_bias:
+            bad.append("logit_bias")
+        return bad
+
+
+class CompletionRequest(_Common):
+    prompt: str | list[str] | list[int]
+    echo: bool | None = None
+    best_of: int | None = None
+    logprobs: int | None = None
+    suffix: str | None = None
+
+    def unsupported(self) -> list[str]:
+        bad = super().unsupported()
+        bad += [k for k, ok in (("echo", _neutral(self.echo, False)), ("best_of", _neutral(self.best_of, 1)),
+                                ("logprobs", self.logprobs is None), ("suffix", _neutral(self.suffix, "")))
+                if not ok]
+        return bad
+
+
+class TextPart(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    type: Literal["text"]
+    text: str
+
+
+class Message(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    role: Literal["system", "developer", "user", "assistant"]
+    content: str | list[TextPart]
+    name: str | None = None
+
+    def text(self) -> str:
+        return self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
+
+
+class ChatRequest(_Common):
+    messages: list[Message] = Field(min_length=1)
+    max_completion_tokens: int | None = Field(None, ge=1)
+    logprobs: bool | None = None
+    top_logprobs: int | None = None
+    tools: list[Any] | None = None
+    tool_choice: Any = None
+    response_format: dict | None = None
+    parallel_tool_calls: bool | None = None
+
+    @model_validator(mode="after")
+    def _tokens(self):
+        if self.max_tokens is None:
+            self.max_tokens = self.max_completion_tokens
+        return self
+
+    def unsupported(self) -> list[str]:
+        bad = super().unsupported()
+        bad += [k for k, ok in (("logprobs", _neutral(self.logprobs, False)), ("top_logprobs", self.top_logprobs is None),
+                                ("tools", not self.tools), ("tool_choice", _neutral(self.tool_choice, "none")),
+                                ("response_format", _neutral(self.response_format, {"type": "text"})))
+                if not ok]
+        return bad
+
+
+def parse(cls, body) -> _Common:
+    """Validate a decoded JSON body; APIError 400 naming the first offending parameter."""
+    if not isinstance(body, dict):
+        raise APIError(400, "the request body must be a JSON object")
+    try:
+        req = cls.model_validate(body)
+    except ValidationError as err:
+        first = err.errors()[0]
+        param = ".".join(str(p) for p in first["loc"]) or None
+        if first["type"] == "extra_forbidden":
+            raise APIError(400, f"Unrecognized request argument supplied: {param}", param=param) from None
+        if first["type"] == "missing":
+            raise APIError(400, f"Missing required parameter: '{param}'", param=param, code="missing_required_parameter") from None
+        raise APIError(400, f"Invalid value for '{param}': {first['msg']}", param=param, code="invalid_value") from None
+    bad = req.unsupported()
+    if bad:
+        raise APIError(400, f"'{bad[0]}' is not supported by this server at that value (supported: max_tokens, "
+                            "temperature, top_p, seed, stop, n=1, stream)", param=bad[0], code="unsupported_parameter")
+    return req
+
+
+# ---- response bodies ---------------------------------------------------------------------------
+def new_id(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex[:24]}"
+
+
+def usage(prompt_tokens: int, completion_tokens: int) -> dict:
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens}
+
+
+def completion_body(rid: str, model: str, text: str, finish: str | None, info: dict, use: dict | None,
+                    chunk: bool = False) -> dict:
+    body = {"id": rid, "object": "text_completion", "created": int(time.time()), "model": model,
+            "choices": [{"index": 0, "text": text, "finish_reason": finish, "logprobs": None}], "crma": info}
+    if use is not None:
+        body["usage"] = use
+    return body
+
+
+def chat_body(rid: str, model: str, text: str, finish: str | None, info: dict, use: dict | None) -> dict:
+    return {"id": rid, "object": "chat.completion", "created": int(time.time()), "model": model,
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": finish,
+                         "logprobs": None}], "usage": use, "crma": info}
+
+
+def chat_chunk(rid: str, model: str, delta: dict, finish: str | None, info: dict) -> dict:
+    return {"id": rid, "object": "chat.completion.chunk", "created": int(time.time()), "model": model,
+            "choices": [{"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}], "crma": info}
+
+
+def usage_chunk(rid: str, model: str, obj: str, use: dict) -> dict:
+    return {"id": rid, "object": obj, "created": int(time.time()), "model": model, "choices": [], "usage": use}

@@ -1,0 +1,157 @@
+"""What the server serves: immutable snapshots of a store's manifest, and hot reload between them.
+
+    snap = registry.prepare()          # any thread: read + verify the new manifest (None: unchanged)
+    registry.install(snap)             # the model's thread: load new adapters/backbones, then switch
+
+A `Snapshot` maps every servable model name to a `Route`: the in-memory adapter (`<adapter>@v<k>`,
+so two versions of one domain can be loaded side by side) and the backbone version it is pinned to.
+A request is bound to the snapshot that was current when it arrived and keeps it to the end, so a
+reload never changes a request in flight; a snapshot's adapters and backbone versions stay loaded
+until no request holds it any more. A store that fails verification is never installed.
+"""
+from __future__ import annotations
+
+import logging
+import threading
+import time
+import warnings
+from dataclasses import dataclass, field
+
+from ..routing import BASE
+from ..store import Store, StoreError
+from ..store.add import load_router
+from ..store.live import LiveModel
+
+AUTO = "auto"
+log = logging.getLogger("crma.serve")
+
+
+@dataclass(frozen=True)
+class Route:
+    domain: str                      # the domain, or "base"
+    adapter: str | None              # in-memory adapter name (None: no domain adapter)
+    adapter_version: int | None
+    backbone_version: int | None     # None: the store has no backbone
+
+    @property
+    def key(self) -> tuple:
+        return (self.adapter, self.backbone_version)
+
+
+@dataclass(eq=False)
+class Snapshot:
+    store: Store
+    router: object | None
+    routes: dict[str, Route]         # domain -> route, plus "base"
+    serial: int
+    updated: str
+    loaded_at: float = field(default_factory=time.time)
+    refs: int = 0                    # requests bound to it that have not finished
+
+    def models(self) -> list[str]:
+        return [d for d in self.routes if d != BASE] + [AUTO, BASE]
+
+    def adapters(self) -> dict[str, tuple[str, int]]:
+        """{in-memory name: (store adapter, version)} this snapshot may use."""
+        out = {}
+        for domain, r in self.routes.items():
+            if r.adapter is not None:
+                out[r.adapter] = (self.store.adapter_name(domain), r.adapter_version)
+        return out
+
+    def backbones(self) -> set[int]:
+        return {r.backbone_version for r in self.routes.values() if r.backbone_version is not None}
+
+
+class Registry:
+    """The current snapshot, every snapshot still held by a request, and what they keep loaded."""
+
+    def __init__(self, live: LiveModel, root, backbone_mode: str = "pinned"):
+        self.live, self.root, self.backbone_mode = live, root, backbone_mode
+        self.current: Snapshot | None = None
+        self.stack = None                      # VersionStack of the needed backbone versions
+        self._held: list[Snapshot] = []        # older snapshots with requests in flight
+        self._serial = 0
+        self._lock = threading.Lock()          # guards refs / _held / current
+        self.reload_lock = threading.Lock()    # one reload at a time (admin endpoint and watcher)
+
+    # ---- any thread --------------------------------------------------------------------------
+    def prepare(self, force: bool = False) -> Snapshot | None:
+        """Read the store's manifest and verify every file it references (sha256); None when it is
+        the manifest already served. Raises StoreError (naming the file) when it cannot be served."""
+        store = Store(self.root)
+        if not force and self.current is not None and store.manifest == self.current.store.manifest:
+            return None
+        live = self.live
+        if store.model_spec != live.spec or store.fingerprint != live.base_fingerprint:
+            raise StoreError(f"{self.root}: the store's base model changed ({store.model_spec}); restart the server")
+        if (store.manifest["backbone"]["current"] is None) != (live.backbone is None):
+            raise StoreError(f"{self.root}: the store's backbone appeared or vanished; restart the server")
+        store.verify()
+        router = load_router(store)
+        routes = {}
+        for domain in store.domains():
+            meta = store.adapter_meta(domain)
+            routes[domain] = Route(domain, f"{meta['adapter']}@v{meta['version']}", meta["version"],
+                                   store.backbone_version(domain, self.backbone_mode))
+        routes[BASE] = Route(BASE, None, None, store.backbone_version(None))
+        self._serial += 1
+        return Snapshot(store, router, routes, self._serial, store.manifest.get("updated", ""))
+
+    def acquire(self) -> Snapshot:
+        """The current snapshot, held for one request until release(): what it needs stays loaded."""
+        with self._lock:
+            snap = self.current
+            snap.refs += 1
+            return snap
+
+    def release(self, snap: Snapshot) -> None:
+        with self._lock:
+            snap.refs -= 1
+
+    # ---- the model's thread only ---------------------------------------------------------------
+    def install(self, snap: Snapshot) -> None:
+        """Load what `snap` needs that is not loaded yet, then make it current. On failure nothing
+        changes (adapters loaded for it are dropped again) and the error propagates."""
+        live = self.live
+        before = set(live.adapters)
+        try:
+            for name, (adapter, version) in snap.adapters().items():
+                live.load_adapter_as(name, adapter, version, snap.store)
+            for version in snap.backbones():
+                live.backbone_state(version, snap.store)
+        except BaseException:
+            for name in set(live.adapters) - before:
+                live.drop_adapter(name)
+            raise
+        with self._lock:
+            old = self.current
+            self.current = snap
+            if old is not None:
+                self._held.append(old)
+        live.store = snap.store
+        self.collect()
+
+    def collect(self) -> None:
+        """Drop adapters and backbone versions no snapshot in use needs; rebuild the version stack."""
+        with self._lock:
+            self._held = [s for s in self._held if s.refs > 0]
+            live_snaps = [self.current, *self._held]
+        needed = set().union(*(s.adapters() for s in live_snaps))
+        for name in [n for n in self.live.adapters if "@v" in n and n not in needed]:
+            try:
+                with warnings.catch_warnings():      # "adapter ... was active which is now deleted"
+                    warnings.simplefilter("ignore", UserWarning)
+                    self.live.drop_adapter(name)
+            except Exception as err:                 # PEFT refuses to delete its last adapter
+                log.warning("could not unload adapter %s: %s", name, err)
+        versions = sorted(set().union(*(s.backbones() for s in live_snaps)))
+        if self.live.backbone is not None and (self.stack is None or self.stack.keys != versions):
+            self.stack = self.live.backbone.stack_versions({v: self.live.backbone_state(v) for v in versions})
+
+    def loaded(self) -> list[str]:
+        return sorted(n for n in list(self.live.adapters) if "@v" in n)     # list(): a copy taken at once
+
+    def held(self) -> int:
+        with self._lock:
+            return len([s for s in self._held if s.refs > 0])

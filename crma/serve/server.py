@@ -1,0 +1,104 @@
+"""The serving process's state: the store's model, its registry of snapshots, the scheduler, the
+limits, and reload (by the admin endpoint or the manifest watcher).
+
+    server = Server.open(ServeConfig(store="models/clinic"))    # loads the model and every adapter
+    server.start(); ...; server.reload(); ...; server.stop()
+
+Only the scheduler's thread touches the model: reload reads and verifies the files on the caller's
+thread, then hands the install (loading adapters into the model) to the scheduler (Scheduler.call).
+"""
+from __future__ import annotations
+
+import copy
+import logging
+import time
+
+import torch
+
+from ..store import Store, StoreError
+from ..store.live import LiveModel
+from .batch import new_cache
+from .config import ServeConfig
+from .registry import Registry
+from .scheduler import Scheduler
+
+log = logging.getLogger("crma.serve")
+
+
+class Server:
+    def __init__(self, cfg: ServeConfig, live: LiveModel, registry: Registry, scheduler: Scheduler):
+        self.cfg, self.live, self.registry, self.scheduler = cfg, live, registry, scheduler
+        self.tokenizer = copy.deepcopy(live.tokenizer)        # the HTTP side's own (HF tokenizers are not
+        self.started = time.time()                            # safe to share with the router's thread)
+        self.max_positions = int(getattr(live.model.config, "max_position_embeddings", 0) or 1 << 30)
+        self.last_reload: dict | None = None
+        self._watcher = None
+
+    @classmethod
+    def open(cls, cfg: ServeConfig) -> "Server":
+        """Load the store's base model, backbone and every current adapter (checksums verified)."""
+        if cfg.threads:
+            torch.set_num_threads(cfg.threads)
+        store = Store(cfg.store)
+        store.verify()
+        live = LiveModel.open(store)
+        try:
+            new_cache(live.model.config)                       # refuse models the batch cache cannot hold
+        except ValueError as err:
+            raise StoreError(f"{cfg.store}: {err}") from None
+        registry = Registry(live, cfg.store, cfg.backbone)
+        registry.install(registry.prepare(force=True))
+        scheduler = Scheduler(live, registry, max_batch=cfg.max_batch, max_queue=cfg.max_queue, mode=cfg.batching,
+                              lora_mixing=cfg.lora_mixing)
+        return cls(cfg, live, registry, scheduler)
+
+    def start(self) -> "Server":
+        self.scheduler.start()
+        if self.cfg.watch:
+            from .watch import ManifestWatcher
+            self._watcher = ManifestWatcher(self, self.cfg.watch_interval).start()
+        return self
+
+    def stop(self) -> None:
+        if self._watcher is not None:
+            self._watcher.stop()
+        self.scheduler.stop()
+
+    def reload(self, force: bool = False, timeout: float = 600.0) -> dict:
+        """Serve the store's current manifest from now on (blocking; not on the event loop).
+        Raises StoreError, and keeps serving the previous snapshot, when it cannot be served."""
+        with self.registry.reload_lock:
+            started = time.perf_counter()
+            try:
+                snap = self.registry.prepare(force)
+                if snap is None:
+                    result = {"status": "unchanged"}
+                else:
+                    try:
+                        self.scheduler.call(lambda: self.registry.install(snap)).result(timeout)
+                    except StoreError:
+                        raise
+                    except Exception as err:              # e.g. PEFT cannot load an adapter folder
+                        raise StoreError(f"{self.cfg.store}: could not load the new manifest's models: {err}") from err
+                    result = {"status": "reloaded"}
+            except StoreError as err:
+                self.last_reload = {"status": "refused", "error": str(err), "at": time.time()}
+                log.error("reload refused, still serving the previous manifest: %s", err)
+                raise
+            cur = self.registry.current
+            result.update(seconds=round(time.perf_counter() - started, 4), models=cur.models(),
+                          manifest_updated=cur.updated, snapshot=cur.serial)
+            self.last_reload = {**result, "at": time.time()}
+            if snap is not None:
+                log.info("reloaded %s in %.3fs: %s", self.cfg.store, result["seconds"], ", ".join(cur.models()))
+            return result
+
+    def health(self) -> dict:
+        cur = self.registry.current
+        return {"status": "ok", "store": str(self.cfg.store), "models": cur.models(), "snapshot": cur.serial,
+                "manifest_updated": cur.updated, **self.scheduler.load(), "loaded_adapters": self.registry.loaded(),
+                "held_snapshots": self.registry.held(), "stats": dict(self.scheduler.stats),
+                "last_reload": self.last_reload, "uptime_s": round(time.time() - self.started, 1),
+                "batching": self.cfg.batching, "lora_mixing": self.cfg.lora_mixing, "max_batch": self.cfg.max_batch,
+                "watch": self.cfg.watch}
+
