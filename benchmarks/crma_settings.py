@@ -23,6 +23,13 @@ from crma.bench.summary import fmt_stats  # noqa: E402
 from crma.config import CRMAConfig  # noqa: E402
 
 DEFAULTS = CRMAConfig().__dict__
+# Conditions under which a folder's timing was taken (the losses are deterministic and unaffected).
+TIMING_NOTES = {
+    "cl5-cpu-rho0.02": "frozen runs copied from cl5-cpu (another time, another load)",
+    "cl5-cpu-rho0.3": "frozen runs copied from cl5-cpu (another time, another load)",
+    "cl5-cpu-n16": "modular runs made on a machine at load average 7-9 (other jobs), frozen copied from "
+                   "cl5-cpu: not a CRMA cost (n = 16 adds 2 x 576 x 16 multiply-adds per token and block)",
+}
 
 
 def setting_name(protocol: dict) -> str:
@@ -48,7 +55,8 @@ def rows() -> list[dict]:
                     "latest_drift": conds["modular"]["drift"],
                     "overhead": comp.get("crma_time_overhead_pct"),
                     "max_alpha": spec.get("max_alpha_times_norm"), "rho": spec.get("rho"),
-                    "certificate_ok": spec.get("certificate_ok"), "max_norm_dev": spec.get("max_norm_dev")})
+                    "certificate_ok": spec.get("certificate_ok"), "max_norm_dev": spec.get("max_norm_dev"),
+                    "timing_note": TIMING_NOTES.get(folder.name, "")})
     return out
 
 
@@ -71,11 +79,12 @@ def markdown(table: list[dict]) -> str:
             f"{fmt_stats(r['pinned_all'])} ({per_seed(r['pinned_all'])})",
             f"{fmt_stats(r['pinned_prior'])} ({per_seed(r['pinned_prior'])})", "yes" if goal else "no",
             f"{fmt_stats(r['latest_drift'])} / {fmt_stats(r['latest_prior'])}",
-            fmt_stats(r["overhead"], 1) if r["overhead"] else "n/a",
+            (fmt_stats(r["overhead"], 1) if r["overhead"] else "n/a") + (" (*)" if r["timing_note"] else ""),
             f"{r['max_alpha']:.3f} ({r['rho']})" if r["max_alpha"] is not None else "n/a",
             ("held" if r["certificate_ok"] else "FAILED") + (f", max dev {r['max_norm_dev']:.1e}" if r["max_norm_dev"] else ""),
         ]))
-    return "\n".join(lines)
+    notes = [f"(*) {r['folder']}: {r['timing_note']}." for r in table if r["timing_note"]]
+    return "\n".join(lines + [""] + notes)
 
 
 def main() -> int:

@@ -9,8 +9,8 @@
     crma demo  [--out DIR] [--model M]          short naive vs modular run on the bundled demo data
     crma bench --protocol paper|cpu|smoke --out DIR [--corpus DIR] [--resume]   benchmark grid + report
     crma report --out DIR                        recompute summary.json / report.md from the run folders
-    crma route --run DIR "query text" ...        which domain adapter the run's router picks
-    crma route-eval --run DIR --corpus DIR [--loss]   router accuracy, OOD abstention, latency, cost
+    crma route --store DIR "query text" ...      which domain adapter the store's router picks
+    crma route-eval --store DIR [--corpus DIR] [--queries NAME=FILE] [--ood FILE] [--loss]
 """
 from __future__ import annotations
 
@@ -80,34 +80,6 @@ def cmd_run(args: argparse.Namespace) -> int:
     cfg = RunConfig(domains=[DomainSpec.parse(d) for d in args.domains], out=args.out, model=args.model,
                     condition=args.condition, seed=args.seed, **configs_from_args(args, RUN_SECTIONS))
     continual_run(cfg, command=args.command_line, router_cfg=router_config_from_args(args), overwrite=args.overwrite)
-    return 0
-
-
-def cmd_route(args: argparse.Namespace) -> int:
-    import json
-    from .inference import load_run
-    run = load_run(args.run, adapters=False)
-    for text, dec in zip(args.queries, run.route(args.queries)):
-        if args.json:
-            print(json.dumps({"query": text, **dec._asdict(), "adapter": run.adapter_for(dec.domain)}))
-            continue
-        runner = f"{dec.runner_up} ({dec.runner_up_confidence:.3f})" if dec.runner_up else "-"
-        note = ""
-        if dec.domain == "base":
-            why = "too few characters per token" if dec.reason == "characters" else "too far from every domain"
-            note = f"  (abstained, {why}: best {dec.best} at {dec.ood_ratio:.2f} x its threshold)"
-        print(f"domain: {dec.domain}  confidence: {dec.confidence:.3f}  runner-up: {runner}  "
-              f"adapter: {run.adapter_for(dec.domain) or 'none'}{note}")
-    return 0
-
-
-def cmd_route_eval(args: argparse.Namespace) -> int:
-    from .routing.route_eval import format_report, route_eval
-    report = route_eval(args.run, args.corpus, loss=args.loss, max_queries=args.max_queries,
-                        max_holdout=args.max_holdout, seed=args.seed, n_random=args.n_random,
-                        command=args.command_line)
-    print(format_report(report))
-    print(f"wrote {args.run / 'route_eval.json'}")
     return 0
 
 
@@ -198,22 +170,8 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("--out", type=Path, required=True)
     report.set_defaults(func=cmd_report)
 
-    route = sub.add_parser("route", help="route queries with a run's router: domain, confidence, runner-up")
-    route.add_argument("--run", type=Path, required=True, help="a `crma run` output folder")
-    route.add_argument("--json", action="store_true", help="one JSON object per query")
-    route.add_argument("queries", nargs="+", metavar="QUERY")
-    route.set_defaults(func=cmd_route)
-
-    route_ev = sub.add_parser("route-eval", help="router accuracy, out-of-domain abstention, latency, "
-                                                 "and (--loss) routed vs oracle holdout loss")
-    route_ev.add_argument("--run", type=Path, required=True)
-    route_ev.add_argument("--corpus", type=Path, required=True, help="folder with <domain>/queries.jsonl")
-    route_ev.add_argument("--loss", action="store_true", help="also holdout loss, routed vs oracle adapters")
-    route_ev.add_argument("--max-queries", type=int, default=0, help="queries per domain (0 = all)")
-    route_ev.add_argument("--max-holdout", type=int, default=100, help="holdout passages per domain for --loss")
-    route_ev.add_argument("--seed", type=int, default=0, help="seed of the random-string OOD inputs")
-    route_ev.add_argument("--n-random", type=int, default=50, help="number of random-string OOD inputs")
-    route_ev.set_defaults(func=cmd_route_eval)
+    from .routing.cli import add_route_parsers
+    add_route_parsers(sub)
     return parser
 
 

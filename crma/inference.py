@@ -14,8 +14,8 @@ from pathlib import Path
 
 from torch import nn
 
-from .routing import BASE, Decision, Router, RouterError
-from .routing.features import hidden_features, resolve_layer
+from .routing import BASE, Decision, Router, RouterError, route_texts
+from .routing.features import resolve_layer
 from .store import Store
 from .store.add import load_router
 from .store.live import LiveModel
@@ -39,16 +39,11 @@ class LoadedRun:
     def tokenizer(self):
         return self.live.tokenizer
 
-    def features(self, texts: list[str], batch_size: int = 16):
-        """Router features of `texts` (base model, adapters off, CRMA bypassed): pooled (n, dim) + chars/token."""
-        cfg = self.router.cfg
-        return hidden_features(self.model, self.tokenizer, texts, cfg.layer, cfg.max_tokens, batch_size)
-
-    def route(self, texts: list[str], batch_size: int = 16) -> list[Decision]:
-        """One routing Decision per text."""
+    def route(self, texts: list[str]) -> list[Decision]:
+        """One routing Decision per text (the router's own features: crma.routing.route_texts)."""
         if self.router is None:
             raise FileNotFoundError(f"{self.run_dir}: this store has no router (no domain added yet)")
-        return self.router.route_batch(self.features(texts, batch_size))
+        return route_texts(self.router, self.model, self.tokenizer, texts)
 
     def adapter_for(self, domain: str) -> str | None:
         """The adapter serving a routed domain (None = base model without a domain adapter)."""

@@ -1,4 +1,5 @@
-"""Router features: the BASE model's own hidden state at one layer, mean-pooled over the tokens.
+"""Router features of the `base` encoder: the BASE model's own hidden state at one layer, mean-pooled over the
+tokens (the default encoder, MiniLM, is in crma/routing/encoders.py); and cutting passages into segments.
 
     f(x) = 1/(|x| - 1) * sum_{t >= 2} h_t^(layer)(x)     h^(0) = token embeddings, h^(k) = output of block k
 
@@ -157,12 +158,22 @@ def text_segments(text: str, min_words: int = 6, max_segments: int = 8) -> list[
     return out
 
 
+def segments_of(texts: list[str], cfg) -> list[str]:
+    """Every passage cut into up to cfg.segments_per_passage query-sized segments of >= cfg.min_words words
+    (see text_segments); a passage too short to give one segment is kept whole."""
+    out = []
+    for t in texts:
+        if not t.strip():
+            continue
+        out += text_segments(t, cfg.min_words, cfg.segments_per_passage) or [t.strip()]
+    return out
+
+
 def domain_features(model: nn.Module, tokenizer, texts: list[str], cfg, max_passages: int,
                     batch_size: int = 16) -> Features:
-    """Router features of one domain's passages: the first `max_passages` (0 = all), each cut into
-    up to cfg.segments_per_passage segments of >= cfg.min_words words (see text_segments)."""
+    """Router features (cfg.encoder) of one domain's passages: the first `max_passages` (0 = all), each
+    cut into segments (segments_of)."""
+    from .encoders import encode
+
     texts = texts[:max_passages] if max_passages else texts
-    segments = [s for t in texts for s in text_segments(t, cfg.min_words, cfg.segments_per_passage)]
-    if len(segments) < 2:
-        segments = [t for t in texts if t.strip()]
-    return hidden_features(model, tokenizer, segments, cfg.layer, cfg.max_tokens, batch_size)
+    return encode(cfg, segments_of(texts, cfg), model, tokenizer, batch_size)

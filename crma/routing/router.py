@@ -1,29 +1,40 @@
-"""The router: which domain adapter serves a query, from per-domain feature statistics only.
+"""The router: which domain adapter serves a query, or none (`base`), from statistics only.
 
-Features in (crma.routing.features: the base model's mean-pooled hidden state plus the query's characters per
-token), decisions out. The state is per-domain statistics, never text: count n_d, feature mean mu_d,
-feature covariance C_d, k prototypes (strategy `kproto`) and two abstain thresholds. Each is computed
-from domain d's own data; pooled quantities are recomputed from them, so adding domains one at a time
-gives the same state as building from all of them at once, in any order.
+Features in (crma.routing.encoders: by default the all-MiniLM-L6-v2 sentence embedding of the query,
+plus its characters per token), decisions out. The state is statistics, never text:
 
-Strategies pick the domain (scores: larger = closer):
-    lda       -1/2 (x - mu_d)^T Sw^-1 (x - mu_d) / dim    Sw = shrunk pooled within-domain covariance
-    diag      -1/2 sum_k (x_k - mu_dk)^2 / v_dk / dim      v_d = diag(C_d) + 0.1 mean(diag C_d)
-    centroid  20 cos(x - m, mu_d - m)                        m = count-weighted mean of all mu_d
-    kproto    20 max_j cos(x - m, p_dj - m)                  p_dj: k-means centres of domain d
+  per domain d   count n_d, mean mu_d, covariance C_d of its own train passages (cut into sentence-sized
+                 segments); an abstain threshold t_d and a claim level c_d, calibrated on a held-back
+                 slice of its train passages (never on holdout documents, where evaluation queries come from)
+  background     embeddings of generic conversational text that is none of the store's domains
+                 (crma/routing/background.py: chatterbot-corpus, BSD-3-Clause), shipped as embeddings
+  noise gate     the smallest characters per token of real text, set from the encoder's tokenizer alone
 
-Abstention (route to `base`) for the chosen domain d:
-    ood_d(x) = (x - mu_d)^T S_d^-1 (x - mu_d) / dim,   S_d = (1 - s) C_d + s tr(C_d)/dim I
-    abstain if ood_d(x) > slack * quantile_q(ood_d(held-out features of d))
-            or chars_per_token(x) < 0.9 * quantile_0.01(chars_per_token(held-out texts of d))
-The first test catches text unlike the domain; the second catches character noise (the tokenizer
-splits random characters into ~1.2 characters per token, real text of every cl5 domain is above 2.3).
+Each domain row is computed from that domain's data only, and every pooled quantity is derived from the
+rows and the background when deciding, so adding domains one at a time gives the same state as adding them
+all at once, in any order.
+
+Deciding, for a query with features x (the first `abstain_dims` of them, the encoder's sentence embedding,
+are what the background and distance tests read; the domain choice reads all of them):
+  1. characters  cpt(x) < noise_min                                          -> base, reason "characters"
+  2. background  lda over the domains plus the background's k-means components (background items a
+                 domain claims, ood_d(b) <= c_d, are left out of the class: on cl5 that is 1 of 2006);
+                 a background component scores highest                      -> base, reason "background"
+  3. distance    ood_d(x) = (x - mu_d)^T S_d^-1 (x - mu_d) / dim > t_d for the best domain d
+                                                                            -> base, reason "distance"
+  4. otherwise the best domain by the strategy's scores (larger = closer), over the domains only:
+                   lda       -1/2 (x - mu_d)^T Sw^-1 (x - mu_d) / dim    Sw = shrunk pooled within-domain covariance
+                   diag      -1/2 sum_k (x_k - mu_dk)^2 / v_dk / dim      v_d = diag(C_d) + 0.1 mean(diag C_d)
+                   centroid  20 cos(x - m, mu_d - m)                        m = count-weighted mean of the means
+                   kproto    20 max_j cos(x - m, p_dj - m)                  p_dj: k-means centres of domain d
+Shrinkage: S = (1 - r) C + r tr(C)/dim I, with r = max(configured floor, the OAS estimate from C and n),
+so a domain built from a few dozen passages (fewer segments than dimensions) still has a usable metric.
 """
 from __future__ import annotations
 
 import json
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import NamedTuple
 
@@ -33,11 +44,14 @@ from safetensors.torch import load_file, save_file
 from ..io import atomic_dir
 
 STRATEGIES = ("lda", "diag", "centroid", "kproto")
+ENCODER_NAMES = ("minilm", "base")
+BACKGROUNDS = ("chatterbot", "none")
 BASE = "base"                     # the decision "no domain adapter"
 ROUTER_DIR = "router"
-FORMAT = "crma-router-v1"
+FORMAT = "crma-router-v2"
+LEGACY_FORMAT = "crma-router-v1"  # base-model features, per-domain noise gate, no background
+REASONS = ("characters", "background", "distance", "empty")
 _COS_SCALE = 20.0                 # cosine scores to logits for the confidence softmax
-_CPT_QUANTILE, _CPT_SLACK = 0.01, 0.9
 
 
 class RouterError(ValueError):
@@ -46,55 +60,77 @@ class RouterError(ValueError):
 
 @dataclass
 class RouterConfig:
-    """How the router is built and decides. Defaults chosen by measurement (benchmarks/route_measure.py)."""
+    """How the router is built and decides. Defaults chosen by measurement (benchmarks/route_measure.py,
+    results in benchmarks/results/router/)."""
 
+    encoder: str = "minilm"         # minilm (all-MiniLM-L6-v2 sentence embedding) | base (base model block `layer`)
+    mix_layer: int = 3              # minilm: also this hidden layer's mean (-1: none), to choose the domain
     strategy: str = "lda"           # lda | diag | centroid | kproto
-    layer: int = 6                  # hidden state after block `layer` (0 = embeddings, -1 = last; capped at depth)
-                                    # SmolLM2: 6 of 30 blocks, ~19 ms a query on 2 cores (layer 8: ~24 ms)
+    layer: int = 6                  # encoder base: hidden state after block `layer` (0 = embeddings, -1 = last)
     max_tokens: int = 64            # queries (and passage segments) are truncated to this many tokens
     min_words: int = 6              # passages are cut into sentence/line segments of at least this many words
     segments_per_passage: int = 8   # at most this many segments from each passage
-    max_passages: int = 200         # train passages per domain used to build (0 = all)
-    max_calib: int = 100            # held-out passages per domain used to calibrate (0 = all)
-    quantile: float = 0.99          # abstain threshold = slack * this quantile of in-domain held-out distances
-    slack: float = 1.1              # SmolLM2/cl5 queries: slack 1.0 -> 98.0% accuracy, 83% OOD to base;
-                                    # 1.1 -> 99.2%, 79%; 1.25 -> 99.4%, 71% (mean over OOD sources)
-    shrinkage: float = 0.1          # lda: Sw = (1 - s) W + s tr(W)/dim I
-    ood_shrinkage: float = 0.01     # s of the per-domain covariance S_d used for abstaining
+    max_passages: int = 100         # train passages per domain used for its statistics (0 = all); cl5: 100 gave
+                                    # 99.0% accuracy, 96.9% OOD to base (dev); 400: 99.2%, 95.0% (more passages
+                                    # weigh the domains' covariance more in the background test)
+    calib_fraction: float = 0.2     # share of a domain's train passages held back to calibrate its thresholds
+    max_calib: int = 25             # at most this many held-back passages (0 = no limit)
+    quantile: float = 0.99          # abstain threshold t_d = slack * this quantile of held-back distances
+    slack: float = 1.5
+    claim_quantile: float = 0.5     # c_d: background items closer than this quantile of d's held-back distances
+                                    # are d's, not background
+    shrinkage: float = 0.02         # lda: floor of r for the pooled covariance
+    ood_shrinkage: float = 0.01     # floor of r for each domain's own covariance (distance test)
     prototypes: int = 4             # kproto: prototypes per domain
-    temperature: float = 1.0        # confidence = softmax(score / temperature)
+    temperature: float = 0.02       # confidence = softmax(score / temperature) (display only: decisions are
+                                    # argmaxes); cl5 queries: median top-2 score gap 0.07 -> ~0.95
+    background: str = "chatterbot"  # chatterbot | none: out-of-scope examples as a class of their own
+    background_components: int = 8  # k-means components of the background class
 
     def __post_init__(self) -> None:
         def check(ok: bool, name: str, msg: str) -> None:
             if not ok:
                 from ..config import ConfigError
                 raise ConfigError(f"router.{name}: {msg}")
+        check(self.encoder in ENCODER_NAMES, "encoder", f"must be one of {', '.join(ENCODER_NAMES)}, got {self.encoder!r}")
         check(self.strategy in STRATEGIES, "strategy", f"must be one of {', '.join(STRATEGIES)}, got {self.strategy!r}")
+        check(self.background in BACKGROUNDS, "background",
+              f"must be one of {', '.join(BACKGROUNDS)}, got {self.background!r}")
         check(self.max_tokens >= 2, "max_tokens", f"must be >= 2, got {self.max_tokens}")
         check(self.min_words >= 1, "min_words", f"must be >= 1, got {self.min_words}")
         check(self.segments_per_passage >= 1, "segments_per_passage", "must be >= 1")
         check(self.max_passages >= 0 and self.max_calib >= 0, "max_passages", "must be >= 0")
+        check(0 < self.calib_fraction < 1, "calib_fraction", f"must be in (0, 1), got {self.calib_fraction}")
         check(0 < self.quantile <= 1, "quantile", f"must be in (0, 1], got {self.quantile}")
+        check(0 <= self.claim_quantile <= 1, "claim_quantile", f"must be in [0, 1], got {self.claim_quantile}")
         check(self.slack > 0, "slack", f"must be > 0, got {self.slack}")
         for name in ("shrinkage", "ood_shrinkage"):
             check(0 <= getattr(self, name) <= 1, name, f"must be in [0, 1], got {getattr(self, name)}")
         check(self.prototypes >= 1, "prototypes", f"must be >= 1, got {self.prototypes}")
         check(self.temperature > 0, "temperature", f"must be > 0, got {self.temperature}")
+        check(self.background_components >= 1, "background_components", "must be >= 1")
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "RouterConfig":
+        """From a saved dict; unknown keys (a newer crma) are ignored, missing ones take defaults."""
+        names = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in names})
 
 
 class Features(NamedTuple):
-    pooled: torch.Tensor                         # (n, dim) mean-pooled hidden states
+    pooled: torch.Tensor                         # (n, dim) pooled embeddings
     chars_per_token: torch.Tensor | None = None  # (n,) characters per token of each text (None: no gate)
 
 
 class Decision(NamedTuple):
     domain: str                   # a domain name, or "base" when abstaining
-    confidence: float             # softmax probability of the best-scoring domain
+    confidence: float             # softmax probability of the best-scoring domain (background a class too)
     runner_up: str | None         # second-best domain (None with a single domain)
     runner_up_confidence: float
-    best: str                     # best-scoring domain, even when abstaining
-    ood_ratio: float              # ood_d(x) / threshold of `best` (> 1: abstain)
-    reason: str = ""              # why it abstained: "distance" or "characters"
+    best: str | None              # best-scoring domain, even when abstaining (None: no domain scored)
+    ood_ratio: float              # ood_d(x) / t_d of `best` (> 1: abstain for distance)
+    reason: str = ""              # why it abstained: "characters", "background", "distance" or "empty"
+    background_confidence: float = 0.0   # softmax probability of the background class
 
 
 def _as_features(f) -> Features:
@@ -127,6 +163,17 @@ def kmeans(x: torch.Tensor, k: int, iters: int = 25, seed: int = 0) -> torch.Ten
     return p
 
 
+def oas_shrinkage(cov: torch.Tensor, n: float) -> float:
+    """Oracle-approximating shrinkage intensity (Chen et al. 2010) of a (dim, dim) sample covariance of
+    n samples: needs only C and n, so it stays exact for merged statistics."""
+    p = cov.shape[0]
+    tr = float(torch.trace(cov))
+    tr2 = float((cov * cov).sum())
+    num = (1 - 2 / p) * tr2 + tr * tr
+    den = (n + 1 - 2 / p) * (tr2 - tr * tr / p)
+    return 1.0 if den <= 0 else min(1.0, max(0.0, num / den))
+
+
 def shrunk_precision(cov: torch.Tensor, s: float) -> torch.Tensor:
     """((1 - s) C + s tr(C)/dim I)^-1 for a (dim, dim) covariance, in float64."""
     dim = cov.shape[0]
@@ -142,27 +189,60 @@ def _quad(x: torch.Tensor, mu: torch.Tensor, prec: torch.Tensor) -> torch.Tensor
     return ((z @ prec) * z).sum(-1) / x.shape[1]
 
 
+def _moments(x: torch.Tensor) -> tuple[float, torch.Tensor, torch.Tensor]:
+    """(n, mean, unbiased covariance) of rows of x, float64."""
+    x = x.double()
+    mu = x.mean(0)
+    z = x - mu
+    return float(x.shape[0]), mu, z.T @ z / max(1, x.shape[0] - 1)
+
+
+def _quantile(values: torch.Tensor, q: float) -> float:
+    return float(torch.quantile(values.double(), q))
+
+
 class Router:
-    """Per-domain statistics and the routing decision. Build with add_domain, one domain at a time."""
+    """Per-domain statistics, the background class, the noise gate and the routing decision.
+
+    Build with add_domain (or crma.routing.update_router, which also computes the features)."""
 
     def __init__(self, cfg: RouterConfig | None = None, dim: int | None = None, meta: dict | None = None):
         self.cfg = cfg or RouterConfig()
         self.dim = dim
-        self.meta = dict(meta or {})          # model fingerprint, resolved layer, ...
+        self.meta = dict(meta or {})          # encoder spec, background and noise-gate provenance, model, ...
         self.names: list[str] = []
         self.adapters: dict[str, str] = {}    # domain -> adapter name (naive runs: all "shared")
         self.calibration: dict[str, dict] = {}
         self.t: dict[str, torch.Tensor] = {}  # stacked per-domain statistics, float32
+        self.background: torch.Tensor | None = None   # (N, dim) embeddings of out-of-scope text
+        self.noise_min: float = 0.0           # characters per token below this: noise (0 = gate off)
+        self.abstain_dims: int | None = None  # leading feature dims of the background/distance tests (None: all)
         self._cache: dict = {}
 
+    # ---- background and noise gate ------------------------------------------------------------
+    def set_background(self, embeddings: torch.Tensor | None, info: dict | None = None) -> "Router":
+        """The out-of-scope class: (N, dim) embeddings of text that is none of the domains."""
+        if embeddings is not None:
+            embeddings = embeddings.detach().float().cpu()
+            if embeddings.ndim != 2 or embeddings.shape[0] < 2:
+                raise RouterError(f"background: need (N >= 2, dim) embeddings, got {tuple(embeddings.shape)}")
+            width = self.abstain_dims or self.dim
+            if width is None:
+                self.dim = width = embeddings.shape[1]
+            if embeddings.shape[1] != width:
+                raise RouterError(f"background: feature size {embeddings.shape[1]}, router expects {width}")
+        self.background = embeddings
+        self.meta["background"] = dict(info or {}) if embeddings is not None else None
+        self._cache = {}
+        return self
+
+    def set_noise_gate(self, min_chars_per_token: float, info: dict | None = None) -> "Router":
+        self.noise_min = float(min_chars_per_token)
+        self.meta["noise"] = {"min_chars_per_token": self.noise_min, **(info or {})}
+        return self
+
     # ---- building ---------------------------------------------------------------------------
-    def add_domain(self, name: str, features, calib=None, adapter: str | None = None) -> "Router":
-        """Add domain `name` from its own features (Features or an (n, dim) tensor) and calibrate
-        its thresholds on `calib`, its held-out features (the training features when None)."""
-        if name == BASE or not name:
-            raise RouterError(f"domain name {name!r} is reserved")
-        if name in self.names:
-            raise RouterError(f"domain {name!r} is already in the router (merge_domain adds data to it)")
+    def _domain_row(self, name: str, features, calib) -> tuple[dict, dict]:
         f = _as_features(features)
         x = f.pooled                                                               # (n, dim)
         if x.ndim != 2 or x.shape[0] < 2:
@@ -171,30 +251,38 @@ class Router:
             self.dim = x.shape[1]
         if x.shape[1] != self.dim:
             raise RouterError(f"domain {name!r}: feature size {x.shape[1]}, router expects {self.dim}")
-        mu = x.mean(0)                                                             # (dim,)
-        cov = (x - mu).T @ (x - mu) / (x.shape[0] - 1)                             # (dim, dim)
-        row = {"count": torch.tensor([float(x.shape[0])]), "mean": mu[None].float(), "cov": cov[None].float()}
+        n, mu, cov = _moments(x)
+        row = {"count": torch.tensor([n]), "mean": mu[None], "cov": cov[None]}
         if self.cfg.strategy == "kproto":
             p = kmeans(x, self.cfg.prototypes)                                     # (<=k, dim)
             pad = p[-1:].expand(self.cfg.prototypes - p.shape[0], -1)              # repeat the last centre
-            row["protos"] = torch.cat([p, pad])[None].float()                      # (1, k, dim)
+            row["protos"] = torch.cat([p, pad])[None]                              # (1, k, dim)
         held = f if calib is None else _as_features(calib)
-        prec = shrunk_precision(row["cov"][0], self.cfg.ood_shrinkage)
-        dist = _quad(held.pooled, row["mean"][0].double(), prec)                   # (m,)
-        q = float(torch.quantile(dist, self.cfg.quantile))
+        if held.pooled.shape[1] != self.dim:
+            raise RouterError(f"domain {name!r}: calibration feature size {held.pooled.shape[1]} != {self.dim}")
+        a = self._block()
+        dist = _quad(held.pooled[:, :a], mu[:a], self._ood_precision(cov[:a, :a], n))   # (m,)
+        q, c = _quantile(dist, self.cfg.quantile), _quantile(dist, self.cfg.claim_quantile)
         row["threshold"] = torch.tensor([q * self.cfg.slack])
-        cpt = held.chars_per_token
-        row["cpt_min"] = torch.tensor([0.0 if cpt is None else _CPT_SLACK * float(torch.quantile(cpt, _CPT_QUANTILE))])
-        for key, value in row.items():
-            self.t[key] = value.float() if key not in self.t else torch.cat([self.t[key], value.float()])
-        self.names.append(name)
-        self.adapters[name] = adapter or name
-        self.calibration[name] = {"n_train": int(x.shape[0]), "n_calib": int(held.pooled.shape[0]),
-                                  "calibrated_on": "train" if calib is None else "holdout",
-                                  "quantile_distance": q, "threshold": float(row["threshold"][0]),
-                                  "min_chars_per_token": float(row["cpt_min"][0])}
-        self._cache = {}
+        row["claim"] = torch.tensor([c])
+        cal = {"n_train": int(n), "n_calib": int(held.pooled.shape[0]),
+               "calibrated_on": "train" if calib is None else "held-back train",
+               "quantile_distance": q, "threshold": q * self.cfg.slack, "claim_distance": c}
+        return row, cal
+
+    def add_domain(self, name: str, features, calib=None, adapter: str | None = None) -> "Router":
+        """Add domain `name` from its own features (Features or an (n, dim) tensor) and calibrate its
+        thresholds on `calib`: features of held-back passages of its own (the training features when None)."""
+        if name == BASE or not name:
+            raise RouterError(f"domain name {name!r} is reserved")
+        if name in self.names:
+            raise RouterError(f"domain {name!r} is already in the router (merge_domain adds data to it)")
+        row, cal = self._domain_row(name, features, calib)
+        self._set_row(name, row, cal, adapter or name)
         return self
+
+    def _ood_precision(self, cov: torch.Tensor, n: float) -> torch.Tensor:
+        return shrunk_precision(cov, max(self.cfg.ood_shrinkage, oas_shrinkage(cov.double(), n)))
 
     def _row(self, name: str) -> dict[str, torch.Tensor]:
         i = self.names.index(name)
@@ -220,13 +308,12 @@ class Router:
             n = n1 + n2,   mu = (n1 mu1 + n2 mu2) / n,
             C = ((n1 - 1) C1 + (n2 - 1) C2 + n1 n2 / n (mu1 - mu2)(mu1 - mu2)^T) / (n - 1)
 
-        The abstain threshold is recalibrated on the new held-out features under the merged
-        statistics and averaged with the old one, weighted by their calibration counts."""
+        The thresholds are recalibrated on the new held-back features under the merged statistics and
+        averaged with the old ones, weighted by their calibration counts."""
         if name not in self.names:
             return self.add_domain(name, features, calib)
         old, old_cal, adapter = self._row(name), self.calibration[name], self.adapters[name]
-        tmp = Router(self.cfg, self.dim, self.meta).add_domain(name, features, calib, adapter)
-        new, new_cal = tmp._row(name), tmp.calibration[name]
+        new, new_cal = self._domain_row(name, features, calib)
         n1, n2 = float(old["count"][0]), float(new["count"][0])
         mu1, mu2 = old["mean"][0].double(), new["mean"][0].double()
         n = n1 + n2
@@ -239,14 +326,15 @@ class Router:
             p = kmeans(torch.cat([old["protos"][0], new["protos"][0]]).double(), self.cfg.prototypes)
             row["protos"] = torch.cat([p, p[-1:].expand(self.cfg.prototypes - p.shape[0], -1)])[None]
         held = _as_features(features if calib is None else calib)
-        dist = _quad(held.pooled, mu, shrunk_precision(cov, self.cfg.ood_shrinkage))
-        q_new = float(torch.quantile(dist, self.cfg.quantile))
-        c1, c2 = old_cal["n_calib"], new_cal["n_calib"]
-        row["threshold"] = torch.tensor([(c1 * float(old["threshold"][0]) + c2 * q_new * self.cfg.slack) / (c1 + c2)])
-        row["cpt_min"] = torch.minimum(old["cpt_min"], new["cpt_min"])
-        cal = {"n_train": old_cal["n_train"] + new_cal["n_train"], "n_calib": c1 + c2,
+        a = self._block()
+        dist = _quad(held.pooled[:, :a], mu[:a], self._ood_precision(cov[:a, :a], n))
+        q_new, c_new = _quantile(dist, self.cfg.quantile), _quantile(dist, self.cfg.claim_quantile)
+        w1, w2 = old_cal["n_calib"], new_cal["n_calib"]
+        row["threshold"] = torch.tensor([(w1 * float(old["threshold"][0]) + w2 * q_new * self.cfg.slack) / (w1 + w2)])
+        row["claim"] = torch.tensor([(w1 * float(old["claim"][0]) + w2 * c_new) / (w1 + w2)])
+        cal = {"n_train": old_cal["n_train"] + new_cal["n_train"], "n_calib": w1 + w2,
                "calibrated_on": new_cal["calibrated_on"], "quantile_distance": q_new,
-               "threshold": float(row["threshold"][0]), "min_chars_per_token": float(row["cpt_min"][0]),
+               "threshold": float(row["threshold"][0]), "claim_distance": float(row["claim"][0]),
                "merged": old_cal.get("merged", 1) + 1}
         self._set_row(name, row, cal, adapter)
         return self
@@ -270,40 +358,93 @@ class Router:
             raise RouterError(f"domain {name!r} is not in the router to take it from")
         if other.dim != self.dim and self.names:
             raise RouterError(f"feature size {other.dim} != {self.dim}")
+        mine, theirs = self.meta.get("encoder"), other.meta.get("encoder")
+        if mine is not None and theirs is not None and mine != theirs:
+            raise RouterError(f"domain {name!r} was built with other features ({theirs.get('name')}) "
+                              f"than this router's ({mine.get('name')})")
+        if other.abstain_dims != self.abstain_dims and self.names:
+            raise RouterError(f"domain {name!r}: abstain dims {other.abstain_dims} != {self.abstain_dims}")
+        if set(other.t) != set(self.t) and self.names:
+            raise RouterError(f"domain {name!r}: statistics {sorted(other.t)} do not match {sorted(self.t)}")
         self.dim = other.dim
         self._set_row(name, other._row(name), dict(other.calibration[name]), other.adapters[name])
         return self
 
     # ---- deciding ---------------------------------------------------------------------------
+    def _block(self) -> int:
+        """Leading feature dims the background and distance tests read (the sentence embedding)."""
+        return self.abstain_dims or self.dim
+
+    def _background_classes(self, means: torch.Tensor, ood_prec: list, claims: torch.Tensor) -> list:
+        """(n, mean, cov) of each k-means component of the background items no domain claims."""
+        if self.background is None or self.cfg.background == "none":
+            return []
+        b = self.background.double()                                               # (N, a)
+        keep = torch.ones(len(b), dtype=torch.bool)
+        for mu, prec, claim in zip(means, ood_prec, claims):
+            keep &= _quad(b, mu, prec) > float(claim)
+        b = b[keep]
+        self._cache["background_kept"] = int(keep.sum())
+        if len(b) < 2:
+            return []
+        centres = kmeans(b, self.cfg.background_components)
+        assign = torch.cdist(b, centres).argmin(-1)
+        return [_moments(b[assign == j]) for j in range(len(centres)) if int((assign == j).sum()) >= 2]
+
+    def _lda_precision(self, counts: torch.Tensor, covs: torch.Tensor) -> tuple[torch.Tensor, float]:
+        """Shrunk inverse of the pooled within-class covariance of classes with these counts/covariances."""
+        dof = max(1.0, float(counts.sum()) - len(counts))
+        within = ((counts - 1)[:, None, None] * covs).sum(0) / dof
+        r = max(self.cfg.shrinkage, oas_shrinkage(within, float(counts.sum())))
+        return shrunk_precision(within, r), r
+
     def _stats(self) -> dict:
-        """Float64 views and precision matrices derived from the state (cached until the next add)."""
+        """Float64 views and precision matrices derived from the state (cached until it changes)."""
         if not self._cache:
             counts = self.t["count"].double()                                      # (D,)
             means = self.t["mean"].double()                                        # (D, dim)
             covs = self.t["cov"].double()                                          # (D, dim, dim)
-            c = {"counts": counts, "means": means,
-                 "ood_prec": [shrunk_precision(cv, self.cfg.ood_shrinkage) for cv in covs]}
+            a = self._block()
+            ood_prec = [self._ood_precision(cv[:a, :a], float(n)) for cv, n in zip(covs, counts)]
+            claims = self.t["claim"].double() if "claim" in self.t else torch.full_like(counts, -math.inf)
+            bg = self._background_classes(means[:, :a], ood_prec, claims)
+            c = {"counts": counts, "means": means, "ood_prec": ood_prec, "n_background": len(bg),
+                 "center": (counts[:, None] * means).sum(0) / counts.sum()}          # (dim,)
             if self.cfg.strategy == "lda":
-                within = ((counts - 1)[:, None, None] * covs).sum(0) / max(1.0, float(counts.sum()) - len(counts))
-                c["lda_prec"] = shrunk_precision(within, self.cfg.shrinkage)      # (dim, dim)
+                c["lda_prec"], c["lda_shrinkage"] = self._lda_precision(counts, covs)   # (dim, dim)
             if self.cfg.strategy == "diag":
                 var = torch.diagonal(covs, dim1=1, dim2=2)                         # (D, dim)
                 c["var"] = var + 0.1 * var.mean(-1, keepdim=True)
-            c["center"] = (counts[:, None] * means).sum(0) / counts.sum()          # (dim,)
-            self._cache = c
+            if bg:      # the background test: lda over domains + background components, on the block
+                all_counts = torch.cat([counts, torch.tensor([b[0] for b in bg], dtype=torch.float64)])
+                c["bg_means"] = torch.cat([means[:, :a]] + [b[1][None] for b in bg])        # (D + B, a)
+                all_covs = torch.cat([covs[:, :a, :a]] + [b[2][None] for b in bg])        # (D + B, a, a)
+                c["bg_prec"], c["bg_shrinkage"] = self._lda_precision(all_counts, all_covs)
+            self._cache.update(c)
         return self._cache
+
+    @staticmethod
+    def _lda_scores(x: torch.Tensor, means: torch.Tensor, prec: torch.Tensor) -> torch.Tensor:
+        """-1/2 (x - mu_c)^T P (x - mu_c) / dim for rows of x (n, dim) and means (C, dim) -> (n, C)."""
+        z = x @ prec                                                               # (n, dim)
+        quad = (z * x).sum(-1, keepdim=True) - 2 * z @ means.T + ((means @ prec) * means).sum(-1)[None]
+        return -0.5 * quad / x.shape[1]
+
+    def _features(self, features) -> Features:
+        if not self.names:
+            raise RouterError("the router has no domains yet")
+        f = _as_features(features)
+        if f.pooled.shape[1] != self.dim:
+            raise RouterError(f"features have size {f.pooled.shape[1]}, router expects {self.dim}")
+        return f
 
     def scores(self, features) -> torch.Tensor:
         """Score of every domain for each feature row: (n, dim) -> (n, D); larger is closer."""
-        if not self.names:
-            raise RouterError("the router has no domains yet")
-        x = _as_features(features).pooled                                          # (n, dim)
-        if x.shape[1] != self.dim:
-            raise RouterError(f"features have size {x.shape[1]}, router expects {self.dim}")
+        x = self._features(features).pooled                                        # (n, dim)
         c = self._stats()
         means = c["means"]
         if self.cfg.strategy == "lda":
-            return -0.5 * torch.stack([_quad(x, mu, c["lda_prec"]) for mu in means], 1)      # (n, D)
+            return self._lda_scores(x, means, c["lda_prec"])                       # (n, D)
         if self.cfg.strategy == "diag":
             return -0.5 * ((x[:, None] - means[None]) ** 2 / c["var"][None]).mean(-1)       # (n, D)
         z = torch.nn.functional.normalize(x - c["center"], dim=-1)                 # (n, dim)
@@ -313,26 +454,48 @@ class Router:
         p = torch.nn.functional.normalize(self.t["protos"].double() - c["center"], dim=-1)  # (D, k, dim)
         return _COS_SCALE * torch.einsum("nd,akd->nak", z, p).max(-1).values      # (n, D)
 
+    def background_scores(self, features) -> torch.Tensor | None:
+        """lda scores of the domains then the background components on the block: (n, D + B), or None
+        when the router has no background class."""
+        x = self._features(features).pooled                                        # (n, dim)
+        c = self._stats()
+        if "bg_means" not in c:
+            return None
+        return self._lda_scores(x[:, : self._block()], c["bg_means"], c["bg_prec"])
+
     def route_batch(self, features) -> list[Decision]:
         """One Decision per feature row."""
-        f = _as_features(features)
+        f = self._features(features)
         s = self.scores(f)                                                         # (n, D)
+        c = self._stats()
+        nd, a = len(self.names), self._block()
         prob = torch.softmax(s / self.cfg.temperature, dim=-1)                     # (n, D)
         order = s.argsort(-1, descending=True)                                     # (n, D)
-        c = self._stats()
+        bgs = self.background_scores(f)                                            # (n, D + B) or None
+        if bgs is not None:
+            bg_prob = torch.softmax(bgs / self.cfg.temperature, dim=-1)[:, nd:].sum(-1)     # (n,)
+            bg_wins = bgs[:, nd:].max(-1).values > bgs[:, :nd].max(-1).values                # (n,)
+        legacy_cpt = self.t.get("cpt_min")
         out = []
         for row in range(s.shape[0]):
             i = int(order[row, 0])
-            j = int(order[row, 1]) if len(self.names) > 1 else None
-            dist = float(_quad(f.pooled[row : row + 1], c["means"][i], c["ood_prec"][i])[0])
+            j = int(order[row, 1]) if nd > 1 else None
+            dist = float(_quad(f.pooled[row : row + 1, :a], c["means"][i, :a], c["ood_prec"][i])[0])
             ratio = dist / max(float(self.t["threshold"][i]), 1e-12)
-            reason = "distance" if ratio > 1 else ""
-            if f.chars_per_token is not None and float(f.chars_per_token[row]) < float(self.t["cpt_min"][i]):
-                reason = reason or "characters"
+            cpt = None if f.chars_per_token is None else float(f.chars_per_token[row])
+            noise_min = self.noise_min if legacy_cpt is None else float(legacy_cpt[i])
+            reason = ""
+            if cpt is not None and cpt < noise_min:
+                reason = "characters"
+            elif bgs is not None and bool(bg_wins[row]):
+                reason = "background"
+            elif ratio > 1:
+                reason = "distance"
             out.append(Decision(domain=BASE if reason else self.names[i], confidence=float(prob[row, i]),
                                 runner_up=None if j is None else self.names[j],
                                 runner_up_confidence=0.0 if j is None else float(prob[row, j]),
-                                best=self.names[i], ood_ratio=ratio, reason=reason))
+                                best=self.names[i], ood_ratio=ratio, reason=reason,
+                                background_confidence=0.0 if bgs is None else float(bg_prob[row])))
         return out
 
     def route(self, features) -> Decision:
@@ -342,6 +505,16 @@ class Router:
     def adapter_for(self, domain: str) -> str | None:
         """Adapter name serving `domain`, None for base."""
         return None if domain == BASE else self.adapters[domain]
+
+    def summary(self) -> dict:
+        """What the decision uses now (for reports): background items kept, components, shrinkage."""
+        if not self.names:
+            return {"domains": []}
+        c = self._stats()
+        return {"domains": list(self.names), "background_items": 0 if self.background is None else len(self.background),
+                "background_kept": c.get("background_kept", 0), "background_components": c["n_background"],
+                "lda_shrinkage": c.get("lda_shrinkage"), "background_shrinkage": c.get("bg_shrinkage"),
+                "abstain_dims": self._block(), "noise_min_chars_per_token": self.noise_min}
 
     # ---- persistence ------------------------------------------------------------------------
     def save(self, directory: str | Path) -> Path:
@@ -355,9 +528,14 @@ class Router:
         """Write router.safetensors and router.json into `folder` itself (the caller makes it atomic)."""
         folder = Path(folder)
         info = {"format": FORMAT, "config": asdict(self.cfg), "dim": self.dim, "domains": self.names,
-                "adapters": self.adapters, "calibration": self.calibration, "meta": self.meta}
-        save_file({k: v.contiguous() for k, v in self.t.items()}, str(folder / "router.safetensors"),
-                  metadata={"format": FORMAT})
+                "adapters": self.adapters, "calibration": self.calibration,
+                "noise_min_chars_per_token": self.noise_min, "abstain_dims": self.abstain_dims, "meta": self.meta}
+        tensors = {k: v.contiguous() for k, v in self.t.items()}
+        if self.background is not None:
+            tensors["background"] = self.background.contiguous()
+        if not tensors:
+            tensors["empty"] = torch.zeros(0)
+        save_file(tensors, str(folder / "router.safetensors"), metadata={"format": FORMAT})
         (folder / "router.json").write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
         return [folder / "router.safetensors", folder / "router.json"]
 
@@ -369,14 +547,26 @@ class Router:
         if not (path / "router.json").exists() or not (path / "router.safetensors").exists():
             raise FileNotFoundError(f"{path}: no router here (router.json + router.safetensors); "
                                     f"`crma run` writes one as each domain's phase ends")
-        info = json.loads((path / "router.json").read_text(encoding="utf-8"))
-        if info.get("format") != FORMAT:
-            raise RouterError(f"{path / 'router.json'}: not a crma router (format={info.get('format')!r})")
-        router = cls(RouterConfig(**info["config"]), info["dim"], info.get("meta"))
+        try:
+            info = json.loads((path / "router.json").read_text(encoding="utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as err:
+            raise RouterError(f"{path / 'router.json'}: not a crma router ({err})") from err
+        fmt = info.get("format") if isinstance(info, dict) else None
+        if fmt not in (FORMAT, LEGACY_FORMAT):
+            raise RouterError(f"{path / 'router.json'}: not a crma router (format={fmt!r})")
+        config = dict(info["config"])
+        if fmt == LEGACY_FORMAT:               # routed on the base model's hidden state, no background
+            config.update(encoder="base", background="none")
+        router = cls(RouterConfig.from_dict(config), info["dim"], info.get("meta"))
         router.names = list(info["domains"])
         router.adapters = dict(info["adapters"])
         router.calibration = dict(info["calibration"])
-        router.t = load_file(str(path / "router.safetensors"))
+        tensors = load_file(str(path / "router.safetensors"))
+        tensors.pop("empty", None)
+        router.background = tensors.pop("background", None)
+        router.t = tensors
+        router.noise_min = float(info.get("noise_min_chars_per_token", 0.0))
+        router.abstain_dims = info.get("abstain_dims")
         if len(router.t.get("count", [])) != len(router.names):
             raise RouterError(f"{path}: router.json names {len(router.names)} domains, "
                               f"router.safetensors holds {len(router.t.get('count', []))}")

@@ -153,7 +153,8 @@ def add_domain(live: LiveModel, root: Path, dom: DomainData, settings: AddSettin
                 lambda folder: live.backbone.save(folder), {"trained_on": dom.name, "phase": phase,
                                                             "crma": asdict(live.backbone.cfg)})
         router = load_router(w.store) or new_router(live.model, router_cfg or RouterConfig(),
-                                                    meta={"model": live.spec, "condition": live.condition})
+                                                    meta={"model": live.spec, "condition": live.condition},
+                                                    tokenizer=live.tokenizer)
         update_router(router, live.model, live.tokenizer, dom.name, adapter, dom.train_texts, dom.holdout_texts)
         result.router_version = w.add_router_version(router, f"add {dom.name}")
         meta = {"adapter": adapter, "backbone_version": result.backbone_version, "router_version": result.router_version,

@@ -26,7 +26,7 @@ def cmd_add(args: argparse.Namespace, configs: dict) -> int:
                 raise ConfigError(f"{opt} {given}: the store at {root} was created with {have}; "
                                   "a store keeps one base model and condition")
         crma = CRMAConfig(**store.manifest["settings"]["crma"])
-        router_cfg = RouterConfig(**store.manifest["settings"]["router"])
+        router_cfg = RouterConfig.from_dict(store.manifest["settings"]["router"])
         live = LiveModel.open(store)               # the base model as the store was built (tiny models: its seed)
     else:
         if root.exists() and any(p.name != ".lock" for p in root.iterdir()):
