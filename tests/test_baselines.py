@@ -82,7 +82,7 @@ def test_ewc_penalty_is_the_weighted_quadratic_and_zero_at_the_anchor():
     assert float(pen.detach()) == pytest.approx(0.5 * 4.0 * (0 + 0 + 2 * 1.0) + 0.0)   # only phase 0, third weight
     pen.backward()
     assert theta["w"].grad.tolist() == pytest.approx([0.0, 0.0, 4.0 * 2 * 1.0])  # lam F (theta - anchor)
-    assert float(ewc_penalty(theta, fishers[1:], anchors[1:], 4.0)) == 0.0
+    assert float(ewc_penalty(theta, fishers[1:], anchors[1:], 4.0).detach()) == 0.0
     ewc = EWC(CLConfig(), seed=0, n_phases=3)
     assert ewc.penalty() is None                                     # phase 0: nothing to protect yet
 
