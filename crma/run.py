@@ -139,7 +139,8 @@ def continual_run(cfg: RunConfig, command: str | None = None, progress: bool = T
     latest, pinned, logs, versions = [], [], [], []
     for i, dom in enumerate(data):
         added = add_domain(live, out, dom, settings, command=command, router_cfg=router_cfg,
-                           accelerator=accelerator, progress=progress, create=create, method=method)
+                           accelerator=accelerator, progress=progress, create=create, method=method,
+                           base=base[i])
         logs.append(added.log)
         versions.append(added.backbone_version)
         latest.append(evaluate_row(live, data, i, "latest", settings, progress, method))

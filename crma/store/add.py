@@ -125,7 +125,8 @@ def train_domain(live: LiveModel, dom: DomainData, phase: int, settings: AddSett
 
 def add_domain(live: LiveModel, root: Path, dom: DomainData, settings: AddSettings, *, command: str = "",
                router_cfg: RouterConfig | None = None, accelerator: Accelerator | None = None,
-               progress: bool = True, create: dict | None = None, method=None) -> AddResult:
+               progress: bool = True, create: dict | None = None, method=None,
+               base: list | None = None) -> AddResult:
     """Train `dom` onto `live` and register it in the store at `root` (created from `create` when new).
 
     Nothing is written unless the new adapter's holdout loss beats the base model's by at least
@@ -133,8 +134,9 @@ def add_domain(live: LiveModel, root: Path, dom: DomainData, settings: AddSettin
     accelerator = accelerator or Accelerator()
     store = live.store
     phase = sum(1 for e in store.manifest["log"] if e["op"] == "add") if store else 0
-    with live.untouched():
-        base = evaluate(live, dom, settings, progress)
+    if base is None:                       # a run has measured it already (the base row of its matrix)
+        with live.untouched():
+            base = evaluate(live, dom, settings, progress)
     adapter, log = train_domain(live, dom, phase, settings, accelerator, method)
     summed = method is not None and method.summed               # olora: served with every adapter summed
     with method.serving(live) if summed else active(live.model, adapter):
