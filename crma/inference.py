@@ -14,12 +14,10 @@ from pathlib import Path
 
 from torch import nn
 
-from .routing import BASE, Decision, Router, RouterError, route_texts
-from .routing.features import resolve_layer
+from .routing import BASE, Decision, Router, check_encoder, route_texts
 from .store import Store
 from .store.add import load_router
 from .store.live import LiveModel
-from .method.models import fingerprint
 
 
 @dataclass
@@ -75,7 +73,7 @@ def load_run(run_dir: str | Path, adapters: bool = True, router: bool = True, ba
         raise FileNotFoundError(f"{run_dir}: the store has no router yet (no domain added)")
     live = LiveModel.open(store)
     if rt is not None:
-        check_router_model(rt, live.model, run_dir)
+        check_encoder(rt, live.model)     # built on this base model, with the features this process computes
     names = []
     if adapters:
         for d in store.domains():
@@ -83,14 +81,3 @@ def load_run(run_dir: str | Path, adapters: bool = True, router: bool = True, ba
             live.ensure_adapter(name, store.adapter_meta(d)["version"])
             names.append(name)
     return LoadedRun(run_dir, live, rt, run_info(store), sorted(set(names)), backbone)
-
-
-def check_router_model(router: Router, model: nn.Module, where: Path) -> None:
-    """The router's statistics are only valid for the base model and layer they were built with."""
-    saved = router.meta.get("fingerprint")
-    if saved is not None and saved != fingerprint(model):
-        raise RouterError(f"{where / 'router'}: router was built on a different base model "
-                          f"(saved fingerprint {saved}, this model {fingerprint(model)})")
-    layer = router.meta.get("layer")
-    if layer is not None and resolve_layer(model, router.cfg.layer) != layer:
-        raise RouterError(f"{where / 'router'}: router layer {layer} does not match this model")

@@ -71,13 +71,16 @@ class LiveModel:
         self.backbone_states[version] = {k: v.detach().clone() for k, v in self.backbone.state_dict().items()}
         self.backbone_loaded = version
 
-    def _backbone_state(self, version: int) -> dict[str, torch.Tensor]:
+    def backbone_state(self, version: int, store: Store | None = None) -> dict[str, torch.Tensor]:
+        """The saved state of backbone `version` (read once, checksum verified, cached), without
+        changing what the attached backbone holds. `store` (default self.store) is the manifest to read."""
+        store = store or self.store
         if version not in self.backbone_states:
-            if self.store is None:
+            if store is None:
                 raise StoreError(f"backbone version {version} is not in memory and there is no store to read it from")
-            meta = self.store.backbone_meta(version)
-            verify_files(self.store.root, meta["files"])
-            self.backbone_states[version] = self.backbone.load_version(self.store.root / meta["path"] / BACKBONE_FILE)
+            meta = store.backbone_meta(version)
+            verify_files(store.root, meta["files"])
+            self.backbone_states[version] = self.backbone.load_version(store.root / meta["path"] / BACKBONE_FILE)
         return self.backbone_states[version]
 
     @torch.no_grad()
@@ -85,25 +88,15 @@ class LiveModel:
         """Make the attached backbone hold `version` (None: keep what it holds)."""
         if version is None or self.backbone is None or version == self.backbone_loaded:
             return
-        state = self._backbone_state(version)
+        state = self.backbone_state(version)
         for name, p in self.backbone.state_dict(keep_vars=True).items():
             p.copy_(state[name])
         self.backbone_loaded = version
 
     # ---- adapters ---------------------------------------------------------------------------
     def ensure_adapter(self, adapter: str, version: int) -> None:
-        """Have adapter `adapter` at store version `version` in memory (loading it, checksum verified)."""
-        if self.adapters.get(adapter) == version:
-            return
-        if self.store is None:
-            raise StoreError(f"adapter {adapter} v{version} is not in memory and there is no store to read it from")
-        meta = self.store.manifest["adapters"][adapter][str(version)]
-        verify_files(self.store.root, meta["files"])
-        if adapter in self.adapters:
-            self.model.delete_adapter(adapter)
-        self.model = load_adapter(self.model, adapter, self.store.root / meta["path"])
-        self.model.eval()
-        self.adapters[adapter] = version
+        """Have adapter `adapter` at store version `version` in memory under its own name."""
+        self.load_adapter_as(adapter, adapter, version)
 
     def load_adapter_as(self, name: str, adapter: str, version: int, store: Store | None = None) -> None:
         """Have store version `version` of adapter `adapter` in memory under the name `name` (checksum
@@ -122,15 +115,6 @@ class LiveModel:
         self.model = load_adapter(self.model, name, store.root / meta["path"])
         self.model.eval()
         self.adapters[name] = version
-
-    def backbone_state(self, version: int, store: Store | None = None) -> dict[str, torch.Tensor]:
-        """The saved state of backbone `version` (read once, checksum verified, cached), without
-        changing what the attached backbone holds. `store` (default self.store) is the manifest to read."""
-        if version not in self.backbone_states and store is not None and store is not self.store:
-            meta = store.backbone_meta(version)
-            verify_files(store.root, meta["files"])
-            self.backbone_states[version] = self.backbone.load_version(store.root / meta["path"] / BACKBONE_FILE)
-        return self._backbone_state(version)
 
     def drop_adapter(self, adapter: str) -> None:
         if adapter in self.adapters:
