@@ -19,13 +19,14 @@ import dataclasses
 import sys
 from pathlib import Path
 
-from .config import ALL_CONDITIONS, CLConfig, ConfigError, CRMAConfig, DomainSpec, LoraSettings, RunConfig, TrainConfig
+from .config import (ALL_CONDITIONS, CLConfig, ConfigError, CRMAConfig, DeviceConfig, DomainSpec, LoraSettings,
+                     RunConfig, TrainConfig)
 from .io import command_line
 
 # (dataclass, option prefix, RunConfig attribute)
 SECTIONS = ((TrainConfig, "", "train"), (LoraSettings, "lora-", "lora"), (CRMAConfig, "crma-", "crma"),
-            (CLConfig, "cl-", "cl"))
-RUN_SECTIONS = ("train", "lora", "crma", "cl")      # crma run: every section (cl: the baseline conditions)
+            (CLConfig, "cl-", "cl"), (DeviceConfig, "", "device"))
+RUN_SECTIONS = ("train", "lora", "crma", "cl", "device")   # crma run: every section (cl: the baseline conditions)
 
 
 def _field_type(f: dataclasses.Field):
@@ -36,12 +37,17 @@ def _field_type(f: dataclasses.Field):
     return {"int": int, "float": float, "str": str}[name]
 
 
-def _add_options(parser: argparse.ArgumentParser, cls, prefix: str, section: str, base) -> None:
+def _add_options(parser: argparse.ArgumentParser, cls, prefix: str, section: str, base, hidden=()) -> None:
     """One --{prefix}{field} option per field of dataclass `cls`, defaulting to `base`'s values,
-    stored as args.<section>.<field> (read back by _from_args)."""
+    stored as args.<section>.<field> (read back by _from_args); fields in `hidden` stay out of --help."""
     group = parser.add_argument_group(f"{section} settings")
     for f in dataclasses.fields(cls):
         default = getattr(base, f.name)
+        if f.type in ("bool", bool):
+            group.add_argument(f"--{prefix}{f.name.replace('_', '-')}", dest=f"{section}.{f.name}",
+                               action=argparse.BooleanOptionalAction, default=default,
+                               help=argparse.SUPPRESS if f.name in hidden else f"(default: {default})")
+            continue
         group.add_argument(f"--{prefix}{f.name.replace('_', '-')}", dest=f"{section}.{f.name}",
                            type=_field_type(f), default=default, metavar=f.name.upper(),
                            help=f"(default: {default})")
@@ -52,11 +58,12 @@ def _from_args(args: argparse.Namespace, cls, section: str):
 
 
 def add_config_options(parser: argparse.ArgumentParser, defaults: dict | None = None,
-                       sections: tuple[str, ...] = ("train", "lora", "crma")) -> None:
-    """One --option per field of TrainConfig, LoraSettings (--lora-*) and CRMAConfig (--crma-*)."""
+                       sections: tuple[str, ...] = ("train", "lora", "crma"), hidden: tuple[str, ...] = ()) -> None:
+    """One --option per field of TrainConfig, LoraSettings (--lora-*), CRMAConfig (--crma-*), CLConfig
+    (--cl-*) and DeviceConfig (--device, --dtype, ...), for the sections named."""
     defaults = defaults or {}
     for cls, prefix, section in (s for s in SECTIONS if s[2] in sections):
-        _add_options(parser, cls, prefix, section, defaults.get(section, cls()))
+        _add_options(parser, cls, prefix, section, defaults.get(section, cls()), hidden)
 
 
 def configs_from_args(args: argparse.Namespace, sections: tuple[str, ...] = ("train", "lora", "crma")) -> dict:
@@ -94,9 +101,15 @@ def cmd_bench(args: argparse.Namespace) -> int:
     from .bench.grid import PROTOCOLS, run_grid
     seeds = [int(s) for s in args.seeds.split(",") if s] if args.seeds else None
     conditions = [c for c in args.conditions.split(",") if c] if args.conditions else None
-    run_grid(PROTOCOLS[args.protocol], out=args.out, corpus=args.corpus, model=args.model,
+    protocol = PROTOCOLS[args.protocol]
+    if args.epochs is not None:
+        if args.epochs < 1:
+            raise ConfigError(f"--epochs must be >= 1, got {args.epochs}")
+        protocol = dataclasses.replace(protocol, epochs=args.epochs)
+    run_grid(protocol, out=args.out, corpus=args.corpus, model=args.model,
              conditions=conditions, seeds=seeds, resume=args.resume, progress=not args.quiet,
-             command=args.command_line, jobs=args.jobs, **configs_from_args(args, ("crma", "cl")))
+             command=args.command_line, jobs=args.jobs, micro_batch_size=args.micro_batch_size,
+             **configs_from_args(args, ("crma", "cl", "device")))
     return 0
 
 
@@ -158,12 +171,18 @@ def build_parser() -> argparse.ArgumentParser:
                        help="comma list (default: the protocol's; naive,frozen,modular for paper and cpu, "
                             "every condition for smoke); baselines: ewc, replay, olora")
     bench.add_argument("--seeds", default=None, help="comma list (default: the protocol's seeds)")
+    bench.add_argument("--epochs", type=int, default=None,
+                       help="override the protocol's epochs per domain (recorded in protocol.json; a folder "
+                            "holds one value: finished runs made with another are refused)")
     bench.add_argument("--resume", action="store_true", help="skip runs whose results.json is finished")
     bench.add_argument("--jobs", type=int, default=1,
                        help="runs at once, each in its own single-threaded process (2 on a 2-core machine: "
                             "~1.4x the throughput of one 2-thread process); per-run bars are off when > 1")
     bench.add_argument("--quiet", action="store_true", help="no progress lines or per-run bars")
-    add_config_options(bench, sections=("crma", "cl"))   # CRMA / baseline settings to compare; data/train fixed
+    bench.add_argument("--micro-batch-size", type=int, default=0,
+                       help="rows per forward in each process (0: its whole share of the global batch); "
+                            "changes memory, not the math")
+    add_config_options(bench, sections=("crma", "cl", "device"))   # CRMA / baseline settings to compare
     bench.set_defaults(func=cmd_bench)
 
     report = sub.add_parser("report", help="recompute summary.json, report.md and plots of a bench folder")

@@ -96,6 +96,8 @@ class TrainConfig:
     max_passages: int = 0       # use at most this many training passages per domain (0 = all)
     max_holdout: int = 0        # use at most this many holdout passages per domain (0 = all)
     holdout_fraction: float = 0.1  # held out of the train file when no holdout file is given
+    micro_batch_size: int = 0   # rows per forward in each process (0: its whole share of the batch); the
+                                # gradient is accumulated over micro-batches, so it changes memory, not the math
 
     def __post_init__(self) -> None:
         _check(self.epochs >= 1, "train.epochs", f"must be >= 1, got {self.epochs}")
@@ -107,6 +109,26 @@ class TrainConfig:
         _check(self.max_passages >= 0 and self.max_holdout >= 0, "train.max_passages", "must be >= 0")
         _check(0 < self.holdout_fraction < 1, "train.holdout_fraction",
                f"must be in (0, 1), got {self.holdout_fraction}")
+        _check(self.micro_batch_size >= 0, "train.micro_batch_size", f"must be >= 0, got {self.micro_batch_size}")
+
+
+DEVICES = ("auto", "cpu", "cuda", "mps")
+DTYPES = ("auto", "float32", "bfloat16")
+
+
+@dataclass
+class DeviceConfig:
+    """Where a job runs (crma/runtime.py): device, base weight dtype, memory savers. Recorded in config.json
+    but not part of a run's identity: the same run on a CPU or a GPU means the same thing."""
+
+    device: str = "auto"        # auto: cuda, else mps, else cpu
+    dtype: str = "auto"         # auto: bfloat16 where the device computes it natively, float32 on CPU
+    gradient_checkpointing: bool = False   # non-reentrant activation recomputation (works under DDP)
+    load_in_4bit: bool = False  # NF4 base weights through bitsandbytes (CUDA only)
+
+    def __post_init__(self) -> None:
+        _check(self.device in DEVICES, "device", f"must be one of {', '.join(DEVICES)}, got {self.device!r}")
+        _check(self.dtype in DTYPES, "dtype", f"must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
 
 
 @dataclass
@@ -184,6 +206,7 @@ class RunConfig:
     lora: LoraSettings = field(default_factory=LoraSettings)
     crma: CRMAConfig = field(default_factory=CRMAConfig)
     cl: CLConfig = field(default_factory=CLConfig)          # used by the baseline conditions only
+    device: DeviceConfig = field(default_factory=DeviceConfig)
 
     def __post_init__(self) -> None:
         _check(self.condition in ALL_CONDITIONS, "condition",

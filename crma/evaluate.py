@@ -5,20 +5,25 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from . import runtime
 from .data import collate
 
 
 @torch.no_grad()
 def passage_losses(model, examples: list[list[int]], batch_size: int, pad_id: int,
                    desc: str = "eval", progress: bool = True) -> list[tuple[float, int]]:
-    """(sum of next-token cross-entropy, number of predicted tokens) for each passage.
+    """(sum of next-token cross-entropy, number of predicted tokens) for each passage, in order.
 
         loss_sum_p = sum_{t=1}^{len_p - 1} -log p(x_t | x_<t)
-    """
+
+    Under N processes each evaluates a contiguous shard of the passages and the per-passage pairs are
+    gathered back in order (every process must call this), so token-weighted means are as on one."""
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
+    examples = [examples[i] for i in runtime.shard(len(examples))]
     out: list[tuple[float, int]] = []
+    progress = progress and runtime.is_main()
     for start in tqdm(range(0, len(examples), batch_size), desc=desc, leave=False, disable=not progress):
         batch = collate(examples[start : start + batch_size], pad_id)
         ids = batch["input_ids"].to(device)
@@ -31,7 +36,7 @@ def passage_losses(model, examples: list[list[int]], batch_size: int, pad_id: in
         for row in range(ids.shape[0]):
             out.append((float(ce[row][valid[row]].sum()), int(valid[row].sum())))
     model.train(was_training)
-    return out
+    return runtime.gather(out)
 
 
 def mean_loss(losses: list[tuple[float, int]]) -> float:

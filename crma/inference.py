@@ -62,7 +62,8 @@ def run_info(store: Store) -> dict:
             "domains": domains, "train": train}
 
 
-def load_run(run_dir: str | Path, adapters: bool = True, router: bool = True, backbone: str = "pinned") -> LoadedRun:
+def load_run(run_dir: str | Path, adapters: bool = True, router: bool = True, backbone: str = "pinned",
+             device=None) -> LoadedRun:
     """Open a store: base model (+ backbone), every current adapter when `adapters`, the router."""
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
@@ -71,7 +72,7 @@ def load_run(run_dir: str | Path, adapters: bool = True, router: bool = True, ba
     rt = load_router(store) if router else None
     if router and rt is None:
         raise FileNotFoundError(f"{run_dir}: the store has no router yet (no domain added)")
-    live = LiveModel.open(store)
+    live = LiveModel.open(store, device=device)   # device: a DeviceConfig (default automatic)
     if rt is not None:
         check_encoder(rt, live.model)     # built on this base model, with the features this process computes
     names = []

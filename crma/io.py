@@ -24,6 +24,15 @@ def _umask() -> int:
     return mask
 
 
+def record_write(path: Path) -> None:
+    """Test hook: with CRMA_WRITE_LOG=<file>, every finished atomic write appends "<pid> <path>" there,
+    so a multi-process test can check that exactly one process wrote each file."""
+    log = os.environ.get("CRMA_WRITE_LOG")
+    if log:
+        with open(log, "a", encoding="utf-8") as f:        # O_APPEND: whole lines, even from several processes
+            f.write(f"{os.getpid()} {Path(path).resolve()}\n")
+
+
 @contextmanager
 def atomic_path(path: str | Path):
     """Yield a temp path in the target's folder; on success rename it over `path`, else delete it."""
@@ -35,6 +44,7 @@ def atomic_path(path: str | Path):
     try:
         yield Path(tmp)
         os.replace(tmp, path)
+        record_write(path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
@@ -55,6 +65,7 @@ def atomic_dir(path: str | Path):
             shutil.rmtree(old, ignore_errors=True)
             os.replace(path, old)
         os.replace(tmp, path)
+        record_write(path)
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
     except BaseException:
@@ -67,4 +78,12 @@ def write_json(path: str | Path, obj) -> Path:
     path = Path(path)
     with atomic_path(path) as tmp:
         tmp.write_text(json.dumps(obj, indent=2, sort_keys=False) + "\n", encoding="utf-8")
+    return path
+
+
+def write_text(path: str | Path, text: str) -> Path:
+    """Atomically write a text file (UTF-8)."""
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        tmp.write_text(text, encoding="utf-8")
     return path

@@ -19,14 +19,13 @@ import json
 import shutil
 from pathlib import Path
 
-from accelerate import Accelerator
 from accelerate.utils import set_seed
 
-from . import __version__
+from . import __version__, runtime
 from .bench import metrics
 from .config import ConfigError, RunConfig
 from .evaluate import mean_loss
-from .io import command_line, write_json
+from .io import command_line, write_json, write_text
 from .routing import RouterConfig
 from .store.add import AddSettings, DomainData, add_domain, evaluate, load_domain, store_settings
 from .baselines import make_method, store_create
@@ -44,7 +43,7 @@ def prepare_out(out: Path, cfg: RunConfig, overwrite: bool) -> None:
     config, results = out / "config.json", out / "results.json"
     same = False
     try:
-        same = json.loads(config.read_text(encoding="utf-8")) == cfg.to_dict()
+        same = _identity(json.loads(config.read_text(encoding="utf-8"))) == _identity(cfg.to_dict())
         done = json.loads(results.read_text(encoding="utf-8")).get("finished") if results.exists() else False
     except (OSError, ValueError):
         done = False
@@ -53,6 +52,11 @@ def prepare_out(out: Path, cfg: RunConfig, overwrite: bool) -> None:
         return
     what = "this finished run" if same and done else "other files (another run or store)"
     raise ConfigError(f"--out: {out} already holds {what}; pass --overwrite to replace it, or choose another folder")
+
+
+def _identity(config: dict) -> dict:
+    """A run's settings without where it ran (device, processes): restarting elsewhere is the same run."""
+    return {k: v for k, v in config.items() if k not in ("device", "runtime")}
 
 
 def spectral_summary(logs: list[PhaseLog], rho: float) -> dict:
@@ -120,13 +124,17 @@ def continual_run(cfg: RunConfig, command: str | None = None, progress: bool = T
     Each phase adds its domain to the store (adapter, backbone version, router) exactly as `crma add`."""
     command = command or command_line()
     out = Path(cfg.out)
-    prepare_out(out, cfg, overwrite)
-    out.mkdir(parents=True, exist_ok=True)
-    write_json(out / "config.json", cfg.to_dict())
+    accelerator = runtime.accelerator(cfg.device)       # first: under a launcher, join the process group
+    placed = runtime.describe(cfg.device)
+
+    def start() -> None:
+        prepare_out(out, cfg, overwrite)
+        out.mkdir(parents=True, exist_ok=True)
+        write_json(out / "config.json", {**cfg.to_dict(), "runtime": placed})
+
+    runtime.on_main(start)
     set_seed(cfg.seed)
-    accelerator = Accelerator()
-    live = LiveModel.fresh(cfg.model, cfg.condition, seed=cfg.seed)
-    live.model.to(accelerator.device)
+    live = LiveModel.fresh(cfg.model, cfg.condition, seed=cfg.seed, device=cfg.device)
     settings = AddSettings(seed=cfg.seed, train=cfg.train, lora=cfg.lora, crma=cfg.crma, min_gain=None)
     data = [load_domain(spec, live.tokenizer, cfg.train) for spec in cfg.domains]
     names = [d.name for d in data]
@@ -149,12 +157,13 @@ def continual_run(cfg: RunConfig, command: str | None = None, progress: bool = T
         results = build_results(cfg, command, base, latest, logs, names, i == len(data) - 1,
                                 pinned if modular else None, versions if modular else None,
                                 method.storage() if method is not None else None)
-        write_json(out / "results.json", results)
+        results["runtime"] = placed
+        runtime.on_main(write_json, out / "results.json", results)
     if modular:
-        (out / "spectral_log.jsonl").write_text(
-            "".join(json.dumps({"phase": p, "step": s, "layers": layers}) + "\n"
-                    for p, log in enumerate(logs) for s, layers in enumerate(log.spectral)))
-    if progress:
+        runtime.on_main(write_text, out / "spectral_log.jsonl",
+                        "".join(json.dumps({"phase": p, "step": s, "layers": layers}) + "\n"
+                                for p, log in enumerate(logs) for s, layers in enumerate(log.spectral)))
+    if progress and runtime.is_main():
         print(format_table(results))
     return results
 

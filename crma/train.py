@@ -2,17 +2,18 @@
 from __future__ import annotations
 
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 
 import torch
+import torch.nn.functional as F
 from accelerate import Accelerator
-from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from .method.backbone import CRMABackbone
+from . import runtime
 from .config import TrainConfig
 from .data import collate, epoch_order
-
+from .method.backbone import CRMABackbone
 
 
 @dataclass
@@ -48,39 +49,70 @@ def make_optimizer(lora_params: list, backbone: CRMABackbone | None, cfg: TrainC
     return torch.optim.AdamW([g for g in groups if g["params"]], weight_decay=0.0)
 
 
+def token_loss_sum(model, rows: list[list[int]], pad_id: int, device) -> torch.Tensor:
+    """Sum over the rows' predicted tokens of -log p(x_t | x_<t) (fp32 logits), a scalar tensor."""
+    batch = {k: v.to(device) for k, v in collate(rows, pad_id).items()}
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits   # (b, s, V)
+    targets = batch["labels"][:, 1:]                                                               # (b, s-1)
+    return F.cross_entropy(logits[:, :-1].float().flatten(0, 1), targets.flatten(), ignore_index=-100,
+                           reduction="sum")
+
+
 def train_phase(model, examples: list[list[int]], cfg: TrainConfig, *, seed: int, domain: str,
                 adapter: str, lora_params: list, backbone: CRMABackbone | None,
                 accelerator: Accelerator, pad_id: int, method=None) -> PhaseLog:
     """Train the current adapter (and backbone, if given) on one domain's token lists. A baseline's
     `method` (crma/baselines) may order/mix the phase's passages and add a penalty to every step's loss;
-    log.losses stays the LM loss alone (comparable across conditions), the penalty goes to log.penalties."""
+    log.losses stays the LM loss alone (comparable across conditions), the penalty goes to log.penalties.
+
+    cfg.batch_size is the GLOBAL batch: under N processes each takes a contiguous share of every batch
+    (runtime.shard) in micro-batches of cfg.micro_batch_size rows, and every step minimises
+
+        loss = sum over all predicted tokens of the global batch of CE / number of those tokens,
+
+    exactly as one process does: each process backpropagates N * (its tokens' CE sum) / global tokens and
+    DDP averages over the N processes (gradients of earlier micro-batches accumulate without syncing)."""
     log = PhaseLog(domain=domain, adapter=adapter)
     ordered = method.phase_examples(examples, cfg, seed) if method is not None else None
     if ordered is None:
         order = epoch_order(len(examples), cfg.epochs, seed)
         ordered = [examples[i] for i in order]
-    loader = DataLoader(ordered, batch_size=cfg.batch_size, shuffle=False,
-                        collate_fn=lambda b: collate(b, pad_id))
+    batches = [ordered[i:i + cfg.batch_size] for i in range(0, len(ordered), cfg.batch_size)]
     optimizer = make_optimizer(lora_params, backbone, cfg)
-    model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
+    wrapped, optimizer = accelerator.prepare(model, optimizer)
     trainable = [p for g in optimizer.param_groups for p in g["params"]]
+    procs = accelerator.num_processes
     if backbone is not None:
         log.spectral.append(backbone.stats())          # step 0: the matrices before any update
-    model.train()
+    wrapped.train()
     start = time.perf_counter()
-    bar = tqdm(loader, desc=f"train {domain}", leave=False, disable=not accelerator.is_local_main_process)
+    bar = tqdm(batches, desc=f"train {domain}", leave=False, disable=not accelerator.is_main_process)
     for batch in bar:
-        loss = model(**batch).loss
+        n_tokens = sum(len(x) - 1 for x in batch)                         # predicted tokens, all processes
+        share = [batch[i] for i in runtime.shard(len(batch))]
+        weight = 1.0 if share else 0.0                 # an empty share still joins the gradient sync
+        share = share or batch[:1]
+        micro = cfg.micro_batch_size or len(share)
+        chunks = [share[i:i + micro] for i in range(0, len(share), micro)]
+        local = 0.0
         extra = method.penalty() if method is not None else None
         if extra is not None:
             log.penalties.append(float(extra.detach()))
-        accelerator.backward(loss if extra is None else loss + extra)
+        for k, rows in enumerate(chunks):
+            last = k == len(chunks) - 1
+            with nullcontext() if last else accelerator.no_sync(wrapped):
+                ce = token_loss_sum(wrapped, rows, pad_id, accelerator.device) * weight
+                loss = ce * (procs / n_tokens)
+                if k == 0 and extra is not None:
+                    loss = loss + extra
+                accelerator.backward(loss)
+            local += float(ce.detach())
         grad_norm = accelerator.clip_grad_norm_(trainable, cfg.grad_clip)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        log.losses.append(float(loss.detach()))
+        log.losses.append(runtime.all_sum(local) / n_tokens)
         log.grad_norms.append(float(grad_norm))
-        log.tokens += int(batch["attention_mask"].sum())
+        log.tokens += sum(len(x) for x in batch)
         if backbone is not None:
             log.spectral.append(backbone.stats())
         bar.set_postfix(loss=f"{log.losses[-1]:.3f}", gnorm=f"{log.grad_norms[-1]:.2f}")

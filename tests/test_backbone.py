@@ -114,7 +114,7 @@ def test_loading_onto_a_different_base_model_fails_clearly(tmp_path):
     model, _ = load_model("tiny:llama", seed=0)
     CRMABackbone.for_model(model, CRMAConfig()).save(tmp_path)
     other, _ = load_model("tiny:llama", seed=1)       # same architecture, other weights
-    with pytest.raises(FingerprintError, match="different base model.*weights_sha256"):
+    with pytest.raises(FingerprintError, match="different base model.*weights_bf16_sha256"):
         CRMABackbone.load(tmp_path, other)
     gpt2, _ = load_model("tiny:gpt2")
     with pytest.raises(FingerprintError, match="model_type"):

@@ -423,12 +423,12 @@ def test_route_cli_store_uses_open_store(demo_router, monkeypatch, tmp_path, cap
         def router(self):
             return demo_router
 
-        def base(self):
-            opened.append(True)
+        def base(self, device=None):
+            opened.append(device.device)
             return None, None          # a MiniLM router does not read the base model
     monkeypatch.setattr(rcli, "open_store", lambda path: FakeStore())
     assert route_main(["route", "--store", str(tmp_path), "What is a red giant star?"]) == 0
-    assert capsys.readouterr().out.startswith("domain: astronomy") and opened
+    assert capsys.readouterr().out.startswith("domain: astronomy") and opened == ["auto"]
 
 
 def test_route_eval_scores_any_labelled_set_and_ood_file(demo_folder, tmp_path, capsys):

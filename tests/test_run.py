@@ -41,7 +41,10 @@ def test_results_file_and_artifacts_on_disk(conflict_runs):
     saved = json.loads((run_dir / "results.json").read_text())
     assert saved["domains"] == ["up", "down"] and len(saved["loss_matrix"]) == 2
     assert saved["config"]["condition"] == "modular" and saved["config"]["crma"]["n_streams"] == 4
-    assert json.loads((run_dir / "config.json").read_text()) == saved["config"]
+    config = json.loads((run_dir / "config.json").read_text())
+    assert config.pop("runtime") == saved["runtime"] and config == saved["config"]
+    assert saved["runtime"]["num_processes"] == 1 and saved["runtime"]["resolved_device"] == "cpu"
+    assert saved["runtime"]["resolved_dtype"] == "float32" and saved["config"]["device"]["device"] == "auto"
     for name in ("up", "down"):
         assert (run_dir / "adapters" / name / "v1" / "adapter_config.json").exists()
         assert (run_dir / "adapters" / name / "v1" / "adapter_model.safetensors").exists()
@@ -127,7 +130,7 @@ def test_cli_names_a_foreign_base_model_instead_of_crashing(conflict_runs, tmp_p
     foreign = tmp_path / "foreign"
     shutil.copytree(run_dir, foreign)
     manifest = json.loads((foreign / "manifest.json").read_text())
-    manifest["model"]["fingerprint"]["weights_sha256"] = "0" * 16
+    manifest["model"]["fingerprint"]["weights_bf16_sha256"] = "0" * 16
     (foreign / "manifest.json").write_text(json.dumps(manifest))
     assert main(["route", "--run", str(foreign), "abcdabcd"]) == 2
     assert "the store was built on base model" in capsys.readouterr().err

@@ -25,7 +25,9 @@ from pathlib import Path
 
 import torch
 
-from ..config import ALL_CONDITIONS, CONDITIONS, CLConfig, ConfigError, CRMAConfig, DomainSpec, RunConfig, TrainConfig
+from .. import runtime
+from ..config import (ALL_CONDITIONS, CONDITIONS, CLConfig, ConfigError, CRMAConfig, DeviceConfig, DomainSpec,
+                      RunConfig, TrainConfig)
 from ..data import DataError
 from ..demo import DEMO_DIR
 from ..io import command_line, write_json
@@ -115,10 +117,13 @@ def _identity(cfg: dict) -> dict:
     """The settings that define a run, without paths (a grid may move between machines). CRMA settings
     only define modular runs: naive and frozen have no backbone, so they are shared across CRMA ablations.
     Likewise a baseline's settings (--cl-ewc-*, --cl-replay-*, --cl-olora-*) define only its own runs."""
+    train = dataclasses.asdict(TrainConfig(**cfg["train"]))     # settings added later take their defaults
+    train.pop("micro_batch_size")                               # memory, not math
     return {"model": cfg["model"], "condition": cfg["condition"], "seed": cfg["seed"],
-            "domains": [d["name"] for d in cfg["domains"]], "train": cfg["train"], "lora": cfg["lora"],
+            "domains": [d["name"] for d in cfg["domains"]], "train": train, "lora": cfg["lora"],
             "crma": cfg["crma"] if cfg["condition"] == "modular" else None,
-            "cl": CLConfig(**cfg.get("cl", {})).for_condition(cfg["condition"])}
+            "cl": CLConfig(**cfg.get("cl", {})).for_condition(cfg["condition"]),
+            "load_in_4bit": cfg.get("device", {}).get("load_in_4bit", False)}   # NF4 weights change the model
 
 
 def _read_json(path: Path) -> dict | None:
@@ -131,7 +136,8 @@ def _read_json(path: Path) -> dict | None:
 def plan_grid(protocol: Protocol, out: Path, corpus: Path | None = None, model: str | None = None,
               conditions: list[str] | None = None, seeds: list[int] | None = None,
               resume: bool = False, crma: CRMAConfig | None = None,
-              cl: CLConfig | None = None) -> list[tuple[RunConfig, bool]]:
+              cl: CLConfig | None = None, device: DeviceConfig | None = None,
+              micro_batch_size: int = 0) -> list[tuple[RunConfig, bool]]:
     """(RunConfig, already finished) for every run, seed-major so each seed's comparison completes
     early. Fails before any training if a finished run would be overwritten (no --resume) or was
     made with other settings."""
@@ -144,8 +150,9 @@ def plan_grid(protocol: Protocol, out: Path, corpus: Path | None = None, model: 
     for seed in seeds if seeds is not None else protocol.seeds:
         for cond in conditions:
             cfg = RunConfig(domains=specs, out=run_dir(out, cond, seed), model=model or protocol.model,
-                            condition=cond, seed=seed, train=protocol.train_config(), crma=crma or CRMAConfig(),
-                            cl=cl or CLConfig())
+                            condition=cond, seed=seed, crma=crma or CRMAConfig(), cl=cl or CLConfig(),
+                            train=dataclasses.replace(protocol.train_config(), micro_batch_size=micro_batch_size),
+                            device=device or DeviceConfig())
             old = _read_json(cfg.out / "results.json")
             done = bool(old and old.get("finished"))
             if done and not resume:
@@ -202,8 +209,9 @@ def run_one(cfg: RunConfig, command: str, progress: bool = True, threads: int | 
     t0 = time.perf_counter()
     continual_run(cfg, command=f"{command}  # run {cfg.condition}-seed{cfg.seed}", progress=progress)
     wall = time.perf_counter() - t0
-    write_json(cfg.out / "bench_run.json", {"wall_seconds": wall, "torch_threads": torch.get_num_threads(),
-                                             "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S")})
+    runtime.on_main(write_json, cfg.out / "bench_run.json",
+                    {"wall_seconds": wall, "torch_threads": torch.get_num_threads(),
+                     "num_processes": runtime.num_processes(), "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S")})
     return wall
 
 
@@ -232,7 +240,8 @@ def _in_workers(todo: list[RunConfig], jobs: int, command: str):
 def run_grid(protocol: Protocol, out: str | Path, corpus: str | Path | None = None, model: str | None = None,
              conditions: list[str] | None = None, seeds: list[int] | None = None, resume: bool = False,
              progress: bool = True, command: str | None = None, jobs: int = 1,
-             crma: CRMAConfig | None = None, cl: CLConfig | None = None) -> dict:
+             crma: CRMAConfig | None = None, cl: CLConfig | None = None, device: DeviceConfig | None = None,
+             micro_batch_size: int = 0) -> dict:
     """Run the grid (skipping finished runs under --resume), then write summary.json and report.md.
     jobs > 1 runs that many runs at once, each in its own single-threaded process (no per-run bars).
     `crma` overrides the CRMA settings (defaults: CRMAConfig()) to compare them on the same protocol;
@@ -242,10 +251,14 @@ def run_grid(protocol: Protocol, out: str | Path, corpus: str | Path | None = No
     if jobs < 1:
         raise ConfigError(f"--jobs must be >= 1, got {jobs}")
     out = Path(out)
-    crma, cl = crma or CRMAConfig(), cl or CLConfig()
-    plan = plan_grid(protocol, out, Path(corpus) if corpus else None, model, conditions, seeds, resume, crma, cl)
+    crma, cl, device = crma or CRMAConfig(), cl or CLConfig(), device or DeviceConfig()
+    if jobs > 1 and runtime.accelerator(device).num_processes > 1:
+        raise ConfigError(f"--jobs {jobs}: under a multi-process launch every run already uses all processes; "
+                          "use --jobs 1")
+    plan = plan_grid(protocol, out, Path(corpus) if corpus else None, model, conditions, seeds, resume, crma, cl,
+                     device, micro_batch_size)
     command = command or command_line()
-    write_json(out / "protocol.json", merge_protocol(
+    runtime.on_main(write_json, out / "protocol.json", merge_protocol(
         _read_json(out / "protocol.json"),
         {**protocol.to_dict(), "model": model or protocol.model, "corpus": str(corpus or protocol.default_corpus),
          "crma": dataclasses.asdict(crma), "cl": dataclasses.asdict(cl), "grid": [[c.condition, c.seed] for c, _ in plan], "commands": [command]}))
@@ -256,7 +269,7 @@ def run_grid(protocol: Protocol, out: str | Path, corpus: str | Path | None = No
             durations.setdefault(res["condition"], []).append(meta["wall_seconds"])
     todo = [cfg for cfg, done in plan if not done]
     jobs = min(jobs, max(len(todo), 1))
-    say = (lambda msg: print(msg, flush=True)) if progress else (lambda msg: None)
+    say = (lambda msg: print(msg, flush=True)) if progress and runtime.is_main() else (lambda msg: None)
     say(f"crma bench: protocol {protocol.name}, {len(plan)} runs, {len(plan) - len(todo)} already finished, "
         f"{len(todo)} to run" + (f" in {jobs} single-threaded processes" if jobs > 1 else "") + f" -> {out}")
     start = time.perf_counter()
@@ -286,7 +299,7 @@ def run_grid(protocol: Protocol, out: str | Path, corpus: str | Path | None = No
                     f"elapsed {_hms(time.perf_counter() - start)} | ETA {eta(left) if left else '0:00:00'}")
     finally:
         torch.set_num_threads(threads)
-        summary = write_all(out)
+        summary = runtime.on_main(write_all, out)
         say(f"crma bench: {summary['n_finished']} finished runs summarised in {out / 'summary.json'} "
             f"and {out / 'report.md'}")
     return summary

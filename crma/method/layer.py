@@ -17,6 +17,16 @@ from ..config import CRMAConfig
 from .sinkhorn import mixing_matrix, spectral_stats
 
 
+def fp32(h: torch.Tensor):
+    """Context: autocast off, so CRMA computes in fp32 even inside a bf16/fp16 autocast region.
+
+    Why fp32 whatever the model's dtype: bf16 keeps 8 mantissa bits, so Sinkhorn's row and column sums
+    would be exact only to ~4e-3 and ||M||_2 could exceed 1 by as much; the certificate
+    ||alpha W M R||_2 <= rho (||dh|| <= rho ||h|| per token) and the spectral log need fp32. The cost is
+    negligible: n (4-64) streams against a hidden size in the thousands."""
+    return torch.autocast(device_type=h.device.type, enabled=False)
+
+
 def orthonormal_columns(a: torch.Tensor) -> torch.Tensor:
     """Q of the reduced QR decomposition a = Q U: (d, n) -> (d, n) with Q^T Q = I_n.
 
@@ -45,10 +55,11 @@ def delta_rows(h: torch.Tensor, read: torch.Tensor, mix_t: torch.Tensor, write_t
     read (b, d, n), mix_t (b, n, n), write_t (b, n, d), alpha (b,) (crma_operators stacked per row).
     The same three products as CRMABlock.delta, batched over rows; returns (b, ..., d) in h's dtype."""
     shape = h.shape
-    x = h.float().reshape(shape[0], -1, shape[-1])                    # (b, s, d)
-    streams = torch.bmm(x, read)                                      # (b, s, n) = R h
-    mixed = torch.bmm(streams, mix_t)                                 # (b, s, n) = M R h
-    out = alpha.reshape(-1, 1, 1) * torch.bmm(mixed, write_t)         # (b, s, d)
+    with fp32(h):
+        x = h.float().reshape(shape[0], -1, shape[-1])                # (b, s, d)
+        streams = torch.bmm(x, read)                                  # (b, s, n) = R h
+        mixed = torch.bmm(streams, mix_t)                             # (b, s, n) = M R h
+        out = alpha.reshape(-1, 1, 1) * torch.bmm(mixed, write_t)     # (b, s, d)
     return out.reshape(shape).to(h.dtype)
 
 
@@ -84,12 +95,14 @@ class CRMABlock(nn.Module):
         return self.cfg.rho * torch.tanh(self.crma_gate)
 
     def delta(self, h: torch.Tensor) -> torch.Tensor:
-        """dh = alpha * W M R h for h of shape (..., d); returns (..., d) in h's dtype."""
-        read = orthonormal_columns(self.crma_read)      # (d, n) = R^T
-        write = orthonormal_columns(self.crma_write)    # (d, n) = W
-        streams = h.float() @ read                      # (..., n) = R h
-        mixed = streams @ self.mixing().T               # (..., n) = M R h
-        return (self.alpha() * (mixed @ write.T)).to(h.dtype)   # (..., d)
+        """dh = alpha * W M R h for h of shape (..., d); returns (..., d) in h's dtype, computed in fp32."""
+        with fp32(h):
+            read = orthonormal_columns(self.crma_read)      # (d, n) = R^T
+            write = orthonormal_columns(self.crma_write)    # (d, n) = W
+            streams = h.float() @ read                      # (..., n) = R h
+            mixed = streams @ self.mixing().T               # (..., n) = M R h
+            out = self.alpha() * (mixed @ write.T)          # (..., d)
+        return out.to(h.dtype)
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         if self.row_operators is not None:

@@ -86,28 +86,46 @@ def smollm2_dir() -> Path:
     return path
 
 
-def load_model(spec: str, seed: int = 0):
-    """--model value -> (model in fp32 eval mode, tokenizer with a pad token)."""
+def quantization_kwargs(load_in_4bit: bool, dtype: torch.dtype) -> dict:
+    """from_pretrained arguments for NF4 base weights (QLoRA: Dettmers et al. 2023), or {}."""
+    if not load_in_4bit:
+        return {}
+    if importlib.util.find_spec("bitsandbytes") is None:
+        raise ModelError("--load-in-4bit needs bitsandbytes: pip install bitsandbytes")
+    if not torch.cuda.is_available():
+        raise ModelError("--load-in-4bit: bitsandbytes 4-bit weights need a CUDA GPU")
+    from transformers import BitsAndBytesConfig
+
+    return {"quantization_config": BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                                                      bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=dtype),
+            "device_map": {"": torch.cuda.current_device()}}
+
+
+def load_model(spec: str, seed: int = 0, dtype: torch.dtype = torch.float32, load_in_4bit: bool = False):
+    """--model value -> (model in eval mode with weights in `dtype`, tokenizer with a pad token).
+    `load_in_4bit`: NF4 weights (hub/local models on CUDA, computing in `dtype`)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    if load_in_4bit and (spec.startswith("tiny:") or spec == "smollm2-135m"):
+        raise ModelError(f"--load-in-4bit applies to hub or local models, not {spec!r}")
     if spec.startswith("tiny:"):
         config = tiny_config(spec.split(":", 1)[1])
-        from transformers import AutoModelForCausalLM as auto
         gen_state = torch.random.get_rng_state()
         torch.manual_seed(seed)  # the tiny model is a pure function of (family, seed)
         try:
-            model = auto.from_config(config, dtype=torch.float32)
+            model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
         finally:
             torch.random.set_rng_state(gen_state)
+        model.to(dtype)          # initialised in fp32, so a bf16 tiny model is the fp32 one rounded
         tokenizer = byte_tokenizer()
     elif spec == "smollm2-135m":
         path = smollm2_dir()
         tokenizer = AutoTokenizer.from_pretrained(path, gguf_file=SMOLLM2_GGUF)
-        model = AutoModelForCausalLM.from_pretrained(path, gguf_file=SMOLLM2_GGUF, dtype=torch.float32)
+        model = AutoModelForCausalLM.from_pretrained(path, gguf_file=SMOLLM2_GGUF, dtype=dtype)
     else:
         try:
             tokenizer = AutoTokenizer.from_pretrained(spec)
-            model = AutoModelForCausalLM.from_pretrained(spec, dtype=torch.float32)
+            model = AutoModelForCausalLM.from_pretrained(spec, dtype=dtype, **quantization_kwargs(load_in_4bit, dtype))
         except OSError as err:
             raise ModelError(f"cannot load model {spec!r} (hub id or local directory): {err}") from err
     if tokenizer.pad_token is None:
@@ -143,26 +161,33 @@ def mlp_out_weight(block: nn.Module, fam: str, d: int) -> torch.Tensor | None:
     weight = getattr(module, "weight", None)
     if weight is None:
         return None
+    if hasattr(weight, "quant_state"):              # bitsandbytes 4-bit: packed bytes, dequantize first
+        import bitsandbytes.functional as bnbf
+        weight = bnbf.dequantize_4bit(weight.data, weight.quant_state)
     weight = weight.detach().float()
     return weight if weight.shape[0] == d else weight.T if weight.shape[1] == d else None
 
 
+def _bf16_bytes(t: torch.Tensor) -> bytes:
+    """The first 65536 values rounded to bf16: the same for a checkpoint loaded in fp32 or bf16."""
+    return t.detach().flatten()[:65536].to(torch.bfloat16).view(torch.int16).cpu().numpy().tobytes()
+
+
 def fingerprint(model: nn.Module) -> dict:
-    """Identity of a base model: architecture, sizes and a hash of some of its weights (the same
-    with or without PEFT adapters around it)."""
+    """Identity of a base model: architecture, sizes and a hash of some of its weights rounded to bf16,
+    so a store built in fp32 on a CPU opens in bf16 on a GPU (the same with or without PEFT adapters)."""
     if hasattr(model, "get_base_model"):
         model = model.get_base_model()
     cfg = model.config
     digest = hashlib.sha256()
-    embed = model.get_input_embeddings().weight.detach()
-    digest.update(embed.flatten()[:65536].float().cpu().numpy().tobytes())
+    digest.update(_bf16_bytes(model.get_input_embeddings().weight))
     first = next(p for n, p in decoder_layers(model)[0].named_parameters() if "lora_" not in n)
-    digest.update(first.detach().flatten()[:65536].float().cpu().numpy().tobytes())
+    digest.update(_bf16_bytes(first) if first.is_floating_point() else first.detach().flatten()[:65536].cpu().numpy().tobytes())
     return {
         "model_type": cfg.model_type,
         "architecture": type(model).__name__,
         "hidden_size": int(cfg.hidden_size),
         "num_layers": int(cfg.num_hidden_layers),
         "vocab_size": int(cfg.vocab_size),
-        "weights_sha256": digest.hexdigest()[:16],
+        "weights_bf16_sha256": digest.hexdigest()[:16],
     }

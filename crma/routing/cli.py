@@ -35,6 +35,7 @@ class Source:
     label: str                    # for reports
     folder: Path | None           # the run/store folder (None for --router)
     kind: str                     # store | run | router
+    device: object | None = None  # DeviceConfig of the model loads (--device, --dtype)
 
 
 def open_store(path: Path):
@@ -43,17 +44,21 @@ def open_store(path: Path):
     return _open(path)
 
 
-def _base_model(needs: bool, spec: str | None, seed: int, store=None):
+def _base_model(needs: bool, spec: str | None, seed: int, device=None):
     if not needs:
         return None, None
-    if store is not None:
-        return store.base()
-    from ..method.models import load_model
-    return load_model(spec, seed=seed)
+    from ..runtime import load_placed
+    return load_placed(spec, device, seed=seed)
+
+
+def _device(args: argparse.Namespace):
+    from ..config import DeviceConfig
+    return DeviceConfig(device=getattr(args, "device", "auto"), dtype=getattr(args, "dtype", "auto"))
 
 
 def resolve_source(args: argparse.Namespace, need_model: bool = False) -> Source:
     """The router (and, when its encoder needs it or `need_model`, the base model) that args name."""
+    device = _device(args)
     given = [x for x in ("store", "run", "router") if getattr(args, x, None) is not None]
     if len(given) != 1:
         raise RouterError("give exactly one of --store DIR, --run DIR or --router FOLDER (with --model SPEC)")
@@ -63,8 +68,8 @@ def resolve_source(args: argparse.Namespace, need_model: bool = False) -> Source
         spec = args.model or router.meta.get("model")
         if needs and not spec:
             raise RouterError("--router: give --model SPEC (the base model the router was built for)")
-        model, tok = _base_model(needs, spec, 0)
-        return Source(router, model, tok, str(args.router), None, "router")
+        model, tok = _base_model(needs, spec, 0, device)
+        return Source(router, model, tok, str(args.router), None, "router", device)
     folder = Path(args.store if args.store is not None else args.run)
     if not folder.is_dir():
         raise FileNotFoundError(f"{folder}: no such {'store' if args.store is not None else 'run'} directory")
@@ -74,14 +79,14 @@ def resolve_source(args: argparse.Namespace, need_model: bool = False) -> Source
         info = json.loads((folder / "results.json").read_text(encoding="utf-8")) \
             if (folder / "results.json").exists() else {}
         needs = need_model or router.cfg.encoder == "base"
-        model, tok = _base_model(needs, info.get("model") or router.meta.get("model"), int(info.get("seed", 0)))
-        return Source(router, model, tok, str(folder), folder, "run")
+        model, tok = _base_model(needs, info.get("model") or router.meta.get("model"), int(info.get("seed", 0)), device)
+        return Source(router, model, tok, str(folder), folder, "run", device)
     store = open_store(folder)
     router = store.router()
     if router is None or not router.names:
         raise RouterError(f"{folder}: the store has no router yet (no domain added)")
-    model, tok = store.base()        # always: opening the base model checks the store's model identity
-    return Source(router, model, tok, str(folder), folder, "store")
+    model, tok = store.base(device)  # always: opening the base model checks the store's model identity
+    return Source(router, model, tok, str(folder), folder, "store", device)
 
 
 def add_source_options(p: argparse.ArgumentParser) -> None:
@@ -90,6 +95,8 @@ def add_source_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--router", type=Path, default=None, help="a router folder (router.json + router.safetensors)")
     p.add_argument("--model", default=None, help="with --router: the base model spec (when its encoder needs it)")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: leave as is)")
+    p.add_argument("--device", default="auto", help="auto|cpu|cuda|mps for the base model (auto: cuda, else mps, else cpu)")
+    p.add_argument("--dtype", default="auto", help="auto|float32|bfloat16 (auto: bf16 on a GPU that has it)")
 
 
 def _threads(args) -> None:

@@ -195,7 +195,7 @@ def routing_report(src, corpus: Path | None, queries: list[tuple[str, Path]], oo
             "torch_threads": torch.get_num_threads()}
 
 
-def loss_report(folder: Path, router, corpus: Path, max_holdout: int) -> dict:
+def loss_report(folder: Path, router, corpus: Path, max_holdout: int, device=None) -> dict:
     """Holdout loss per domain with each passage's routed adapter vs its domain's own (oracle) adapter.
 
         gap_pct = 100 * (L_routed - L_oracle) / L_oracle      (token-weighted mean losses)
@@ -204,7 +204,7 @@ def loss_report(folder: Path, router, corpus: Path, max_holdout: int) -> dict:
     from ..inference import load_run
     from . import route_texts
 
-    run = load_run(folder, adapters=True)
+    run = load_run(folder, adapters=True, device=device)
     train = run.info.get("train", {})
     max_len, ebs = int(train.get("max_len", 256)), int(train.get("eval_batch_size", 8))
     pad_id = run.tokenizer.pad_token_id
@@ -289,7 +289,7 @@ def route_eval(src, corpus: str | Path | None = None, queries: list[tuple[str, P
     if loss:
         if src.folder is None or corpus is None:
             raise DataError("--loss needs --store/--run and --corpus (holdout passages and adapters)")
-        report["loss"] = loss_report(src.folder, router, corpus, max_holdout)
+        report["loss"] = loss_report(src.folder, router, corpus, max_holdout, getattr(src, "device", None))
     report["targets"] = check_targets(report)
     if folder_given:
         write_json(src.folder / "route_eval.json", report)

@@ -12,6 +12,7 @@ import os
 import sys
 from pathlib import Path
 
+from ..config import DeviceConfig
 from .config import ServeConfig
 
 
@@ -48,6 +49,9 @@ def add_serve_parser(subparsers) -> argparse.ArgumentParser:
                         "gathered per row (faster with many adapters per batch)")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's own choice)")
     p.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
+    p.add_argument("--device", default="auto", help="auto|cpu|cuda|mps (auto: cuda, else mps, else cpu)")
+    p.add_argument("--dtype", default="auto", help="auto|float32|bfloat16 (auto: bf16 on a GPU that has it)")
+    p.add_argument("--load-in-4bit", action="store_true", help="NF4 base weights (bitsandbytes, CUDA)")
     p.set_defaults(func=cmd_serve)
     return p
 
@@ -61,7 +65,8 @@ def config_from_args(args: argparse.Namespace) -> ServeConfig:
                        max_tokens=args.max_tokens, default_max_tokens=args.default_max_tokens,
                        max_body_bytes=args.max_body_bytes, watch=args.watch, watch_interval=args.watch_interval,
                        backbone=args.backbone, batching=args.batching, lora_mixing=args.lora_mixing,
-                       threads=args.threads)
+                       threads=args.threads,
+                       device=DeviceConfig(device=args.device, dtype=args.dtype, load_in_4bit=args.load_in_4bit))
 
 
 def cmd_serve(args: argparse.Namespace) -> int:

@@ -1,8 +1,10 @@
 """The server's settings and limits (light: importing it does not import torch, so the `crma` parser stays fast)."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+
+from ..config import DeviceConfig
 
 
 @dataclass
@@ -23,6 +25,7 @@ class ServeConfig:
     batching: str = "mixed"                 # mixed | per-adapter (the benchmark's baseline)
     lora_mixing: str = "peft"               # peft (adapter_names) | gather (stacked weights, lora_rows.py)
     threads: int | None = None              # torch threads (None: torch's default)
+    device: DeviceConfig = field(default_factory=DeviceConfig)   # --device, --dtype, --load-in-4bit
 
     def __post_init__(self) -> None:
         self.store = Path(self.store)

@@ -41,7 +41,7 @@ class Server:
             torch.set_num_threads(cfg.threads)
         store = Store(cfg.store)
         store.verify()
-        live = LiveModel.open(store)
+        live = LiveModel.open(store, device=cfg.device)
         try:
             new_cache(live.model.config)                       # refuse models the batch cache cannot hold
         except ValueError as err:

@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 from accelerate import Accelerator
 
+from .. import runtime
 from ..config import CONDITIONS, SHARED_ADAPTER_CONDITIONS, ConfigError, CRMAConfig, DomainSpec, LoraSettings, TrainConfig
 from ..data import read_passages, split_holdout, tokenize
 from ..evaluate import mean_loss, passage_losses
@@ -131,7 +132,7 @@ def add_domain(live: LiveModel, root: Path, dom: DomainData, settings: AddSettin
 
     Nothing is written unless the new adapter's holdout loss beats the base model's by at least
     settings.min_gain percent. The store's writer lock is held only while writing."""
-    accelerator = accelerator or Accelerator()
+    accelerator = accelerator or runtime.accelerator()
     store = live.store
     phase = sum(1 for e in store.manifest["log"] if e["op"] == "add") if store else 0
     if base is None:                       # a run has measured it already (the base row of its matrix)
@@ -149,33 +150,39 @@ def add_domain(live: LiveModel, root: Path, dom: DomainData, settings: AddSettin
                          f"{gain:+.2f}%, below --min-gain {settings.min_gain:g}%; the store is unchanged")
         return result
 
-    with Store.writer(root, command, create=create) as w:
-        if live.backbone is not None and live.condition == "modular":
-            result.backbone_version = w.add_backbone_version(
-                lambda folder: live.backbone.save(folder), {"trained_on": dom.name, "phase": phase,
-                                                            "crma": asdict(live.backbone.cfg)})
-        router = load_router(w.store) or new_router(live.model, router_cfg or RouterConfig(),
-                                                    meta={"model": live.spec, "condition": live.condition},
-                                                    tokenizer=live.tokenizer)
-        update_router(router, live.model, live.tokenizer, dom.name, adapter, dom.train_texts, dom.holdout_texts)
-        result.router_version = w.add_router_version(router, f"add {dom.name}")
-        meta = {"adapter": adapter, "backbone_version": result.backbone_version, "router_version": result.router_version,
-                "phase": phase, "data": dom.data_record(), "base_loss": base_loss, "holdout_loss": loss,
-                "gain_pct": gain, "train": {**asdict(settings.train), "seed": settings.seed},
-                "lora": asdict(settings.lora), "steps": len(log.losses), "train_tokens": log.tokens,
-                "train_seconds": round(log.seconds, 3)}
+    def register() -> tuple[int, int | None, int]:        # the main process writes; the others wait
+        backbone_version = None
+        with Store.writer(root, command, create=create) as w:
+            if live.backbone is not None and live.condition == "modular":
+                backbone_version = w.add_backbone_version(
+                    lambda folder: live.backbone.save(folder), {"trained_on": dom.name, "phase": phase,
+                                                                "crma": asdict(live.backbone.cfg)})
+            router = load_router(w.store) or new_router(live.model, router_cfg or RouterConfig(),
+                                                        meta={"model": live.spec, "condition": live.condition},
+                                                        tokenizer=live.tokenizer)
+            update_router(router, live.model, live.tokenizer, dom.name, adapter, dom.train_texts, dom.holdout_texts)
+            router_version = w.add_router_version(router, f"add {dom.name}")
+            meta = {"adapter": adapter, "backbone_version": backbone_version, "router_version": router_version,
+                    "phase": phase, "data": dom.data_record(), "base_loss": base_loss, "holdout_loss": loss,
+                    "gain_pct": gain, "train": {**asdict(settings.train), "seed": settings.seed},
+                    "lora": asdict(settings.lora), "steps": len(log.losses), "train_tokens": log.tokens,
+                    "train_seconds": round(log.seconds, 3)}
 
-        def save(folder: Path) -> None:
-            save_adapter(live.model, adapter, folder)
-            (folder / "meta.json").write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
+            def save(folder: Path) -> None:
+                save_adapter(live.model, adapter, folder)
+                (folder / "meta.json").write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
 
-        result.version = w.add_adapter_version(dom.name, adapter, save, meta)
-        if adapter == SHARED:                         # every domain is served by the newest shared adapter
-            for d in w.store.domains():
-                w.set_domain_version(d, adapter, result.version)
-        w.log("add", domain=dom.name, version=result.version, backbone_version=result.backbone_version)
-        w.commit()
-    live.store = Store(root)
+            version = w.add_adapter_version(dom.name, adapter, save, meta)
+            if adapter == SHARED:                         # every domain is served by the newest shared adapter
+                for d in w.store.domains():
+                    w.set_domain_version(d, adapter, version)
+            w.log("add", domain=dom.name, version=version, backbone_version=backbone_version)
+            w.commit()
+        return version, backbone_version, router_version, Store(root).manifest
+
+    # every process gets the new manifest from the main one: no other process needs to read the folder
+    result.version, result.backbone_version, result.router_version, manifest = runtime.on_main(register)
+    live.store = Store.view(root, manifest)
     live.adapters[adapter] = result.version
     if result.backbone_version is not None:
         live.remember_backbone(result.backbone_version)

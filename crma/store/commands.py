@@ -12,10 +12,14 @@ from .store import Store
 
 
 def cmd_add(args: argparse.Namespace, configs: dict) -> int:
+    from .. import runtime
     from ..routing import RouterConfig
     from .add import AddSettings, add_domain, load_domain, store_settings
     from .live import LiveModel
 
+    device = configs["device"]
+    runtime.accelerator(device)                  # first: under a launcher, join the process group
+    say = print if runtime.is_main() else (lambda *a, **k: None)
     root = Path(args.store)
     spec = DomainSpec.parse(f"{args.domain}={args.data}")
     exists = (root / MANIFEST).exists()
@@ -27,7 +31,7 @@ def cmd_add(args: argparse.Namespace, configs: dict) -> int:
                                   "a store keeps one base model and condition")
         crma = CRMAConfig(**store.manifest["settings"]["crma"])
         router_cfg = RouterConfig.from_dict(store.manifest["settings"]["router"])
-        live = LiveModel.open(store)               # the base model as the store was built (tiny models: its seed)
+        live = LiveModel.open(store, device=device)   # the base model as the store was built (tiny models: its seed)
     else:
         if root.exists() and any(p.name != ".lock" for p in root.iterdir()):
             raise StoreError(f"{root}: not a crma store (no {MANIFEST}) and not empty; choose an empty folder")
@@ -36,17 +40,17 @@ def cmd_add(args: argparse.Namespace, configs: dict) -> int:
             raise ConfigError(f"--condition {condition}: `crma add` builds modular or frozen stores "
                               "(naive, one shared adapter, forgets by design: use `crma run` to measure it)")
         crma, router_cfg = configs["crma"], RouterConfig()
-        live = LiveModel.fresh(args.model or "smollm2-135m", condition, seed=args.seed)
+        live = LiveModel.fresh(args.model or "smollm2-135m", condition, seed=args.seed, device=device)
     settings = AddSettings(seed=args.seed, train=configs["train"], lora=configs["lora"], crma=crma,
                            min_gain=args.min_gain)
     dom = load_domain(spec, live.tokenizer, settings.train)
-    print(f"crma add: {dom.name} ({len(dom.train)} train / {len(dom.holdout)} holdout passages) -> {root} "
+    say(f"crma add: {dom.name} ({len(dom.train)} train / {len(dom.holdout)} holdout passages) -> {root} "
           f"[{live.condition}, {live.spec}{', new store' if not exists else ''}]", flush=True)
     create = None if exists else store_settings(live.condition, live.spec, live.base_fingerprint, settings, router_cfg)
     result = add_domain(live, root, dom, settings, command=args.command_line, router_cfg=router_cfg, create=create)
-    print(result.reason)
+    say(result.reason)
     if result.registered and result.backbone_version is not None:
-        print(f"backbone v{result.backbone_version} (the version {dom.name} is pinned to); router v{result.router_version}")
+        say(f"backbone v{result.backbone_version} (the version {dom.name} is pinned to); router v{result.router_version}")
     return 0 if result.registered else 1
 
 
@@ -77,7 +81,7 @@ def cmd_store(args: argparse.Namespace) -> int:
         m = store.manifest
         bb = m["backbone"]
         print(f"store {store.root}: {m['condition']} on {m['model']['spec']} "
-              f"({m['model']['fingerprint']['architecture']}, fingerprint {m['model']['fingerprint']['weights_sha256']})")
+              f"({m['model']['fingerprint']['architecture']}, fingerprint {m['model']['fingerprint'].get('weights_bf16_sha256', '?')})")
         print(f"backbone: {'v' + str(bb['current']) if bb['current'] else 'none'} current, {len(bb['versions'])} versions; "
               f"router: v{m['router']['current']}; created {m['created']}, updated {m['updated']}")
         print(f"{'domain':<16}{'serving':>8}{'backbone':>10}{'holdout':>9}{'gain':>9}  versions (* = current)")
@@ -104,9 +108,11 @@ def cmd_store(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_eval(args: argparse.Namespace) -> int:
+def cmd_eval(args: argparse.Namespace, device) -> int:
+    from .. import runtime
     from .evaluation import evaluate_store, format_eval
 
+    runtime.accelerator(device)
     store = Store(args.store)
     data = {}
     for item in args.data:
@@ -118,16 +124,17 @@ def cmd_eval(args: argparse.Namespace) -> int:
         modes = ("pinned", "latest") if store.manifest["backbone"]["current"] else ("pinned",)
     else:
         modes = (args.backbone,)
-    rows = evaluate_store(store, data, modes)
-    print(format_eval(rows, store))
+    rows = evaluate_store(store, data, modes, live=store.live(device))
+    if runtime.is_main():
+        print(format_eval(rows, store))
     return 0
 
 
-def cmd_generate(args: argparse.Namespace) -> int:
+def cmd_generate(args: argparse.Namespace, device) -> int:
     from .generate import choose_domain
 
     store = Store(args.store)
-    live = store.live()
+    live = store.live(device)
     domain, confidence, runner_up = choose_domain(live, args.prompt, args.domain)
     if args.domain == "auto":
         extra = f", runner-up {runner_up}" if runner_up else ""
@@ -158,7 +165,7 @@ def add_store_parsers(sub, add_config_options, dispatch) -> None:
     add.add_argument("--min-gain", type=float, default=0.0,
                      help="register only if the holdout loss beats the base model's by this many percent (default 0)")
     add.add_argument("--seed", type=int, default=0)
-    add_config_options(add)
+    add_config_options(add, sections=("train", "lora", "crma", "device"))
     add.set_defaults(func=dispatch, store_cmd="add")
 
     store = sub.add_parser("store", help="list, show, roll back or remove a store's domains")
@@ -177,6 +184,7 @@ def add_store_parsers(sub, add_config_options, dispatch) -> None:
     ev.add_argument("--store", type=Path, required=True)
     ev.add_argument("--data", nargs="+", required=True, metavar="NAME=HOLDOUT")
     ev.add_argument("--backbone", choices=("pinned", "latest", "both"), default="both")
+    add_config_options(ev, sections=("device",), hidden=("gradient_checkpointing",))
     ev.set_defaults(func=dispatch, store_cmd="eval")
 
     gen = sub.add_parser("generate", help="generate text from a store, routed to a domain adapter")
@@ -189,11 +197,15 @@ def add_store_parsers(sub, add_config_options, dispatch) -> None:
     gen.add_argument("--seed", type=int, default=0)
     gen.add_argument("--raw", action="store_true", help="no chat template")
     gen.add_argument("prompt")
+    add_config_options(gen, sections=("device",), hidden=("gradient_checkpointing",))
     gen.set_defaults(func=dispatch, store_cmd="generate")
 
 
 def run_store_command(args: argparse.Namespace, configs_from_args) -> int:
     if args.store_cmd == "add":
-        return cmd_add(args, configs_from_args(args))
-    return {"store": cmd_store, "eval": cmd_eval, "generate": cmd_generate}[args.store_cmd](args)
+        return cmd_add(args, configs_from_args(args, ("train", "lora", "crma", "device")))
+    if args.store_cmd == "store":
+        return cmd_store(args)
+    device = configs_from_args(args, ("device",))["device"]
+    return {"eval": cmd_eval, "generate": cmd_generate}[args.store_cmd](args, device)
 

@@ -17,10 +17,11 @@ from contextlib import contextmanager, nullcontext
 import torch
 from peft import PeftModel
 
-from ..config import CRMAConfig
+from ..config import CRMAConfig, DeviceConfig
 from ..method.adapters import active, load_adapter
 from ..method.backbone import BACKBONE_FILE, CRMABackbone
-from ..method.models import fingerprint, load_model
+from ..method.models import fingerprint
+from ..runtime import load_placed
 from .manifest import StoreError, verify_files
 from .store import Store
 
@@ -38,20 +39,23 @@ class LiveModel:
 
     # ---- construction -----------------------------------------------------------------------
     @classmethod
-    def fresh(cls, spec: str, condition: str, seed: int = 0) -> "LiveModel":
-        """The untouched base model (a new store's first add, or a run)."""
-        model, tokenizer = load_model(spec, seed=seed)
+    def fresh(cls, spec: str, condition: str, seed: int = 0, device: DeviceConfig | None = None) -> "LiveModel":
+        """The untouched base model (a new store's first add, or a run), placed as `device` says."""
+        model, tokenizer = load_placed(spec, device, seed=seed)
         return cls(model, tokenizer, spec, condition)
 
     @classmethod
-    def open(cls, store: Store, seed: int | None = None) -> "LiveModel":
+    def open(cls, store: Store, seed: int | None = None, device: DeviceConfig | None = None) -> "LiveModel":
         """Load the store's base model (checking its fingerprint) and its newest backbone."""
         seed = store.manifest["settings"].get("seed", 0) if seed is None else seed
-        model, tokenizer = load_model(store.model_spec, seed=seed)
+        model, tokenizer = load_placed(store.model_spec, device, seed=seed)
         got = fingerprint(model)
         if got != store.fingerprint:
+            old = "weights_sha256" in store.fingerprint
             raise StoreError(f"{store.root / 'manifest.json'}: the store was built on base model "
-                             f"{store.fingerprint}, but {store.model_spec!r} loads as {got}")
+                             f"{store.fingerprint}, but {store.model_spec!r} loads as {got}"
+                             + ("; this store was made by crma before fingerprints hashed bf16-rounded weights "
+                                "(so that one store opens in fp32 and bf16): rebuild it with `crma add`" if old else ""))
         live = cls(model, tokenizer, store.model_spec, store.condition, store)
         current = store.manifest["backbone"]["current"]
         if current is not None:

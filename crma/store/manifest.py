@@ -27,7 +27,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from ..config import check_domain_name
-from ..io import atomic_path
+from ..io import atomic_path, record_write
 
 FORMAT = "crma-store-v1"
 MANIFEST = "manifest.json"
@@ -133,6 +133,7 @@ def new_version_dir(folder: Path, version: int):
                 os.fsync(fh.fileno())
         _hook("before-version-rename")
         os.rename(tmp, target)
+        record_write(target)
         _fsync_dir(folder)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

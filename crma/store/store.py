@@ -35,6 +35,13 @@ class Store:
             raise StoreError(f"{self.root}: no such store directory")
         self.manifest = read_manifest(self.root)
 
+    @classmethod
+    def view(cls, root: str | Path, manifest: dict) -> "Store":
+        """A view of a manifest already in memory (processes on other machines than the writer's)."""
+        store = cls.__new__(cls)
+        store.root, store.manifest = Path(root), manifest
+        return store
+
     def reload(self) -> "Store":
         self.manifest = read_manifest(self.root)
         return self
@@ -118,17 +125,18 @@ class Store:
         return files
 
     # ---- using it ---------------------------------------------------------------------------
-    def live(self):
-        """The store's model in memory (crma.store.live.LiveModel), loaded on first use and kept."""
+    def live(self, device=None):
+        """The store's model in memory (crma.store.live.LiveModel), loaded on first use (placed as the
+        DeviceConfig `device` says: default automatic) and kept."""
         if getattr(self, "_live", None) is None:
             from .live import LiveModel
-            self._live = LiveModel.open(self)
+            self._live = LiveModel.open(self, device=device)
         return self._live
 
-    def base(self):
+    def base(self, device=None):
         """(model, tokenizer) of the store's base model (with the store's backbone and adapters attached;
-        routing features switch them off)."""
-        live = self.live()
+        routing features switch them off); `device` as for live()."""
+        live = self.live(device)
         return live.model, live.tokenizer
 
     def router(self):

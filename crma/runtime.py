@@ -1,0 +1,204 @@
+"""Where a job runs: device, dtype and processes, through Hugging Face Accelerate.
+
+    --device auto|cpu|cuda|mps      auto: cuda, else mps, else cpu
+    --dtype auto|float32|bfloat16   auto: bfloat16 where the device computes it natively, float32 on CPU
+    --gradient-checkpointing        recompute activations in backward (non-reentrant, so DDP works)
+    --load-in-4bit                  NF4 base weights through bitsandbytes (QLoRA); CUDA only
+
+Several processes: `accelerate launch -m crma run ...` (or torchrun) starts N copies of the same
+command. Each loads the same data and model; training splits every global batch across them (train.py),
+evaluation splits the passages and gathers the per-passage losses (`shard` / `gather`), and only the
+main process writes files (`is_main`, `barrier`, `broadcast`). There is no separate multi-process code
+path: on one process every helper here is the identity.
+
+On a CPU-only machine Accelerate treats launched processes as separate jobs unless told to use the CPU
+(ACCELERATE_USE_CPU): `accelerator()` tells it whenever the resolved device is the CPU, and refuses
+to run if it was launched as several processes but Accelerate still sees one.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import asdict
+
+import torch
+
+from .config import ConfigError, DeviceConfig
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+def _mps_available() -> bool:
+    return bool(getattr(torch.backends, "mps", None)) and torch.backends.mps.is_available()
+
+
+def resolve_device(cfg: DeviceConfig) -> str:
+    """The device type a job uses: cfg.device, or for auto the best one present."""
+    if cfg.device == "auto":
+        return "cuda" if torch.cuda.is_available() else "mps" if _mps_available() else "cpu"
+    if cfg.device == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("--device cuda: no CUDA device is visible to torch "
+                          f"(torch {torch.__version__}, built with CUDA {torch.version.cuda})")
+    if cfg.device == "mps" and not _mps_available():
+        raise ConfigError("--device mps: the Apple MPS backend is not available here")
+    return cfg.device
+
+
+def _bf16_native(device: str) -> bool:
+    if device == "cuda":
+        return torch.cuda.is_bf16_supported(including_emulation=False)   # not emulated bf16 (V100, T4)
+    if device == "mps":
+        try:
+            return bool((torch.ones(2, dtype=torch.bfloat16, device="mps") * 2).sum() == 4)
+        except (RuntimeError, TypeError):
+            return False
+    return False          # CPUs compute bf16 matmuls, mostly by emulation: fp32 is the faster default
+
+
+def resolve_dtype(cfg: DeviceConfig, device: str | None = None) -> torch.dtype:
+    """The dtype of the base model's weights. LoRA weights stay fp32 (PEFT upcasts adapters on bf16
+    bases) and the CRMA backbone always computes in fp32 (method/layer.py)."""
+    device = device or resolve_device(cfg)
+    if cfg.dtype == "auto":
+        return torch.bfloat16 if _bf16_native(device) else torch.float32
+    if cfg.dtype == "bfloat16" and device == "cuda" and not torch.cuda.is_bf16_supported():
+        raise ConfigError("--dtype bfloat16: this CUDA device has no bfloat16 support; use --dtype float32")
+    return DTYPES[cfg.dtype]
+
+
+_ACCELERATOR = None
+
+
+def accelerator(cfg: DeviceConfig | None = None):
+    """This process's Accelerator (one per process: its device and process group are fixed at the first
+    call). The CPU is requested explicitly so that launched CPU processes form one gloo group."""
+    global _ACCELERATOR
+    from accelerate import Accelerator, DistributedType
+
+    cfg = cfg or DeviceConfig()
+    device = resolve_device(cfg)
+    if _ACCELERATOR is not None:
+        if _ACCELERATOR.device.type != device:
+            raise ConfigError(f"--device {cfg.device}: this process already runs on {_ACCELERATOR.device.type}")
+        return _ACCELERATOR
+    if device == "cpu":
+        os.environ["ACCELERATE_USE_CPU"] = "true"      # launched CPU processes: one gloo group, not N jobs
+    acc = Accelerator(cpu=device == "cpu")
+    launched = int(os.environ.get("WORLD_SIZE", "1"))
+    if launched > 1 and acc.num_processes != launched:
+        raise ConfigError(f"launched as {launched} processes but Accelerate runs {acc.num_processes}: they would "
+                          "train separately. On CPU set ACCELERATE_USE_CPU=true; on GPUs check `accelerate config`")
+    if acc.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED):
+        raise ConfigError(f"{acc.distributed_type.value}: crma trains data-parallel (DDP) only; FSDP and DeepSpeed "
+                          "are not supported yet (docs/scale.md: a 7B-9B bf16 base with LoRA fits one 40 GB GPU, "
+                          "--load-in-4bit one 24 GB GPU)")
+    if acc.device.type != device:
+        raise ConfigError(f"--device {cfg.device}: Accelerate placed this process on {acc.device}")
+    _ACCELERATOR = acc
+    return acc
+
+
+def describe(cfg: DeviceConfig) -> dict:
+    """What results.json records about where a job ran."""
+    acc = accelerator(cfg)
+    return {**asdict(cfg), "resolved_device": str(acc.device), "resolved_dtype": str(resolve_dtype(cfg)).split(".")[-1],
+            "num_processes": acc.num_processes, "distributed_type": acc.distributed_type.value}
+
+
+# ---- processes: all of these are the identity on one process --------------------------------------
+def _state():
+    """The process group: that of the job's accelerator (created with the automatic device if the job
+    has not created one yet: a launched CPU job must join its gloo group before anything asks)."""
+    return (_ACCELERATOR or accelerator()).state
+
+
+def num_processes() -> int:
+    return _state().num_processes
+
+
+def is_main() -> bool:
+    """True on the process that writes files (the only one when not launched)."""
+    return _state().is_main_process
+
+
+def barrier() -> None:
+    """Wait until every process arrives (after the main process wrote something the others read)."""
+    if num_processes() > 1:
+        _state().wait_for_everyone()
+
+
+def shard(n: int) -> range:
+    """This process's contiguous share of n items: shares differ by at most one item."""
+    state = _state()
+    size, rank = state.num_processes, state.process_index
+    return range(rank * n // size, (rank + 1) * n // size)
+
+
+def gather(local: list) -> list:
+    """Every process's list, concatenated in process order (the inverse of `shard`), on every process."""
+    if num_processes() == 1:
+        return list(local)
+    import torch.distributed as dist
+    parts: list = [None] * num_processes()
+    dist.all_gather_object(parts, list(local))
+    return [x for part in parts for x in part]
+
+
+def broadcast(obj):
+    """The main process's `obj`, on every process."""
+    if num_processes() == 1:
+        return obj
+    import torch.distributed as dist
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def all_sum(value: float) -> float:
+    """Sum of a float over processes."""
+    if num_processes() == 1:
+        return value
+    import torch.distributed as dist
+    t = torch.tensor([value], dtype=torch.float64)
+    if _state().device.type == "cuda":
+        t = t.to(_state().device)
+    dist.all_reduce(t)
+    return float(t)
+
+
+def on_main(fn, *args, **kwargs):
+    """fn(*args, **kwargs) run on the main process only (writing files), its result returned on every
+    process; every process waits for it, and if it failed there, fails too (nobody hangs)."""
+    if num_processes() == 1:
+        return fn(*args, **kwargs)
+    result, error = None, None
+    if is_main():
+        try:
+            result = fn(*args, **kwargs)
+        except BaseException as err:          # re-raised below, after the others have been told
+            error = err
+    result, message = broadcast((result, None if error is None else f"{type(error).__name__}: {error}"))
+    if error is not None:
+        raise error
+    if message is not None:
+        raise RuntimeError(f"the main process failed: {message}")
+    return result
+
+
+def load_placed(spec: str, cfg: DeviceConfig | None = None, seed: int = 0):
+    """(model, tokenizer) of `spec` in the job's dtype, on this process's device, with gradient
+    checkpointing if asked (non-reentrant: the reentrant variant breaks DDP and frozen-input LoRA)."""
+    from .method.models import load_model
+
+    cfg = cfg or DeviceConfig()
+    device = accelerator(cfg).device
+    model, tokenizer = load_model(spec, seed=seed, dtype=resolve_dtype(cfg, device.type),
+                                  load_in_4bit=cfg.load_in_4bit)
+    if not cfg.load_in_4bit:                  # 4-bit weights are placed by bitsandbytes at load
+        model.to(device)
+    if cfg.gradient_checkpointing:
+        if hasattr(model, "activation_checkpointing_enable"):       # transformers >= 5.x
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.config.use_cache = False
+    return model, tokenizer
