@@ -19,22 +19,35 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent / "results"
 sys.path.insert(0, str(ROOT.parent.parent))
+from crma.bench.grid import CPU  # noqa: E402
 from crma.bench.summary import fmt_stats  # noqa: E402
 from crma.config import CRMAConfig  # noqa: E402
 
 DEFAULTS = CRMAConfig().__dict__
-# Conditions under which a folder's timing was taken (the losses are deterministic and unaffected).
+# Conditions under which a folder's timing was taken (the losses are deterministic and unaffected);
+# frozen runs copied from another folder are noted by copied_frozen().
+BUSY = "modular runs made while the 2-core machine also ran another benchmark process and development work"
 TIMING_NOTES = {
-    "cl5-cpu-rho0.02": "frozen runs copied from cl5-cpu (another time, another load)",
-    "cl5-cpu-rho0.3": "frozen runs copied from cl5-cpu (another time, another load)",
-    "cl5-cpu-n16": "modular runs made on a machine at load average 7-9 (other jobs), frozen copied from "
-                   "cl5-cpu: not a CRMA cost (n = 16 adds 2 x 576 x 16 multiply-adds per token and block)",
+    "cl5-cpu-n16": "modular runs made on a machine at load average 7-9 (other jobs): not a CRMA cost "
+                   "(n = 16 adds 2 x 576 x 16 multiply-adds per token and block)",
+    "cl5-cpu-lr10x": BUSY, "cl5-cpu-lr3x": BUSY, "cl5-cpu-n64": BUSY,
+    "cl5-cpu-epochs3": "frozen and modular made side by side, while the machine also ran development work",
 }
 
 
 def setting_name(protocol: dict) -> str:
     changed = {k: v for k, v in (protocol.get("crma") or {}).items() if DEFAULTS.get(k) != v}
+    if protocol.get("epochs", CPU.epochs) != CPU.epochs:                # bench --epochs (frozen runs its own)
+        changed["epochs"] = protocol["epochs"]
     return ", ".join(f"{k}={v}" for k, v in changed.items()) or "defaults"
+
+
+def copied_frozen(folder: Path) -> bool:
+    """True when the folder's frozen runs were made by another folder's command (copied in)."""
+    for res in folder.glob("frozen-seed*/results.json"):
+        if f"--out {folder.relative_to(ROOT.parent.parent)}" not in json.loads(res.read_text()).get("command", ""):
+            return True
+    return False
 
 
 def rows() -> list[dict]:
@@ -56,7 +69,8 @@ def rows() -> list[dict]:
                     "overhead": comp.get("crma_time_overhead_pct"),
                     "max_alpha": spec.get("max_alpha_times_norm"), "rho": spec.get("rho"),
                     "certificate_ok": spec.get("certificate_ok"), "max_norm_dev": spec.get("max_norm_dev"),
-                    "timing_note": TIMING_NOTES.get(folder.name, "")})
+                    "timing_note": "; ".join(n for n in (TIMING_NOTES.get(folder.name, ""), "frozen runs copied from "
+                                             "cl5-cpu (another time, another load)" if copied_frozen(folder) else "") if n)})
     return out
 
 
