@@ -8,7 +8,7 @@
 Several processes: `accelerate launch -m crma run ...` (or torchrun) starts N copies of the same
 command. Each loads the same data and model; training splits every global batch across them (train.py),
 evaluation splits the passages and gathers the per-passage losses (`shard` / `gather`), and only the
-main process writes files (`is_main`, `barrier`, `broadcast`). There is no separate multi-process code
+main process writes files (`on_main`, `is_main`). There is no separate multi-process code
 path: on one process every helper here is the identity.
 
 On a CPU-only machine Accelerate treats launched processes as separate jobs unless told to use the CPU
@@ -80,10 +80,10 @@ def accelerator(cfg: DeviceConfig | None = None):
         if _ACCELERATOR.device.type != device:
             raise ConfigError(f"--device {cfg.device}: this process already runs on {_ACCELERATOR.device.type}")
         return _ACCELERATOR
-    if device == "cpu":
+    launched = int(os.environ.get("WORLD_SIZE", "1"))
+    if device == "cpu" and launched > 1:
         os.environ["ACCELERATE_USE_CPU"] = "true"      # launched CPU processes: one gloo group, not N jobs
     acc = Accelerator(cpu=device == "cpu")
-    launched = int(os.environ.get("WORLD_SIZE", "1"))
     if launched > 1 and acc.num_processes != launched:
         raise ConfigError(f"launched as {launched} processes but Accelerate runs {acc.num_processes}: they would "
                           "train separately. On CPU set ACCELERATE_USE_CPU=true; on GPUs check `accelerate config`")
@@ -118,12 +118,6 @@ def num_processes() -> int:
 def is_main() -> bool:
     """True on the process that writes files (the only one when not launched)."""
     return _state().is_main_process
-
-
-def barrier() -> None:
-    """Wait until every process arrives (after the main process wrote something the others read)."""
-    if num_processes() > 1:
-        _state().wait_for_everyone()
 
 
 def shard(n: int) -> range:
