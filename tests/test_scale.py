@@ -183,3 +183,15 @@ def test_two_process_run_matches_one_process_and_one_process_writes(tmp_path):
     assert any("/adapters/up/v1" in p for p in counts) and any("/backbone/v2" in p for p in counts)
     assert all(n == 1 for p, n in counts.items() if "/v" in p.rsplit("/", 1)[-1][:2])     # version folders once
     Store(tmp_path / "two").verify()
+
+    # `crma add` under 2 processes onto that store: one writer again, and the store loads and verifies
+    side = write_cycle_domain(root / "side.jsonl", "aabb", 12, 9)
+    log.unlink()
+    _launch(["-m", "crma", "add", "--store", str(tmp_path / "two"), "--domain", "side", "--data", str(side),
+             "--epochs", "1", "--lr", "1e-2", "--batch-size", "5", "--max-len", "48", "--device", "cpu"],
+            {"CRMA_WRITE_LOG": str(log)})
+    writes = [line.split(" ", 1) for line in log.read_text().splitlines()]
+    assert len({pid for pid, _ in writes}) == 1 and any("/adapters/side/v1" in p for _, p in writes)
+    store = Store(tmp_path / "two")
+    store.verify()
+    assert store.domains() == ["up", "down", "side"] and store.backbone_version("side", "pinned") == 3
