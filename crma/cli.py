@@ -203,11 +203,18 @@ def main(argv: list[str] | None = None) -> int:
 
     args = build_parser().parse_args(argv)
     args.command_line = command_line(list(sys.argv[1:] if argv is None else argv))  # recorded in results
+    from . import runtime
+
+    ok = False
     try:
-        return args.func(args)
+        code = args.func(args)
+        ok = True
+        return code
     except (ConfigError, DataError, ModelError, RouterError, FingerprintError, StoreError, FileNotFoundError) as err:
         print(f"crma {args.command}: error: {err}", file=sys.stderr)
         return 2
+    finally:
+        runtime.finish(ok)                   # launched processes: leave the process group together
 
 
 if __name__ == "__main__":

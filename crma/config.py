@@ -125,10 +125,14 @@ class DeviceConfig:
     dtype: str = "auto"         # auto: bfloat16 where the device computes it natively, float32 on CPU
     gradient_checkpointing: bool = False   # non-reentrant activation recomputation (works under DDP)
     load_in_4bit: bool = False  # NF4 base weights through bitsandbytes (CUDA only)
+    fsdp: bool = False          # shard the frozen base weights across processes (FSDP2, per decoder block);
+                                # adapters and the CRMA backbone stay whole on every process
 
     def __post_init__(self) -> None:
         _check(self.device in DEVICES, "device", f"must be one of {', '.join(DEVICES)}, got {self.device!r}")
         _check(self.dtype in DTYPES, "dtype", f"must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
+        _check(not (self.fsdp and self.load_in_4bit), "fsdp", "cannot shard 4-bit (bitsandbytes) weights; "
+               "use one of --fsdp and --load-in-4bit")
 
 
 @dataclass

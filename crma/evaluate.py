@@ -21,10 +21,15 @@ def passage_losses(model, examples: list[list[int]], batch_size: int, pad_id: in
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
-    examples = [examples[i] for i in runtime.shard(len(examples))]
+    total = len(examples)
+    examples = [examples[i] for i in runtime.shard(total)]
+    steps = -(-(runtime.largest_share(total) if runtime.base_sharded() else len(examples)) // batch_size)
     out: list[tuple[float, int]] = []
     progress = progress and runtime.is_main()
-    for start in tqdm(range(0, len(examples), batch_size), desc=desc, leave=False, disable=not progress):
+    for start in tqdm(range(0, steps * batch_size, batch_size), desc=desc, leave=False, disable=not progress):
+        if start >= len(examples):           # sharded base: a forward in step with the others, discarded
+            model(input_ids=torch.zeros(1, 2, dtype=torch.long, device=device))
+            continue
         batch = collate(examples[start : start + batch_size], pad_id)
         ids = batch["input_ids"].to(device)
         mask = batch["attention_mask"].to(device)

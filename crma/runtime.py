@@ -4,12 +4,20 @@
     --dtype auto|float32|bfloat16   auto: bfloat16 where the device computes it natively, float32 on CPU
     --gradient-checkpointing        recompute activations in backward (non-reentrant, so DDP works)
     --load-in-4bit                  NF4 base weights through bitsandbytes (QLoRA); CUDA only
+    --fsdp                          shard the frozen base weights across the launched processes
 
 Several processes: `accelerate launch -m crma run ...` (or torchrun) starts N copies of the same
 command. Each loads the same data and model; training splits every global batch across them (train.py),
 evaluation splits the passages and gathers the per-passage losses (`shard` / `gather`), and only the
 main process writes files (`on_main`, `is_main`). There is no separate multi-process code
 path: on one process every helper here is the identity.
+
+With --fsdp, PyTorch FSDP2 (`fully_shard`, one group per decoder block and one for the rest) shards the
+frozen base model, the only large thing, so a model that does not fit one device trains on several;
+the per-domain LoRA adapters and the CRMA backbone (megabytes) stay whole on every process, and their
+gradients are summed across processes after each step (`all_reduce_grads`), as DDP would. Every
+forward is then collective, so training and evaluation run the same number of forwards on every process
+(`lockstep`), padding with forwards whose results are discarded.
 
 On a CPU-only machine Accelerate treats launched processes as separate jobs unless told to use the CPU
 (ACCELERATE_USE_CPU): `accelerator()` tells it whenever the resolved device is the CPU, and refuses
@@ -66,6 +74,7 @@ def resolve_dtype(cfg: DeviceConfig, device: str | None = None) -> torch.dtype:
 
 
 _ACCELERATOR = None
+_SHARDED = False          # the base model of this process is sharded (--fsdp): every forward is collective
 
 
 def accelerator(cfg: DeviceConfig | None = None):
@@ -88,13 +97,25 @@ def accelerator(cfg: DeviceConfig | None = None):
         raise ConfigError(f"launched as {launched} processes but Accelerate runs {acc.num_processes}: they would "
                           "train separately. On CPU set ACCELERATE_USE_CPU=true; on GPUs check `accelerate config`")
     if acc.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED):
-        raise ConfigError(f"{acc.distributed_type.value}: crma trains data-parallel (DDP) only; FSDP and DeepSpeed "
-                          "are not supported yet (docs/scale.md: a 7B-9B bf16 base with LoRA fits one 40 GB GPU, "
-                          "--load-in-4bit one 24 GB GPU)")
+        raise ConfigError(f"{acc.distributed_type.value} in the accelerate config: crma shards the frozen base "
+                          "itself; launch as MULTI_GPU (data-parallel) and pass --fsdp (docs/scale.md). "
+                          "DeepSpeed is not supported")
     if acc.device.type != device:
         raise ConfigError(f"--device {cfg.device}: Accelerate placed this process on {acc.device}")
     _ACCELERATOR = acc
     return acc
+
+
+def finish(ok: bool = True) -> None:
+    """End of a command: a launched process waits for the others (when it succeeded) and leaves the
+    process group, so that no process exits with collective threads still running."""
+    import torch.distributed as dist
+
+    if _ACCELERATOR is None or not dist.is_initialized():
+        return
+    if ok:
+        _ACCELERATOR.wait_for_everyone()
+    dist.destroy_process_group()
 
 
 def describe(cfg: DeviceConfig) -> dict:
@@ -120,11 +141,48 @@ def is_main() -> bool:
     return _state().is_main_process
 
 
-def shard(n: int) -> range:
-    """This process's contiguous share of n items: shares differ by at most one item."""
+def shard(n: int, rank: int | None = None) -> range:
+    """Process `rank`'s (default: this one's) contiguous share of n items; shares differ by at most one."""
     state = _state()
-    size, rank = state.num_processes, state.process_index
+    size, rank = state.num_processes, state.process_index if rank is None else rank
     return range(rank * n // size, (rank + 1) * n // size)
+
+
+def largest_share(n: int) -> int:
+    """The most items any process gets from shard(n)."""
+    return max(len(shard(n, r)) for r in range(num_processes()))
+
+
+def base_sharded() -> bool:
+    """True when this process's base model is sharded (--fsdp): forwards must run in lockstep."""
+    return _SHARDED
+
+
+def reshard(model) -> None:
+    """Put a sharded base back in its sharded state on this process. Call it on every process after the
+    main one alone touched the model: saving calls state_dict(), whose FSDP hook reshards the root
+    weights that FSDP keeps gathered after a forward, and the next forward would then gather on the main
+    process only (a collective mismatch)."""
+    if not _SHARDED:
+        return
+    from torch.distributed.fsdp import FSDPModule
+    for module in model.modules():
+        if isinstance(module, FSDPModule):
+            module.reshard()
+
+
+def all_reduce_grads(params: list) -> None:
+    """Sum the gradients of (replicated) parameters over processes, in one flat buffer."""
+    if num_processes() == 1:
+        return
+    import torch.distributed as dist
+    grads = [p.grad for p in params if p.grad is not None]
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    dist.all_reduce(flat)
+    offset = 0
+    for g in grads:
+        g.copy_(flat[offset:offset + g.numel()].view_as(g))
+        offset += g.numel()
 
 
 def gather(local: list) -> list:
@@ -187,7 +245,9 @@ def load_placed(spec: str, cfg: DeviceConfig | None = None, seed: int = 0):
     device = accelerator(cfg).device
     model, tokenizer = load_model(spec, seed=seed, dtype=resolve_dtype(cfg, device.type),
                                   load_in_4bit=cfg.load_in_4bit)
-    if not cfg.load_in_4bit:                  # 4-bit weights are placed by bitsandbytes at load
+    if cfg.fsdp:
+        shard_base(model, device)
+    elif not cfg.load_in_4bit:                # 4-bit weights are placed by bitsandbytes at load
         model.to(device)
     if cfg.gradient_checkpointing:
         if hasattr(model, "activation_checkpointing_enable"):       # transformers >= 5.x
@@ -196,3 +256,26 @@ def load_placed(spec: str, cfg: DeviceConfig | None = None, seed: int = 0):
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.config.use_cache = False
     return model, tokenizer
+
+
+def shard_base(model, device: torch.device) -> None:
+    """Shard the frozen base model's weights over the processes with FSDP2 (`fully_shard` on every decoder
+    block, then on the whole model for the embeddings, final norm and output layer), moving the shards to
+    `device`. Adapters and the CRMA backbone added later stay ordinary (replicated) parameters."""
+    global _SHARDED
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    from .method.models import decoder_layers, fingerprint
+
+    if num_processes() < 2:
+        raise ConfigError("--fsdp shards the base model across processes: launch several "
+                          "(accelerate launch --num_processes N -m crma ...)")
+    fingerprint(model)                       # cached on the model, computed once from the whole weights
+    for p in model.parameters():
+        p.requires_grad_(False)
+    mesh = init_device_mesh(device.type, (num_processes(),))
+    for block in decoder_layers(model):
+        fully_shard(block, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    _SHARDED = True

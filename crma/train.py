@@ -70,8 +70,11 @@ def train_phase(model, examples: list[list[int]], cfg: TrainConfig, *, seed: int
 
         loss = sum over all predicted tokens of the global batch of CE / number of those tokens,
 
-    exactly as one process does: each process backpropagates N * (its tokens' CE sum) / global tokens and
-    DDP averages over the N processes (gradients of earlier micro-batches accumulate without syncing)."""
+    exactly as one process does. Under DDP each process backpropagates N * (its tokens' CE sum) / global
+    tokens and DDP averages (earlier micro-batches accumulate without syncing); with a sharded base
+    (--fsdp) each backpropagates its CE sum / global tokens and the replicated adapter and backbone
+    gradients are summed (runtime.all_reduce_grads). Every process runs as many micro-batches as the
+    largest share needs (a missing one is a forward of weight 0), so collectives stay in step."""
     log = PhaseLog(domain=domain, adapter=adapter)
     ordered = method.phase_examples(examples, cfg, seed) if method is not None else None
     if ordered is None:
@@ -79,9 +82,14 @@ def train_phase(model, examples: list[list[int]], cfg: TrainConfig, *, seed: int
         ordered = [examples[i] for i in order]
     batches = [ordered[i:i + cfg.batch_size] for i in range(0, len(ordered), cfg.batch_size)]
     optimizer = make_optimizer(lora_params, backbone, cfg)
-    wrapped, optimizer = accelerator.prepare(model, optimizer)
+    sharded = runtime.base_sharded()
+    if sharded:                                  # the base is already sharded; adapters/backbone replicated
+        wrapped = model
+    else:
+        wrapped, optimizer = accelerator.prepare(model, optimizer)
     trainable = [p for g in optimizer.param_groups for p in g["params"]]
     procs = accelerator.num_processes
+    ce_scale, penalty_scale = (1.0, 1.0 / procs) if sharded else (float(procs), 1.0)   # sum vs DDP's mean
     if backbone is not None:
         log.spectral.append(backbone.stats())          # step 0: the matrices before any update
     wrapped.train()
@@ -90,23 +98,24 @@ def train_phase(model, examples: list[list[int]], cfg: TrainConfig, *, seed: int
     for batch in bar:
         n_tokens = sum(len(x) - 1 for x in batch)                         # predicted tokens, all processes
         share = [batch[i] for i in runtime.shard(len(batch))]
-        weight = 1.0 if share else 0.0                 # an empty share still joins the gradient sync
-        share = share or batch[:1]
-        micro = cfg.micro_batch_size or len(share)
-        chunks = [share[i:i + micro] for i in range(0, len(share), micro)]
+        micro = cfg.micro_batch_size or runtime.largest_share(len(batch))
+        n_chunks = -(-runtime.largest_share(len(batch)) // micro)           # the same on every process
+        chunks = [share[i * micro:(i + 1) * micro] for i in range(n_chunks)]
         local = 0.0
         extra = method.penalty() if method is not None else None
         if extra is not None:
             log.penalties.append(float(extra.detach()))
         for k, rows in enumerate(chunks):
             last = k == len(chunks) - 1
-            with nullcontext() if last else accelerator.no_sync(wrapped):
-                ce = token_loss_sum(wrapped, rows, pad_id, accelerator.device) * weight
-                loss = ce * (procs / n_tokens)
+            with nullcontext() if last or sharded else accelerator.no_sync(wrapped):
+                ce = token_loss_sum(wrapped, rows or batch[:1], pad_id, accelerator.device) * (1.0 if rows else 0.0)
+                loss = ce * (ce_scale / n_tokens)
                 if k == 0 and extra is not None:
-                    loss = loss + extra
+                    loss = loss + extra * penalty_scale
                 accelerator.backward(loss)
             local += float(ce.detach())
+        if sharded:
+            runtime.all_reduce_grads(trainable)
         grad_norm = accelerator.clip_grad_norm_(trainable, cfg.grad_clip)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)

@@ -143,14 +143,24 @@ def _launch(args: list[str], env_extra: dict | None = None, processes: int = 2) 
 
 
 def test_two_gloo_processes_train_one_model(tmp_path):
-    """Both processes really form one gloo group of 2, and their parameters agree after training."""
+    """Both processes really form one gloo group of 2 and their parameters agree after training, data-parallel
+    (DDP) and with the base sharded (--fsdp: each process holds about half of the base weights)."""
     data = write_cycle_domain(tmp_path / "up.jsonl", "abcd", 10, 1)
-    _launch([str(ROOT / "tests" / "dist_worker.py"), str(data), str(tmp_path)])
-    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
-    assert [r["num_processes"] for r in ranks] == [2, 2] and {r["backend"] for r in ranks} == {"gloo"}
-    assert {r["distributed_type"] for r in ranks} == {"MULTI_CPU"}
-    assert ranks[0]["params_sha256"] == ranks[1]["params_sha256"]
-    assert ranks[0]["losses"] == ranks[1]["losses"] and ranks[0]["steps"] == 2
+    runs = {}
+    for mode in ("ddp", "fsdp"):
+        (tmp_path / mode).mkdir()
+        _launch([str(ROOT / "tests" / "dist_worker.py"), str(data), str(tmp_path / mode)]
+                + (["--fsdp"] if mode == "fsdp" else []))
+        runs[mode] = ranks = [json.loads((tmp_path / mode / f"rank{r}.json").read_text()) for r in (0, 1)]
+        assert [r["num_processes"] for r in ranks] == [2, 2] and {r["backend"] for r in ranks} == {"gloo"}
+        assert {r["distributed_type"] for r in ranks} == {"MULTI_CPU"}
+        assert ranks[0]["params_sha256"] == ranks[1]["params_sha256"]
+        assert ranks[0]["losses"] == ranks[1]["losses"] and ranks[0]["steps"] == 2
+    ddp, fsdp = runs["ddp"], runs["fsdp"]
+    assert all(r["base_local"] == r["base_total"] for r in ddp)                       # DDP: whole base each
+    assert sum(r["base_local"] for r in fsdp) == fsdp[0]["base_total"]                # FSDP: split in two
+    assert max(r["base_local"] for r in fsdp) < 0.6 * fsdp[0]["base_total"]
+    assert fsdp[0]["losses"] == pytest.approx(ddp[0]["losses"], rel=1e-5)
 
 
 def test_two_process_run_matches_one_process_and_one_process_writes(tmp_path):
@@ -167,8 +177,13 @@ def test_two_process_run_matches_one_process_and_one_process_writes(tmp_path):
     log = tmp_path / "writes.log"
     _launch(["-m", "crma", "run", *common, "--out", str(tmp_path / "two")], {"CRMA_WRITE_LOG": str(log)})
     _launch(["-m", "crma", "run", *common, "--out", str(tmp_path / "one")], processes=1)
+    _launch(["-m", "crma", "run", *common, "--fsdp", "--out", str(tmp_path / "fsdp")])
     two = json.loads((tmp_path / "two" / "results.json").read_text())
     one = json.loads((tmp_path / "one" / "results.json").read_text())
+    fsdp = json.loads((tmp_path / "fsdp" / "results.json").read_text())
+    assert fsdp["runtime"]["fsdp"] and fsdp["runtime"]["num_processes"] == 2
+    for key in ("base_loss", "loss_matrix", "loss_matrix_pinned"):                     # sharded base: same run
+        assert torch.allclose(torch.tensor(fsdp[key]), torch.tensor(one[key]), rtol=1e-4), key
     assert two["runtime"]["num_processes"] == 2 and one["runtime"]["num_processes"] == 1
     assert json.loads((tmp_path / "two" / "config.json").read_text())["runtime"]["distributed_type"] == "MULTI_CPU"
     for key in ("base_loss", "loss_matrix", "loss_matrix_pinned"):

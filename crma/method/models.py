@@ -164,26 +164,36 @@ def mlp_out_weight(block: nn.Module, fam: str, d: int) -> torch.Tensor | None:
     if hasattr(weight, "quant_state"):              # bitsandbytes 4-bit: packed bytes, dequantize first
         import bitsandbytes.functional as bnbf
         weight = bnbf.dequantize_4bit(weight.data, weight.quant_state)
-    weight = weight.detach().float()
+    weight = full_tensor(weight).float()
     return weight if weight.shape[0] == d else weight.T if weight.shape[1] == d else None
+
+
+def full_tensor(t: torch.Tensor) -> torch.Tensor:
+    """The whole tensor of a parameter, also when FSDP shards it (a DTensor: gathered, on every process)."""
+    t = t.detach()
+    return t.full_tensor() if hasattr(t, "full_tensor") else t
 
 
 def _bf16_bytes(t: torch.Tensor) -> bytes:
     """The first 65536 values rounded to bf16: the same for a checkpoint loaded in fp32 or bf16."""
-    return t.detach().flatten()[:65536].to(torch.bfloat16).view(torch.int16).cpu().numpy().tobytes()
+    return full_tensor(t).flatten()[:65536].to(torch.bfloat16).view(torch.int16).cpu().numpy().tobytes()
 
 
 def fingerprint(model: nn.Module) -> dict:
     """Identity of a base model: architecture, sizes and a hash of some of its weights rounded to bf16,
-    so a store built in fp32 on a CPU opens in bf16 on a GPU (the same with or without PEFT adapters)."""
+    so a store built in fp32 on a CPU opens in bf16 on a GPU (the same with or without PEFT adapters).
+    Computed once per model object and kept on it (crma never changes base weights): a sharded model's
+    later calls then need no collective gather."""
     if hasattr(model, "get_base_model"):
         model = model.get_base_model()
+    if getattr(model, "_crma_fingerprint", None) is not None:
+        return dict(model._crma_fingerprint)
     cfg = model.config
     digest = hashlib.sha256()
     digest.update(_bf16_bytes(model.get_input_embeddings().weight))
     first = next(p for n, p in decoder_layers(model)[0].named_parameters() if "lora_" not in n)
-    digest.update(_bf16_bytes(first) if first.is_floating_point() else first.detach().flatten()[:65536].cpu().numpy().tobytes())
-    return {
+    digest.update(_bf16_bytes(first) if first.is_floating_point() else full_tensor(first).flatten()[:65536].cpu().numpy().tobytes())
+    out = {
         "model_type": cfg.model_type,
         "architecture": type(model).__name__,
         "hidden_size": int(cfg.hidden_size),
@@ -191,3 +201,5 @@ def fingerprint(model: nn.Module) -> dict:
         "vocab_size": int(cfg.vocab_size),
         "weights_bf16_sha256": digest.hexdigest()[:16],
     }
+    model._crma_fingerprint = dict(out)
+    return out

@@ -133,6 +133,9 @@ def add_domain(live: LiveModel, root: Path, dom: DomainData, settings: AddSettin
     Nothing is written unless the new adapter's holdout loss beats the base model's by at least
     settings.min_gain percent. The store's writer lock is held only while writing."""
     accelerator = accelerator or runtime.accelerator()
+    if runtime.base_sharded() and (router_cfg or RouterConfig()).encoder == "base":
+        raise ConfigError("router encoder 'base' reads the base model on the main process alone, which a "
+                          "sharded base (--fsdp) cannot do; use the default encoder (minilm)")
     store = live.store
     phase = sum(1 for e in store.manifest["log"] if e["op"] == "add") if store else 0
     if base is None:                       # a run has measured it already (the base row of its matrix)
@@ -182,6 +185,7 @@ def add_domain(live: LiveModel, root: Path, dom: DomainData, settings: AddSettin
 
     # every process gets the new manifest from the main one: no other process needs to read the folder
     result.version, result.backbone_version, result.router_version, manifest = runtime.on_main(register)
+    runtime.reshard(live.model)              # the main process saved (state_dict): same FSDP state everywhere
     live.store = Store.view(root, manifest)
     live.adapters[adapter] = result.version
     if result.backbone_version is not None:

@@ -184,7 +184,7 @@ def add_store_parsers(sub, add_config_options, dispatch) -> None:
     ev.add_argument("--store", type=Path, required=True)
     ev.add_argument("--data", nargs="+", required=True, metavar="NAME=HOLDOUT")
     ev.add_argument("--backbone", choices=("pinned", "latest", "both"), default="both")
-    add_config_options(ev, sections=("device",), hidden=("gradient_checkpointing",))
+    add_config_options(ev, sections=("device",), hidden=("gradient_checkpointing",))   # --fsdp: launched eval
     ev.set_defaults(func=dispatch, store_cmd="eval")
 
     gen = sub.add_parser("generate", help="generate text from a store, routed to a domain adapter")
@@ -197,7 +197,7 @@ def add_store_parsers(sub, add_config_options, dispatch) -> None:
     gen.add_argument("--seed", type=int, default=0)
     gen.add_argument("--raw", action="store_true", help="no chat template")
     gen.add_argument("prompt")
-    add_config_options(gen, sections=("device",), hidden=("gradient_checkpointing",))
+    add_config_options(gen, sections=("device",), hidden=("gradient_checkpointing", "fsdp"))
     gen.set_defaults(func=dispatch, store_cmd="generate")
 
 
