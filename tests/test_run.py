@@ -43,8 +43,11 @@ def test_results_file_and_artifacts_on_disk(conflict_runs):
     assert saved["config"]["condition"] == "modular" and saved["config"]["crma"]["n_streams"] == 4
     config = json.loads((run_dir / "config.json").read_text())
     assert config.pop("runtime") == saved["runtime"] and config == saved["config"]
-    assert saved["runtime"]["num_processes"] == 1 and saved["runtime"]["resolved_device"] == "cpu"
-    assert saved["runtime"]["resolved_dtype"] == "float32" and saved["config"]["device"]["device"] == "auto"
+    from crma import runtime
+    from crma.config import DeviceConfig
+    assert saved["runtime"]["num_processes"] == 1 and saved["config"]["device"]["device"] == "auto"
+    assert saved["runtime"]["resolved_device"].startswith(runtime.resolve_device(DeviceConfig()))
+    assert saved["runtime"]["resolved_dtype"] == str(runtime.resolve_dtype(DeviceConfig())).split(".")[-1]
     for name in ("up", "down"):
         assert (run_dir / "adapters" / name / "v1" / "adapter_config.json").exists()
         assert (run_dir / "adapters" / name / "v1" / "adapter_model.safetensors").exists()

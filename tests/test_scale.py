@@ -20,6 +20,8 @@ from crma.method.models import fingerprint, load_model
 from .conftest import write_cycle_domain
 
 ROOT = Path(__file__).resolve().parents[1]
+# In-process tests use DeviceConfig() (auto): a process has one device (runtime.accelerator), so they run on
+# the CPU here and on the GPU where one is visible; the launched tests pin --device cpu (gloo) themselves.
 
 
 def test_device_settings_are_validated_and_resolved():
@@ -53,20 +55,20 @@ def test_crma_stays_fp32_and_certified_on_a_bf16_model(conflicting_domains, tmp_
     from .conftest import tiny_run_config
 
     cfg = tiny_run_config(conflicting_domains, tmp_path / "bf16", "modular", epochs=1)
-    cfg.device = DeviceConfig(device="cpu", dtype="bfloat16")
+    cfg.device = DeviceConfig(dtype="bfloat16")          # this process's device (cpu here, a GPU where present)
     res = continual_run(cfg, progress=False)
     assert res["runtime"]["resolved_dtype"] == "bfloat16"
     s = res["spectral"]
     assert s["certificate_ok"] and s["max_sum_dev"] < 1e-5 and s["max_norm_dev"] < 1e-5 and s["max_alpha"] > 0
     assert res["gain_pct"][0] > 0 and res["drift_pct_pinned"] == 0.0
     live = LiveModel.open(__import__("crma.store", fromlist=["Store"]).Store(cfg.out),
-                          device=DeviceConfig(device="cpu", dtype="bfloat16"))
+                          device=DeviceConfig(dtype="bfloat16"))
     assert next(live.model.parameters()).dtype == torch.bfloat16
     assert {p.dtype for p in live.backbone.parameters()} == {torch.float32}
     block = live.backbone.crma_blocks[0]
-    h = torch.randn(2, 5, block.crma_read.shape[0]).to(torch.bfloat16)
+    h = torch.randn(2, 5, block.crma_read.shape[0]).to(torch.bfloat16).to(block.crma_read.device)
     plain = block.delta(h)
-    with torch.autocast("cpu", dtype=torch.bfloat16):
+    with torch.autocast(h.device.type, dtype=torch.bfloat16):
         inside = block.delta(h)
     assert plain.dtype == torch.bfloat16 and torch.equal(plain, inside)
     bound = block.cfg.rho * h.float().norm(dim=-1)
@@ -79,7 +81,7 @@ def _one_step_grads(gradient_checkpointing: bool, spec: str = "tiny:llama") -> d
     from crma.method.backbone import CRMABackbone
     from crma.train import token_loss_sum
 
-    model, _ = runtime.load_placed(spec, DeviceConfig(device="cpu", gradient_checkpointing=gradient_checkpointing))
+    model, _ = runtime.load_placed(spec, DeviceConfig(gradient_checkpointing=gradient_checkpointing))
     assert model.is_activation_checkpointing == gradient_checkpointing
     backbone = CRMABackbone.for_model(model, CRMAConfig(), seed=0).attach(model)
     with torch.no_grad():
@@ -90,7 +92,7 @@ def _one_step_grads(gradient_checkpointing: bool, spec: str = "tiny:llama") -> d
     params = set_trainable(model, "up", backbone=True)
     model.train()
     rows = [[(7 * i + 3 * j) % 250 for j in range(20 + i)] for i in range(3)]
-    token_loss_sum(model, rows, 256, "cpu").backward()
+    token_loss_sum(model, rows, 256, next(model.parameters()).device).backward()
     return {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
 
 
@@ -110,7 +112,7 @@ def test_micro_batches_change_memory_not_the_step(tmp_path):
     data = write_cycle_domain(tmp_path / "up.jsonl", "abcd", 10, 1)
     out = []
     for micro in (0, 2):
-        live = LiveModel.fresh("tiny:llama", "modular", seed=0, device=DeviceConfig(device="cpu"))
+        live = LiveModel.fresh("tiny:llama", "modular", seed=0, device=DeviceConfig())
         cfg = TrainConfig(epochs=1, lr=1e-2, batch_size=5, max_len=48, micro_batch_size=micro)
         dom = load_domain(DomainSpec("up", data, data), live.tokenizer, cfg)
         _, log = train_domain(live, dom, 0, AddSettings(train=cfg), runtime.accelerator())
