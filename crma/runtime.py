@@ -219,20 +219,29 @@ def all_sum(value: float) -> float:
 
 def on_main(fn, *args, **kwargs):
     """fn(*args, **kwargs) run on the main process only (writing files), its result returned on every
-    process; every process waits for it, and if it failed there, fails too (nobody hangs)."""
+    process; every process waits for it, and if it failed there, every process raises the same error
+    (a ConfigError stays a ConfigError), so nobody hangs and every process reports it alike."""
     if num_processes() == 1:
         return fn(*args, **kwargs)
+    import pickle
+
     result, error = None, None
     if is_main():
         try:
             result = fn(*args, **kwargs)
         except BaseException as err:          # re-raised below, after the others have been told
             error = err
-    result, message = broadcast((result, None if error is None else f"{type(error).__name__}: {error}"))
+    told = error
+    if error is not None:
+        try:
+            pickle.dumps(error)
+        except Exception:                     # an exception that cannot travel: its text does
+            told = RuntimeError(f"the main process failed: {type(error).__name__}: {error}")
+    result, told = broadcast((result, told))
     if error is not None:
         raise error
-    if message is not None:
-        raise RuntimeError(f"the main process failed: {message}")
+    if told is not None:
+        raise told
     return result
 
 

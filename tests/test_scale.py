@@ -129,7 +129,8 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _launch(args: list[str], env_extra: dict | None = None, processes: int = 2) -> subprocess.CompletedProcess:
+def _launch(args: list[str], env_extra: dict | None = None, processes: int = 2,
+            expect_rc: int = 0) -> subprocess.CompletedProcess:
     """`accelerate launch --multi_gpu --num_processes N` (N real processes on CPU) of `args`."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), **(env_extra or {})}
     env.pop("ACCELERATE_USE_CPU", None)          # crma itself must ask for the CPU process group
@@ -140,7 +141,7 @@ def _launch(args: list[str], env_extra: dict | None = None, processes: int = 2) 
     else:
         launcher = [sys.executable]
     proc = subprocess.run(launcher + args, env=env, capture_output=True, text=True, timeout=600, cwd=ROOT)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    assert (proc.returncode == 0) == (expect_rc == 0), proc.stdout[-3000:] + proc.stderr[-5000:]
     return proc
 
 
@@ -212,3 +213,16 @@ def test_two_process_run_matches_one_process_and_one_process_writes(tmp_path):
     store = Store(tmp_path / "two")
     store.verify()
     assert store.domains() == ["up", "down", "side"] and store.backbone_version("side", "pinned") == 3
+
+
+def test_an_error_on_the_main_process_stops_every_process_with_it(tmp_path):
+    """A bad --out found by the main process (which alone writes): both processes report the same clear
+    error, nobody hangs, and the folder's file is untouched."""
+    busy = tmp_path / "busy"
+    busy.mkdir()
+    (busy / "notes.txt").write_text("keep me")
+    data = write_cycle_domain(tmp_path / "up.jsonl", "abcd", 8, 1)
+    proc = _launch(["-m", "crma", "run", "--model", "tiny:llama", "--domains", f"up={data}", "--epochs", "1",
+                    "--max-len", "48", "--device", "cpu", "--out", str(busy)], expect_rc=2)
+    assert (proc.stdout + proc.stderr).count("crma run: error: --out: ") == 2
+    assert [p.name for p in busy.iterdir()] == ["notes.txt"] and (busy / "notes.txt").read_text() == "keep me"

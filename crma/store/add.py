@@ -153,7 +153,7 @@ def add_domain(live: LiveModel, root: Path, dom: DomainData, settings: AddSettin
                          f"{gain:+.2f}%, below --min-gain {settings.min_gain:g}%; the store is unchanged")
         return result
 
-    def register() -> tuple[int, int | None, int]:        # the main process writes; the others wait
+    def register() -> tuple[int, int | None, int, dict]:     # the main process writes; the others wait
         backbone_version = None
         with Store.writer(root, command, create=create) as w:
             if live.backbone is not None and live.condition == "modular":
