@@ -37,6 +37,20 @@ def test_device_settings_are_validated_and_resolved():
     assert runtime.resolve_dtype(DeviceConfig(device="cpu", dtype="bfloat16")) == torch.bfloat16
 
 
+def test_4bit_and_fsdp_are_refused_clearly_where_they_cannot_run():
+    from crma.method.models import ModelError, quantization_kwargs
+
+    with pytest.raises(ModelError, match="applies to hub or local models"):
+        load_model("tiny:llama", load_in_4bit=True)
+    if not torch.cuda.is_available():
+        with pytest.raises(ModelError, match="bitsandbytes"):          # not installed, or no CUDA GPU
+            quantization_kwargs(True, torch.bfloat16)
+    with pytest.raises(ConfigError, match="fsdp: cannot shard 4-bit"):
+        DeviceConfig(fsdp=True, load_in_4bit=True)
+    with pytest.raises(ConfigError, match="--fsdp shards the base model across processes"):
+        runtime.load_placed("tiny:llama", DeviceConfig(fsdp=True))     # one process: nothing to shard across
+
+
 def test_fingerprint_is_the_same_in_fp32_and_bf16_and_differs_between_models():
     fp32, _ = load_model("tiny:llama", seed=0)
     bf16, _ = load_model("tiny:llama", seed=0, dtype=torch.bfloat16)
