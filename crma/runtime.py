@@ -17,10 +17,10 @@ frozen base model, the only large thing, so a model that does not fit one device
 the per-domain LoRA adapters and the CRMA backbone (megabytes) stay whole on every process, and their
 gradients are summed across processes after each step (`all_reduce_grads`), as DDP would. Every
 forward is then collective, so training and evaluation run the same number of forwards on every process
-(`lockstep`), padding with forwards whose results are discarded.
+(as many as the `largest_share` needs), padding with forwards whose results are discarded.
 
 On a CPU-only machine Accelerate treats launched processes as separate jobs unless told to use the CPU
-(ACCELERATE_USE_CPU): `accelerator()` tells it whenever the resolved device is the CPU, and refuses
+(ACCELERATE_USE_CPU): `accelerator()` tells it whenever a launched job's device is the CPU, and refuses
 to run if it was launched as several processes but Accelerate still sees one.
 """
 from __future__ import annotations
@@ -176,7 +176,10 @@ def all_reduce_grads(params: list) -> None:
     if num_processes() == 1:
         return
     import torch.distributed as dist
-    grads = [p.grad for p in params if p.grad is not None]
+    for p in params:
+        if p.grad is None:                   # same buffer layout on every process
+            p.grad = torch.zeros_like(p)
+    grads = [p.grad for p in params]
     flat = torch.cat([g.reshape(-1) for g in grads])
     dist.all_reduce(flat)
     offset = 0
