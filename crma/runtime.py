@@ -192,32 +192,24 @@ def gather(local: list) -> list:
     """Every process's list, concatenated in process order (the inverse of `shard`), on every process."""
     if num_processes() == 1:
         return list(local)
-    import torch.distributed as dist
-    parts: list = [None] * num_processes()
-    dist.all_gather_object(parts, list(local))
-    return [x for part in parts for x in part]
+    from accelerate.utils import gather_object
+    return gather_object(list(local))
 
 
 def broadcast(obj):
     """The main process's `obj`, on every process."""
     if num_processes() == 1:
         return obj
-    import torch.distributed as dist
-    box = [obj]
-    dist.broadcast_object_list(box, src=0)
-    return box[0]
+    from accelerate.utils import broadcast_object_list
+    return broadcast_object_list([obj], from_process=0)[0]
 
 
 def all_sum(value: float) -> float:
     """Sum of a float over processes."""
     if num_processes() == 1:
         return value
-    import torch.distributed as dist
-    t = torch.tensor([value], dtype=torch.float64)
-    if _state().device.type == "cuda":
-        t = t.to(_state().device)
-    dist.all_reduce(t)
-    return float(t)
+    acc = _ACCELERATOR or accelerator()
+    return float(acc.reduce(torch.tensor([value], dtype=torch.float64, device=acc.device), "sum"))
 
 
 def on_main(fn, *args, **kwargs):
