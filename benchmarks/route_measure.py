@@ -17,7 +17,7 @@ that choice; `heldout2` sets were written after that and run once, on the defaul
 Also: single-query latency on one thread (wall and this thread's CPU time), encoder load time and memory,
 and a check that no calibration passage shares a doc_id with an evaluation query.
 
-    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/route_measure.py --corpus ../shared/corpora/cl5 \\
+    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/route_measure.py --corpus benchmarks/corpora/cl5 \\
         --variants minilm --out benchmarks/results/router/minilm.json
 Variants: minilm (default router), minilm-sentence (sentence embedding only, mix_layer -1),
 minilm-nobg (no background class), smollm2-l6 (SmolLM2-135M block-6 hidden state, the previous router).
@@ -205,7 +205,7 @@ def demo(variant: str, model, tok, cfg: RouterConfig) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--corpus", type=Path, default=ROOT.parent / "shared" / "corpora" / "cl5")
+    ap.add_argument("--corpus", type=Path, default=ROOT / "benchmarks" / "corpora" / "cl5")
     ap.add_argument("--variants", default="minilm")
     ap.add_argument("--max-passages", type=int, default=RouterConfig().max_passages)
     ap.add_argument("--max-calib", type=int, default=RouterConfig().max_calib)

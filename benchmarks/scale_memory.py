@@ -14,7 +14,7 @@ against the published one. From the counts:
   lm_head unquantized). With double quantization (crma's --load-in-4bit turns it on) the absmax is 8-bit
   per 64 params plus one fp32 per 256 blocks: 1/64 + 4/(64*256) byte/param; shown beside, while the
   totals keep the plain (larger) figure.
-- CRMA backbone (DESIGN.md section 2): per decoder block n*n (Theta) + 1 (gate) + 2*d*n (read, write)
+- CRMA backbone (docs/method.md section 2): per decoder block n*n (Theta) + 1 (gate) + 2*d*n (read, write)
   params, in fp32. A saved backbone version is those params in fp32 safetensors (4 bytes/param);
   training adds params + grads + AdamW's two moments, all fp32 (16 bytes/param).
 - LoRA adapter, r=8 on q,k,v,o,gate,up,down: r*(in+out) params per linear; fp32 (PEFT upcasts adapter

@@ -244,7 +244,7 @@ def summary(values, digits=4):
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--store", type=Path, required=True)
-    ap.add_argument("--corpus", type=Path, default=ROOT.parent / "shared/corpora/cl5")
+    ap.add_argument("--corpus", type=Path, default=ROOT / "benchmarks/corpora/cl5")
     ap.add_argument("--requests", type=int, default=16)
     ap.add_argument("--max-tokens", type=int, default=64)
     ap.add_argument("--single-tokens", type=int, default=64)

@@ -1,9 +1,17 @@
-"""crma: continual fine-tuning of causal LMs with a spectrally bounded CRMA backbone and per-domain LoRA."""
-__version__ = "0.1.0"
+"""crma: continual fine-tuning of causal LMs with a spectrally bounded CRMA backbone and per-domain LoRA.
 
+Packages, each importing only those below it (tests/test_layers.py keeps it so):
 
-def __getattr__(name):          # `crma.Store` without importing torch at `import crma`
-    if name == "Store":
-        from .store import Store
-        return Store
-    raise AttributeError(f"module 'crma' has no attribute {name!r}")
+    cli        every `crma` command, its options generated from the config dataclasses
+    bench, serve, demo    the benchmark grid and report; the OpenAI-compatible server; the demo
+    engine     work on a live model: load a store's model, train, add a domain, run, evaluate, generate
+    baselines  continual-learning baselines (ewc, replay, olora) and the core conditions' plain method
+    store      the on-disk model store: manifest, versions, checksums, the writer lock
+    routing    the router: features, statistics, decisions
+    runtime, data          devices and processes; reading and batching text
+    method     the CRMA math: Sinkhorn, the CRMA block and backbone, LoRA adapters, base models
+    config, io, version    typed settings, atomic writes, the version
+"""
+from .version import __version__
+
+__all__ = ["__version__"]

@@ -1,6 +1,6 @@
 """Typed configuration for every crma job: dataclasses with defaults and validation.
 
-The CLI is generated from these fields (see cli.py), and the resolved config is written next to
+The CLI is generated from these fields (crma/cli/options.py; `opt` carries a field's help), and the resolved config is written next to
 every result, so a results.json always says exactly how it was produced.
 """
 from __future__ import annotations
@@ -14,6 +14,18 @@ CONDITIONS = ("naive", "frozen", "modular")            # the core conditions (DE
 BASELINES = ("ewc", "replay", "olora")                 # continual-learning baselines (crma/baselines), run/bench only
 ALL_CONDITIONS = CONDITIONS + BASELINES
 SHARED_ADAPTER_CONDITIONS = ("naive", "ewc", "replay")  # one LoRA adapter named `shared`, trained on every domain
+
+
+REQUIRED = dataclasses.MISSING   # a field without a default: a required option
+
+
+def opt(default=REQUIRED, *, help: str = "", choices=None, positional: bool = False, metavar: str | None = None,
+        hidden: bool = False):
+    """A dataclass field with command-line metadata. No default: a required option (or positional)."""
+    meta = {"help": help, "choices": choices, "positional": positional, "metavar": metavar, "hidden": hidden}
+    if isinstance(default, (list, dict)):
+        return dataclasses.field(default_factory=lambda d=default: type(d)(d), metadata=meta)
+    return dataclasses.field(default=default, metadata=meta)
 
 
 class ConfigError(ValueError):
@@ -189,7 +201,7 @@ class DomainSpec:
         self.holdout = Path(self.holdout) if self.holdout else None
 
     @classmethod
-    def parse(cls, arg: str) -> "DomainSpec":
+    def parse(cls, arg: str) -> DomainSpec:
         """NAME=TRAIN[:HOLDOUT] -> DomainSpec."""
         name, sep, paths = arg.partition("=")
         _check(bool(sep and name and paths), "domains", f"expected NAME=TRAIN[:HOLDOUT], got {arg!r}")

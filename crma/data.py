@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 
 SUFFIXES = (".jsonl", ".txt")
+DEMO_DIR = Path(__file__).parent / "demo_data"       # the bundled demo domains (crma demo, the smoke benchmark)
 
 
 class DataError(ValueError):

@@ -12,8 +12,12 @@ from __future__ import annotations
 from pathlib import Path
 
 from .config import CRMAConfig, DomainSpec, LoraSettings, RunConfig, TrainConfig
+from .data import DEMO_DIR
+from .engine.generate import generate
+from .engine.live import LiveModel
+from .engine.run import continual_run
+from .store import Store
 
-DEMO_DIR = Path(__file__).parent / "demo_data"
 DEMO_DOMAINS = ("cooking", "astronomy", "contracts")
 # Sized for about 5 minutes for both conditions with smollm2-135m on 2 CPU cores (see README).
 DEMO_DEFAULTS = {"train": TrainConfig(epochs=2, lr=1e-3, batch_size=4, max_len=128, eval_batch_size=8)}
@@ -32,8 +36,6 @@ def run_demo(out: Path, model: str, conditions: list[str], seed: int, train: Tra
              questions: tuple[str, ...] = DEMO_QUESTIONS, max_new_tokens: int = 40) -> dict[str, dict]:
     """Run each condition into OUT/<condition>/ (a previous demo there is replaced), answer the
     questions from the modular store, and print the drift table."""
-    from .run import continual_run
-
     results = {}
     for condition in conditions:
         folder = Path(out) / condition
@@ -50,12 +52,10 @@ def run_demo(out: Path, model: str, conditions: list[str], seed: int, train: Tra
 
 
 def answer_questions(store_dir: Path, questions, max_new_tokens: int) -> list:
-    from .store import Store
-
-    store = Store(store_dir)
+    live = LiveModel.open(Store(store_dir))
     answers = []
     for q in questions:
-        gen = store.generate(q, domain="auto", temperature=0, max_new_tokens=max_new_tokens)
+        gen = generate(live, q, domain="auto", temperature=0, max_new_tokens=max_new_tokens)
         conf = f"{gen.confidence:.2f}" if gen.confidence is not None else "-"
         print(f"\nQ: {q}\n[router: {gen.domain}, confidence {conf}"
               + (f", runner-up {gen.runner_up}" if gen.runner_up else "") + "]")

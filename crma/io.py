@@ -4,8 +4,8 @@ from __future__ import annotations
 import json
 import os
 import shlex
-import sys
 import shutil
+import sys
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path

@@ -26,11 +26,18 @@ to run if it was launched as several processes but Accelerate still sees one.
 from __future__ import annotations
 
 import os
+import pickle
 from dataclasses import asdict
 
 import torch
+import torch.distributed as dist
+from accelerate import Accelerator, DistributedType
+from accelerate.utils import broadcast_object_list, gather_object
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import FSDPModule, fully_shard
 
 from .config import ConfigError, DeviceConfig
+from .method.models import decoder_layers, fingerprint, load_model
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
@@ -81,7 +88,6 @@ def accelerator(cfg: DeviceConfig | None = None):
     """This process's Accelerator (one per process: its device and process group are fixed at the first
     call). The CPU is requested explicitly so that launched CPU processes form one gloo group."""
     global _ACCELERATOR
-    from accelerate import Accelerator, DistributedType
 
     cfg = cfg or DeviceConfig()
     device = resolve_device(cfg)
@@ -109,7 +115,6 @@ def accelerator(cfg: DeviceConfig | None = None):
 def finish(ok: bool = True) -> None:
     """End of a command: a launched process waits for the others (when it succeeded) and leaves the
     process group, so that no process exits with collective threads still running."""
-    import torch.distributed as dist
 
     if _ACCELERATOR is None or not dist.is_initialized():
         return
@@ -165,7 +170,6 @@ def reshard(model) -> None:
     process only (a collective mismatch)."""
     if not _SHARDED:
         return
-    from torch.distributed.fsdp import FSDPModule
     for module in model.modules():
         if isinstance(module, FSDPModule):
             module.reshard()
@@ -175,7 +179,6 @@ def all_reduce_grads(params: list) -> None:
     """Sum the gradients of (replicated) parameters over processes, in one flat buffer."""
     if num_processes() == 1:
         return
-    import torch.distributed as dist
     for p in params:
         if p.grad is None:                   # same buffer layout on every process
             p.grad = torch.zeros_like(p)
@@ -192,7 +195,6 @@ def gather(local: list) -> list:
     """Every process's list, concatenated in process order (the inverse of `shard`), on every process."""
     if num_processes() == 1:
         return list(local)
-    from accelerate.utils import gather_object
     return gather_object(list(local))
 
 
@@ -200,7 +202,6 @@ def broadcast(obj):
     """The main process's `obj`, on every process."""
     if num_processes() == 1:
         return obj
-    from accelerate.utils import broadcast_object_list
     return broadcast_object_list([obj], from_process=0)[0]
 
 
@@ -218,7 +219,6 @@ def on_main(fn, *args, **kwargs):
     (a ConfigError stays a ConfigError), so nobody hangs and every process reports it alike."""
     if num_processes() == 1:
         return fn(*args, **kwargs)
-    import pickle
 
     result, error = None, None
     if is_main():
@@ -243,7 +243,6 @@ def on_main(fn, *args, **kwargs):
 def load_placed(spec: str, cfg: DeviceConfig | None = None, seed: int = 0):
     """(model, tokenizer) of `spec` in the job's dtype, on this process's device, with gradient
     checkpointing if asked (non-reentrant: the reentrant variant breaks DDP and frozen-input LoRA)."""
-    from .method.models import load_model
 
     cfg = cfg or DeviceConfig()
     device = accelerator(cfg).device
@@ -267,10 +266,7 @@ def shard_base(model, device: torch.device) -> None:
     block, then on the whole model for the embeddings, final norm and output layer), moving the shards to
     `device`. Adapters and the CRMA backbone added later stay ordinary (replicated) parameters."""
     global _SHARDED
-    from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import fully_shard
 
-    from .method.models import decoder_layers, fingerprint
 
     if num_processes() < 2:
         raise ConfigError("--fsdp shards the base model across processes: launch several "

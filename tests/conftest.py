@@ -44,7 +44,7 @@ def tiny_run_config(domains, out, condition, model="tiny:llama", **train) -> Run
 @pytest.fixture(scope="session")
 def conflict_runs(conflicting_domains, tmp_path_factory) -> dict[str, dict]:
     """The three conditions on the conflicting domains (tiny:llama), run once for the whole session."""
-    from crma.run import continual_run
+    from crma.engine.run import continual_run
 
     root = tmp_path_factory.mktemp("runs")
     return {c: continual_run(tiny_run_config(conflicting_domains, root / c, c), progress=False)

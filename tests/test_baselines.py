@@ -17,7 +17,7 @@ from crma.bench.grid import SMOKE, plan_grid
 from crma.cli import main
 from crma.config import CLConfig, ConfigError, LoraSettings
 from crma.data import read_passages, tokenize
-from crma.evaluate import mean_loss, passage_losses
+from crma.engine.loss import mean_loss, passage_losses
 from crma.method.adapters import active, adapter_of, add_adapter, load_adapter, set_trainable
 from crma.method.models import load_model
 
@@ -188,7 +188,7 @@ def test_summed_inference_equals_the_sum_of_the_separate_deltas(family):
 # ---- end to end ---------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def baseline_runs(conflicting_domains, tmp_path_factory):
-    from crma.run import continual_run
+    from crma.engine.run import continual_run
     root = tmp_path_factory.mktemp("baselines")
     runs = {}
     for c in ("ewc", "replay", "olora"):
@@ -261,4 +261,6 @@ def test_baseline_settings_define_only_their_own_runs(tmp_path):
     assert [done for _, done in plan] == [True, True]
     with pytest.raises(ConfigError, match="other settings"):
         plan_grid(SMOKE, tmp_path, conditions=["ewc"], seeds=[0], resume=True, cl=other)
-    assert make_method(plan[0][0]) is None                                    # core conditions: no Method
+    core = make_method(plan[0][0].condition)                 # core conditions: the plain method, adding nothing
+    assert type(core).__name__ == "Method" and core.name == "frozen"
+    assert core.penalty() is None and core.storage() is None and core.phase_examples([[1, 2]], None, 0) is None

@@ -1,7 +1,7 @@
 """Forgetting metrics against hand-computed values (DESIGN.md section 4)."""
 import pytest
 
-from crma.bench import metrics
+from crma.engine import metrics
 
 # after phase 0: domain 0 at 2.0; after phase 1: domain 0 rose to 2.5, domain 1 trained to 1.0
 L = [[2.0, 4.0], [2.5, 1.0]]

@@ -14,12 +14,12 @@ import torch
 
 from crma.config import ConfigError, CRMAConfig, LoraSettings
 from crma.data import read_passages
-from crma.demo import DEMO_DIR
+from crma.data import DEMO_DIR
 from crma.method.adapters import add_adapter
 from crma.method.backbone import CRMABackbone
 from crma.method.models import load_model
 from crma.routing import calibration_split, new_router, route_texts, update_router
-from crma.routing.cli import main as route_main
+from crma.cli import main as route_main
 from crma.routing.features import hidden_features, segments_of, text_segments
 from crma.routing.router import BASE, STRATEGIES, Features, Router, RouterConfig, RouterError
 
@@ -255,7 +255,7 @@ def test_calibration_split_is_by_content_and_order_free():
 def test_calibration_passages_share_no_document_with_evaluation_queries(tiny, monkeypatch):
     """update_router calibrates on a held-back slice of the TRAIN passages; the holdout passages it is given
     (the documents evaluation queries come from) are never encoded. Fails if calibration touches them."""
-    import crma.routing.encoders as encoders
+    import crma.routing as routing
 
     model, tok = tiny
     rng = random.Random(0)
@@ -265,12 +265,12 @@ def test_calibration_passages_share_no_document_with_evaluation_queries(tiny, mo
                for i in range(10)]
     queries = [{"doc_id": h["doc_id"], "text": h["text"].split(".")[0]} for h in holdout]
     seen = []
-    real = encoders.encode
+    real = routing.encode
 
     def spy(cfg, texts, *args, **kwargs):
         seen.append(list(texts))
         return real(cfg, texts, *args, **kwargs)
-    monkeypatch.setattr(encoders, "encode", spy)
+    monkeypatch.setattr(routing, "encode", spy)
     router = Router(RouterConfig(encoder="base", layer=2, background="none"))
     router.abstain_dims = None
     update_router(router, model, tok, "fruit", "fruit", [r["text"] for r in train], [r["text"] for r in holdout])
@@ -412,23 +412,6 @@ def test_route_cli_unknown_store_or_router(tmp_path, capsys):
     assert "nope" in capsys.readouterr().err
     assert route_main(["route", "--router", str(tmp_path), "q"]) == 2
     assert "no router here" in capsys.readouterr().err
-
-
-def test_route_cli_store_uses_open_store(demo_router, monkeypatch, tmp_path, capsys):
-    import crma.routing.cli as rcli
-
-    opened = []
-
-    class FakeStore:
-        def router(self):
-            return demo_router
-
-        def base(self, device=None):
-            opened.append(device.device)
-            return None, None          # a MiniLM router does not read the base model
-    monkeypatch.setattr(rcli, "open_store", lambda path: FakeStore())
-    assert route_main(["route", "--store", str(tmp_path), "What is a red giant star?"]) == 0
-    assert capsys.readouterr().out.startswith("domain: astronomy") and opened == ["auto"]
 
 
 def test_route_eval_scores_any_labelled_set_and_ood_file(demo_folder, tmp_path, capsys):

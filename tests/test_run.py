@@ -6,12 +6,13 @@ from peft import PeftModel
 
 from crma.method.adapters import add_adapter, set_trainable
 from crma.method.backbone import CRMABackbone
+from crma.baselines import make_method
 from crma.cli import main
 from crma.config import CRMAConfig, LoraSettings, TrainConfig
 from crma.data import read_passages, tokenize
-from crma.evaluate import mean_loss, passage_losses
+from crma.engine.loss import mean_loss, passage_losses
 from crma.method.models import load_model
-from crma.train import train_phase
+from crma.engine.train import train_phase
 
 REQUIRED_KEYS = {"model", "condition", "seed", "domains", "base_loss", "loss_matrix", "drift_pct",
                  "per_domain_drift_pct", "gain_pct", "train_tokens", "train_seconds", "grad_norm",
@@ -102,7 +103,7 @@ def test_old_adapter_is_bit_for_bit_unchanged_while_backbone_trains(conflicting_
         model.set_adapter(spec.name)
         train_phase(model, tokenize(read_passages(spec.train), tok, 64), cfg, seed=i, domain=spec.name,
                     adapter=spec.name, lora_params=lora, backbone=backbone, accelerator=Accelerator(),
-                    pad_id=tok.pad_token_id)
+                    pad_id=tok.pad_token_id, method=make_method("modular"))
         snapshots.append({n: p.detach().clone() for n, p in model.named_parameters() if ".up." in n})
     first, last = snapshots
     assert first and all(torch.equal(first[n], last[n]) for n in first)
@@ -128,14 +129,14 @@ def test_cli_names_a_foreign_base_model_instead_of_crashing(conflict_runs, tmp_p
     """A store whose manifest names another base model: exit code 2 and the mismatch named."""
     import shutil
     run_dir = conflict_runs["modular"]["_dir"]
-    assert main(["route", "--run", str(run_dir), "abcdabcd"]) == 0     # the run's own model: routes fine
+    assert main(["route", "--store", str(run_dir), "abcdabcd"]) == 0     # the run's own model: routes fine
     capsys.readouterr()
     foreign = tmp_path / "foreign"
     shutil.copytree(run_dir, foreign)
     manifest = json.loads((foreign / "manifest.json").read_text())
     manifest["model"]["fingerprint"]["weights_bf16_sha256"] = "0" * 16
     (foreign / "manifest.json").write_text(json.dumps(manifest))
-    assert main(["route", "--run", str(foreign), "abcdabcd"]) == 2
+    assert main(["route", "--store", str(foreign), "abcdabcd"]) == 2
     assert "the store was built on base model" in capsys.readouterr().err
 
 

@@ -63,8 +63,8 @@ def test_fingerprint_is_the_same_in_fp32_and_bf16_and_differs_between_models():
 def test_crma_stays_fp32_and_certified_on_a_bf16_model(conflicting_domains, tmp_path):
     """A whole modular run with bf16 base weights: backbone parameters stay fp32, the certificate and
     the doubly-stochastic sums hold at fp32 precision, and CRMA ignores an enclosing bf16 autocast."""
-    from crma.run import continual_run
-    from crma.store.live import LiveModel
+    from crma.engine.run import continual_run
+    from crma.engine.live import LiveModel
 
     from .conftest import tiny_run_config
 
@@ -93,7 +93,7 @@ def _one_step_grads(gradient_checkpointing: bool, spec: str = "tiny:llama") -> d
     from crma.method.adapters import add_adapter, set_trainable
     from crma.config import LoraSettings
     from crma.method.backbone import CRMABackbone
-    from crma.train import token_loss_sum
+    from crma.engine.train import token_loss_sum
 
     model, _ = runtime.load_placed(spec, DeviceConfig(gradient_checkpointing=gradient_checkpointing))
     assert model.is_activation_checkpointing == gradient_checkpointing
@@ -120,8 +120,9 @@ def test_gradient_checkpointing_gives_the_same_gradients():
 
 def test_micro_batches_change_memory_not_the_step(tmp_path):
     """Global batch 5 in micro-batches of 2 (2 + 2 + 1 rows, accumulated) = one forward of 5 rows."""
-    from crma.store.add import AddSettings, load_domain, train_domain
-    from crma.store.live import LiveModel
+    from crma.baselines import make_method
+    from crma.engine.add import AddSettings, load_domain, train_domain
+    from crma.engine.live import LiveModel
 
     data = write_cycle_domain(tmp_path / "up.jsonl", "abcd", 10, 1)
     out = []
@@ -129,7 +130,7 @@ def test_micro_batches_change_memory_not_the_step(tmp_path):
         live = LiveModel.fresh("tiny:llama", "modular", seed=0, device=DeviceConfig())
         cfg = TrainConfig(epochs=1, lr=1e-2, batch_size=5, max_len=48, micro_batch_size=micro)
         dom = load_domain(DomainSpec("up", data, data), live.tokenizer, cfg)
-        _, log = train_domain(live, dom, 0, AddSettings(train=cfg), runtime.accelerator())
+        _, log = train_domain(live, dom, 0, AddSettings(train=cfg), runtime.accelerator(), make_method(live.condition))
         out.append((log.losses, {n: p.detach().clone() for n, p in live.model.named_parameters() if "crma_" in n or "lora_" in n}))
     (l0, p0), (l2, p2) = out
     assert len(l0) == 2 and l0 == pytest.approx(l2, rel=1e-5)

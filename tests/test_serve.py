@@ -24,6 +24,8 @@ import uvicorn
 from openai import OpenAI
 
 from crma.cli import main
+from crma.engine.generate import generate
+from crma.engine.live import LiveModel
 from crma.serve.app import create_app
 from crma.serve.config import ServeConfig
 from crma.serve.server import Server
@@ -169,7 +171,7 @@ def test_stacked_lora_gather_matches_peft_adapter_names(store):
     from crma.serve.batch import BatchCache, new_cache
     from crma.serve.mixed import MixedForward
     from crma.serve.registry import Registry
-    from crma.store.live import LiveModel
+    from crma.engine.live import LiveModel
 
     live = LiveModel.open(Store(store))
     registry = Registry(live, store)
@@ -245,9 +247,9 @@ def test_every_model_completions_and_chat_streaming_and_not(live, store):
 def test_greedy_output_equals_store_generate(live, store):
     url, _ = live
     c = client(url)
-    ref = Store(store)
+    ref = LiveModel.open(Store(store))
     for model in ("up", "zig", "base"):
-        want = ref.generate("abcdxyzw", domain=model, temperature=0, max_new_tokens=16, raw=True)
+        want = generate(ref, "abcdxyzw", domain=model, temperature=0, max_new_tokens=16, raw=True)
         got = complete(c, model, "abcdxyzw", 16, temperature=0)
         assert got[0] == want.text and got[2]["backbone_version"] == want.backbone_version
 
@@ -483,19 +485,17 @@ def test_full_queue_gets_503_with_retry_after_and_disconnects_free_slots(tight, 
 
 # ---- the command line --------------------------------------------------------------------------------
 def test_crma_serve_command_line(store):
-    import argparse
+    from crma.cli import build_parser
+    from crma.cli.options import build
 
-    from crma.serve.cli import add_serve_parser, config_from_args
-
-    parser = argparse.ArgumentParser()
-    add_serve_parser(parser.add_subparsers(dest="command"))
-    args = parser.parse_args(["serve", "--store", str(store), "--port", "9", "--max-batch", "4", "--watch"])
-    cfg = config_from_args(args)
+    args = build_parser().parse_args(["serve", "--store", str(store), "--port", "9", "--max-batch", "4", "--watch"])
+    cfg = build(args, ServeConfig, device=None)
     assert (cfg.port, cfg.max_batch, cfg.watch, cfg.admin_token, cfg.host) == (9, 4, True, None, "127.0.0.1")
+    assert main(["serve", "--store", str(store), "--max-batch", "0"]) == 2      # refused before loading anything
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    proc = subprocess.Popen([sys.executable, "-m", "crma.serve.cli", "--store", str(store), "--port", str(port),
+    proc = subprocess.Popen([sys.executable, "-m", "crma", "serve", "--store", str(store), "--port", str(port),
                              "--log-level", "warning", "--threads", "1"],
                             env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     try:

@@ -6,9 +6,9 @@ import torch
 
 from crma.method.backbone import CRMABackbone
 from crma.config import CRMAConfig, DomainSpec, RunConfig, TrainConfig
-from crma.demo import DEMO_DIR
+from crma.data import DEMO_DIR
 from crma.method.models import load_model
-from crma.run import continual_run
+from crma.engine.run import continual_run
 
 CL5 = Path(__file__).resolve().parents[2] / "shared" / "corpora" / "cl5"
 

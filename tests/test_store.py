@@ -10,13 +10,15 @@ import time
 import pytest
 import torch
 
+from crma.baselines import make_method
 from crma.cli import main
 from crma.config import ConfigError, DomainSpec, TrainConfig
-from crma.evaluate import mean_loss
-from crma.run import evaluate_row
+from crma.engine.loss import mean_loss
+from crma.engine.run import evaluate_row
 from crma.store import Store, StoreError, StoreLocked
-from crma.store.add import AddSettings, load_domain, load_router
-from crma.store.live import LiveModel
+from crma.engine.add import AddSettings, load_domain
+from crma.engine.generate import generate
+from crma.engine.live import LiveModel
 
 TRAIN = ["--model", "tiny:llama", "--epochs", "3", "--lr", "1e-2", "--batch-size", "8", "--max-len", "64",
          "--eval-batch-size", "8"]
@@ -31,7 +33,7 @@ def add(store, spec: DomainSpec, *extra) -> int:
 def matrix_row(store, domains, phase, backbone="latest"):
     live = LiveModel.open(Store(store))
     data = [load_domain(s, live.tokenizer, SETTINGS.train) for s in domains]
-    return [mean_loss(cell) for cell in evaluate_row(live, data, phase, backbone, SETTINGS, False)]
+    return [mean_loss(cell) for cell in evaluate_row(live, data, phase, backbone, SETTINGS, False, make_method(live.condition))]
 
 
 @pytest.fixture(scope="module")
@@ -122,7 +124,7 @@ def test_second_writer_gets_a_clear_error(added_store):
         with pytest.raises(StoreLocked, match=f"pid.*{os.getpid()}.*crma test holder"):
             with Store.writer(root, "second"):
                 pass
-        out = subprocess.run([sys.executable, "-m", "crma.cli", "store", "remove", str(root), "up"],
+        out = subprocess.run([sys.executable, "-m", "crma", "store", "remove", str(root), "up"],
                              capture_output=True, text=True, timeout=120)
         assert out.returncode == 2 and "another writer holds the store lock" in out.stderr
         assert Store(root).domains() == ["up", "down"]                 # readers are not blocked
@@ -132,7 +134,7 @@ def test_second_writer_gets_a_clear_error(added_store):
 def _add_and_kill(root, spec, point: str | None, tmp_path) -> None:
     """Start `crma add` in a subprocess and SIGKILL it at `point` (None: during training)."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "CRMA_STORE_PAUSE": point or ""}
-    args = [sys.executable, "-m", "crma.cli", "add", "--store", str(root), "--domain", spec.name,
+    args = [sys.executable, "-m", "crma", "add", "--store", str(root), "--domain", spec.name,
             "--data", f"{spec.train}:{spec.holdout}", *TRAIN]
     if point is None:
         args[args.index("--epochs") + 1] = "200"
@@ -179,19 +181,19 @@ def test_rollback_and_remove_change_only_manifest_and_router(conflicting_domains
     assert add(root, up) == 0                                          # new data for 'up': version 2
     store = Store(root)
     assert store.adapter_meta("up")["version"] == 2 and store.adapter_meta("up")["backbone_version"] == 3
-    r2 = load_router(store)
-    assert r2.calibration["up"]["n_train"] == 2 * load_router(store, 1).calibration["up"]["n_train"]  # merged
+    r2 = store.router()
+    assert r2.calibration["up"]["n_train"] == 2 * store.router(1).calibration["up"]["n_train"]  # merged
     files = sorted(str(p) for p in root.rglob("*") if p.is_file() and "router" not in str(p))
     assert main(["store", "rollback", str(root), "up"]) == 0
     store = Store(root)
     assert store.adapter_meta("up")["version"] == 1 and store.backbone_version("up") == 1
     assert store.backbone_version(None) == 3                           # the backbone keeps what it learned
-    router = load_router(store)
+    router = store.router()
     assert torch.equal(router.t["mean"][router.names.index("up")],
-                       load_router(store, 1).t["mean"][0])             # up's statistics as registered in v1
+                       store.router(1).t["mean"][0])             # up's statistics as registered in v1
     assert main(["store", "remove", str(root), "down"]) == 0
     store = Store(root)
-    assert store.domains() == ["up"] and "down" not in load_router(store).names
+    assert store.domains() == ["up"] and "down" not in store.router().names
     after = sorted(str(p) for p in root.rglob("*") if p.is_file() and "router" not in str(p))
     assert after == files                                              # no weight file touched or removed
     assert main(["store", "rollback", str(root), "up", "--to", "v9"]) == 2
@@ -212,7 +214,7 @@ def test_validation_gate_registers_nothing(added_store, conflicting_domains, tmp
 
 def test_run_refuses_a_folder_holding_something_else(conflicting_domains, tmp_path, capsys):
     from tests.conftest import tiny_run_config
-    from crma.run import continual_run
+    from crma.engine.run import continual_run
     out = tmp_path / "run"
     continual_run(tiny_run_config(conflicting_domains[:1], out, "modular", epochs=1), progress=False)
     args = ["run", "--model", "tiny:llama", "--domains", f"up={conflicting_domains[0].train}",
@@ -224,20 +226,20 @@ def test_run_refuses_a_folder_holding_something_else(conflicting_domains, tmp_pa
 
 
 def test_generate_greedy_is_deterministic_and_streams(added_store):
-    store = Store(added_store[0])
+    live = LiveModel.open(Store(added_store[0]))
     pieces = []
-    first = store.generate("abcdabcd", domain="up", temperature=0, max_new_tokens=12, raw=True, on_text=pieces.append)
-    again = Store(added_store[0]).generate("abcdabcd", domain="up", temperature=0, max_new_tokens=12, raw=True)
+    first = generate(live, "abcdabcd", domain="up", temperature=0, max_new_tokens=12, raw=True, on_text=pieces.append)
+    again = generate(LiveModel.open(Store(added_store[0])), "abcdabcd", domain="up", temperature=0, max_new_tokens=12, raw=True)
     assert first.text == again.text and "".join(pieces) == first.text and first.new_tokens == 12
     assert first.domain == "up" and first.adapter_version == 1 and first.backbone_version == 1
-    latest = store.generate("abcdabcd", domain="up", backbone="latest", temperature=0, max_new_tokens=12, raw=True)
+    latest = generate(live, "abcdabcd", domain="up", backbone="latest", temperature=0, max_new_tokens=12, raw=True)
     assert latest.backbone_version == 2
-    auto = store.generate("dcbadcbadcba", temperature=0.8, seed=3, max_new_tokens=6, raw=True)
+    auto = generate(live, "dcbadcbadcba", temperature=0.8, seed=3, max_new_tokens=6, raw=True)
     assert auto.domain in ("up", "down", "base") and auto.confidence is not None
-    base = store.generate("abcd", domain="base", temperature=0, max_new_tokens=4, raw=True)
+    base = generate(live, "abcd", domain="base", temperature=0, max_new_tokens=4, raw=True)
     assert base.adapter_version is None
     with pytest.raises(StoreError, match="not in this store"):
-        store.generate("x", domain="legal")
+        generate(live, "x", domain="legal")
 
 
 def test_demo_builds_a_store_answers_and_prints_pinned_and_latest(tmp_path, capsys):

@@ -9,13 +9,17 @@ phases call its hooks: `training` (which adapters are active while training), `b
 `phase_examples` (the phase's ordered training passages), `penalty` (added to the LM loss at every step),
 `after_phase` (Fisher, reservoir, frozen A), `serving` (the model evaluated after a phase, when it is not one
 adapter per domain) and `storage()` (what the method must keep beyond its adapters). The core conditions
-(naive, frozen, modular) make no Method, and their code path is unchanged.
+(naive, frozen, modular) get a plain `Method`, whose hooks only train the phase's adapter.
 """
 from __future__ import annotations
 
-from dataclasses import asdict
+from ..config import CLConfig
+from .base import Baseline, Method, summed_adapters
+from .ewc import EWC
+from .olora import OLoRA
+from .replay import Replay
 
-from ..config import BASELINES, SHARED_ADAPTER_CONDITIONS, RunConfig
+BASELINE_METHODS = {"ewc": EWC, "replay": Replay, "olora": OLoRA}
 
 
 def fmt_bytes(n: float) -> str:
@@ -36,23 +40,13 @@ def describe_storage(s: dict) -> str:
     return f"{s['adapters']} LoRA adapters ({one} each), all summed at inference; no data, no Fisher"
 
 
-def make_method(cfg: RunConfig):
-    """The run's Method (crma.baselines.base) for a baseline condition; None for naive, frozen and modular."""
-    if cfg.condition not in BASELINES:
-        return None
-    from .ewc import EWC
-    from .olora import OLoRA
-    from .replay import Replay
-    cls = {"ewc": EWC, "replay": Replay, "olora": OLoRA}[cfg.condition]
-    return cls(cfg.cl, cfg.seed, len(cfg.domains))
+def make_method(condition: str, cl: CLConfig | None = None, seed: int = 0, n_phases: int = 1) -> Method:
+    """The method of a run or an add: a baseline's (holding its state across the run's phases) or, for naive,
+    frozen and modular, the plain Method."""
+    cls = BASELINE_METHODS.get(condition)
+    cl = cl or CLConfig()
+    return cls(cl, seed, n_phases) if cls is not None else Method(cl, seed, n_phases, name=condition)
 
 
-def store_create(cfg: RunConfig, fingerprint: dict, settings, router_cfg) -> dict:
-    """`create` of a baseline run's store: as naive's (shared adapter) or frozen's (one per domain), under
-    its own condition name and with its settings recorded. `crma add` refuses such a store (train_domain)."""
-    from ..store.add import store_settings
-    like = "naive" if cfg.condition in SHARED_ADAPTER_CONDITIONS else "frozen"
-    create = store_settings(like, cfg.model, fingerprint, settings, router_cfg)
-    create["condition"] = cfg.condition
-    create["settings"]["cl"] = asdict(cfg.cl)
-    return create
+__all__ = ["BASELINE_METHODS", "Baseline", "Method", "describe_storage", "fmt_bytes", "make_method",
+           "summed_adapters"]

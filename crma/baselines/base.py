@@ -1,4 +1,5 @@
-"""The hooks every baseline implements (see the package docstring), and PEFT's multi-adapter forward."""
+"""The hooks of a run's method (see the package docstring): `Method`, what the core conditions use (the phase's
+adapter alone, nothing added), and `Baseline`, its base for ewc, replay and olora; PEFT's multi-adapter forward."""
 from __future__ import annotations
 
 import time
@@ -32,12 +33,14 @@ def adapter_param_count(params) -> int:
 
 
 class Method:
-    """A baseline's hooks; the base class is a plain shared-or-per-domain LoRA that adds nothing."""
+    """The hooks a phase calls. This class is the core conditions' method (naive, frozen, modular): the phase's
+    adapter trains alone on the phase's own passages, nothing is added to the loss, nothing is kept."""
 
     name = ""
     summed = False           # evaluated with every trained adapter summed (no router): olora
 
-    def __init__(self, cl: CLConfig, seed: int, n_phases: int):
+    def __init__(self, cl: CLConfig, seed: int, n_phases: int, name: str | None = None):
+        self.name = name or type(self).name
         self.cl, self.seed, self.n_phases = cl, seed, n_phases
         self.phase = 0                       # phases finished
         self.extra_seconds: list[float] = []  # per phase, time of after_phase (Fisher, reservoir): not training
@@ -47,9 +50,9 @@ class Method:
         """Context for the phase: which adapters the forward pass uses while `adapter` trains."""
         return active(live.model, adapter)
 
-    def serving(self, live):
-        """Context: the one model evaluated for every domain (only when `summed`)."""
-        raise NotImplementedError
+    def serving(self, live, adapter: str):
+        """Context: the model a domain trained on `adapter` is evaluated with (when `summed`: every domain's)."""
+        return active(live.model, adapter)
 
     def begin_phase(self, live, adapter: str, lora_params: list) -> None:
         self.adapter_params = adapter_param_count(lora_params)
@@ -70,6 +73,14 @@ class Method:
         self.update(live, dom, adapter, settings, last=self.phase == self.n_phases - 1)
         self.extra_seconds.append(time.perf_counter() - start)
         self.phase += 1
+
+    def storage(self) -> dict | None:
+        """What the method keeps beyond its adapters (None: nothing; results.json `storage`)."""
+        return None
+
+
+class Baseline(Method):
+    """A continual-learning baseline: like Method, and it reports what it stores."""
 
     def storage(self) -> dict:
         """What the method keeps: its adapters plus whatever it adds (bytes as fp32)."""

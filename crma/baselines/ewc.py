@@ -27,7 +27,7 @@ import torch.nn.functional as F
 
 from ..data import collate
 from ..method.adapters import adapter_of
-from .base import Method
+from .base import Baseline
 
 
 def diagonal_fisher(model, examples: list[list[int]], params: dict[str, torch.Tensor], estimate: str = "empirical",
@@ -53,7 +53,7 @@ def diagonal_fisher(model, examples: list[list[int]], params: dict[str, torch.Te
             targets = batch["input_ids"][0, 1:].to(device)                                              # (s-1,)
         loss = F.cross_entropy(logits, targets)                       # mean over the passage's tokens
         grads = torch.autograd.grad(loss, tensors, allow_unused=True)
-        for name, g in zip(names, grads):
+        for name, g in zip(names, grads, strict=False):
             if g is not None:
                 fisher[name] += g.detach().float() ** 2
     model.train(was_training)
@@ -62,11 +62,11 @@ def diagonal_fisher(model, examples: list[list[int]], params: dict[str, torch.Te
 
 def ewc_penalty(params: dict[str, torch.Tensor], fishers: list[dict], anchors: list[dict], lam: float) -> torch.Tensor:
     """sum_i (lam / 2) sum_k F_i,k (theta_k - theta*_i,k)^2 over the stored phases i."""
-    total = sum((f[n] * (p - a[n]) ** 2).sum() for f, a in zip(fishers, anchors) for n, p in params.items())
+    total = sum((f[n] * (p - a[n]) ** 2).sum() for f, a in zip(fishers, anchors, strict=False) for n, p in params.items())
     return 0.5 * lam * total
 
 
-class EWC(Method):
+class EWC(Baseline):
     name = "ewc"
 
     def __init__(self, cl, seed, n_phases):

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import torch
 
-from .base import Method, summed_adapters
+from .base import Baseline, summed_adapters
 
 
 def orthogonality(previous: torch.Tensor, a_new: torch.Tensor) -> torch.Tensor:
@@ -32,7 +32,7 @@ def lora_layers(model):
     return [m for m in model.modules() if hasattr(m, "lora_A") and isinstance(m.lora_A, torch.nn.ModuleDict)]
 
 
-class OLoRA(Method):
+class OLoRA(Baseline):
     name = "olora"
     summed = True
 
@@ -46,7 +46,7 @@ class OLoRA(Method):
     def training(self, live, adapter):
         return summed_adapters(live.model, [*self.trained, adapter])
 
-    def serving(self, live):
+    def serving(self, live, adapter=None):
         return summed_adapters(live.model, self.trained)
 
     def begin_phase(self, live, adapter, lora_params):

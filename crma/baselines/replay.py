@@ -23,7 +23,7 @@ import random
 from collections import Counter
 
 from ..data import epoch_order, tokenize
-from .base import Method
+from .base import Baseline
 
 
 class Reservoir:
@@ -65,7 +65,7 @@ def mix(new: list, buffer: list, ratio: float, rng: random.Random) -> list:
     return out
 
 
-class Replay(Method):
+class Replay(Baseline):
     name = "replay"
 
     def __init__(self, cl, seed, n_phases):

@@ -26,14 +26,27 @@ from pathlib import Path
 import torch
 
 from .. import runtime
-from ..config import (ALL_CONDITIONS, CONDITIONS, CLConfig, ConfigError, CRMAConfig, DeviceConfig, DomainSpec,
-                      RunConfig, TrainConfig)
-from ..data import DataError
-from ..demo import DEMO_DIR
+from ..config import (
+    ALL_CONDITIONS,
+    CONDITIONS,
+    CLConfig,
+    ConfigError,
+    CRMAConfig,
+    DeviceConfig,
+    DomainSpec,
+    RunConfig,
+    TrainConfig,
+)
+from ..data import DEMO_DIR, DataError
+from ..engine.run import continual_run
 from ..io import command_line, write_json
+from .report import write_all
 
 CL5_DOMAINS = ("medical", "legal", "finance", "code", "science")
 PAPER_SEEDS = (0, 42, 1234)
+# The five-domain corpus kept in the repository (benchmarks/corpora/cl5): the default --corpus of a clone.
+REPO_CORPUS = Path(__file__).resolve().parents[2] / "benchmarks" / "corpora" / "cl5"
+CL5 = REPO_CORPUS if REPO_CORPUS.is_dir() else None
 
 
 @dataclass(frozen=True)
@@ -71,7 +84,7 @@ class Protocol:
 # public: max_len 512 keeps all but the longest code passages whole (code p90: 565 tokens); 3 epochs at batch 8
 # give 3 x 63 = 189 optimizer steps per domain, 945 per run, the scale of the paper's 867 logged steps.
 PAPER = Protocol("paper", model="smollm2-135m", domains=CL5_DOMAINS, train_passages=500, holdout_passages=100,
-                 max_len=512, epochs=3, lr=2e-4, batch_size=8)
+                 max_len=512, epochs=3, lr=2e-4, batch_size=8, default_corpus=CL5)
 
 # Same domains, order, seeds and conditions, sized for about 2.5 h for all 9 runs on 2 CPU cores with
 # smollm2-135m in fp32 (benchmarks/README.md has the measurements). Measured here at max_len 128:
@@ -85,7 +98,7 @@ PAPER = Protocol("paper", model="smollm2-135m", domains=CL5_DOMAINS, train_passa
 #   grid = 3 seeds x (2 x 1,042 + 1,118) = 9,606 s = 2.7 h   (2.2 h at the measured rates).
 # lr 1e-3 (not the 2e-4 default): 40 steps per domain must move a LoRA adapter measurably.
 CPU = Protocol("cpu", model="smollm2-135m", domains=CL5_DOMAINS, train_passages=160, holdout_passages=20,
-               max_len=128, epochs=1, lr=1e-3, batch_size=4)
+               max_len=128, epochs=1, lr=1e-3, batch_size=4, default_corpus=CL5)
 
 # The test-suite protocol: a random 2-layer tiny:llama, two bundled demo domains, two seeds; seconds.
 # It runs every condition, the continual-learning baselines (ewc, replay, olora) included.
@@ -172,7 +185,7 @@ def merge_protocol(old: dict | None, new: dict) -> dict:
     defaults = {"crma": dataclasses.asdict(CRMAConfig()),   # folders written before --crma-* / --cl-* existed
                 "cl": dataclasses.asdict(CLConfig())}
     same = old is not None and all(old.get(k, defaults.get(k)) == new[k]
-                                   for k in new if k not in ("grid", "commands", "corpus"))
+                                   for k in new if k not in ("grid", "commands", "corpus", "default_corpus"))
     if not same:
         return new
     grid = {(c, s) for c, s in old.get("grid", []) + new["grid"]}
@@ -202,8 +215,6 @@ def estimate_left(durations: dict[str, list[float]], remaining: list[str]) -> fl
 def run_one(cfg: RunConfig, command: str, progress: bool = True, threads: int | None = None) -> float:
     """One run of the grid (here or in a worker process): continual_run, then bench_run.json with its
     wall seconds (the ETA of later sessions). `threads` pins torch's intra-op threads first."""
-    from ..run import continual_run
-
     if threads:
         torch.set_num_threads(threads)
     t0 = time.perf_counter()
@@ -246,8 +257,6 @@ def run_grid(protocol: Protocol, out: str | Path, corpus: str | Path | None = No
     jobs > 1 runs that many runs at once, each in its own single-threaded process (no per-run bars).
     `crma` overrides the CRMA settings (defaults: CRMAConfig()) to compare them on the same protocol;
     `cl` the baselines' settings (defaults: CLConfig())."""
-    from .report import write_all
-
     if jobs < 1:
         raise ConfigError(f"--jobs must be >= 1, got {jobs}")
     out = Path(out)

@@ -9,12 +9,16 @@ import dataclasses
 import json
 from pathlib import Path
 
+import matplotlib
 import numpy as np
 
 from ..baselines import describe_storage, fmt_bytes
 from ..config import BASELINES, CRMAConfig
 from ..io import atomic_path, write_json
 from .summary import PAPER, PINNED, fmt_range, fmt_stats, load_results, summarize
+
+matplotlib.use("Agg")                      # files only: no display
+import matplotlib.pyplot as plt  # noqa: E402
 
 COLORS = {"naive": "tab:red", "frozen": "tab:blue", "modular": "tab:green", "modular-pinned": "tab:olive",
           "ewc": "tab:orange", "replay": "tab:purple", "olora": "tab:brown"}
@@ -46,9 +50,6 @@ def _save(fig, path: Path) -> str:
 
 def write_plots(out: Path, summary: dict, results: list[dict]) -> list[str]:
     """Loss-matrix heatmap per condition, drift dots per seed, spectral deviation, training-loss curves."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
 
     conds = summary["conditions"]
     if not conds:
@@ -78,7 +79,7 @@ def write_plots(out: Path, summary: dict, results: list[dict]) -> list[str]:
         xs = [x + 0.1 * (i - (len(vals) - 1) / 2) for i in range(len(vals))]     # side by side, not stacked
         ax.scatter(xs, vals, color=COLORS.get(cond, "k"), zorder=3)
         ax.hlines(c["drift"]["mean"], x - 0.25, x + 0.25, color=COLORS.get(cond, "k"))
-        for s, xi, v in zip(c["drift"]["seeds"], xs, vals):
+        for s, xi, v in zip(c["drift"]["seeds"], xs, vals, strict=False):
             ax.annotate(str(s), (xi, v), xytext=(0, 5), textcoords="offset points", fontsize=6, ha="center")
     ax.axhline(0, color="grey", lw=0.5)
     ax.set_xticks(range(len(conds)), list(conds))
@@ -121,7 +122,7 @@ def write_plots(out: Path, summary: dict, results: list[dict]) -> list[str]:
                 ax.fill_between(steps, smooth.min(0), smooth.max(0), color=color, alpha=0.15, lw=0)
             edge += n
     edge = 0
-    for name, n in zip(names, lengths):
+    for name, n in zip(names, lengths, strict=False):
         ax.axvline(edge, color="grey", lw=0.5)
         ax.text(edge + 1, 0.02, name, transform=ax.get_xaxis_transform(), fontsize=7, va="bottom")
         edge += n
@@ -136,7 +137,7 @@ def write_plots(out: Path, summary: dict, results: list[dict]) -> list[str]:
 
 # ---- markdown ---------------------------------------------------------------------------------
 def _seeds(s: dict | None, digits: int = 2) -> str:
-    return "n/a" if not s else ", ".join(f"{v:+.{digits}f} ({k})" for k, v in zip(s["seeds"], s["values"]))
+    return "n/a" if not s else ", ".join(f"{v:+.{digits}f} ({k})" for k, v in zip(s["seeds"], s["values"], strict=False))
 
 
 def _table(head: list[str], rows: list[list[str]]) -> list[str]:

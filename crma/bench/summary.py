@@ -14,8 +14,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from . import metrics
 from ..config import BASELINES, CONDITIONS
+from ..engine import metrics
 
 # DESIGN.md section 5: the paper's headline numbers (Mistral-7B, 5 domains, 500/100 passages, 3 seeds).
 PAPER = {
@@ -79,7 +79,7 @@ def run_metrics(res: dict) -> dict:
     steps = [p.get("steps", 0) for p in res.get("phases", [])]
     grads = res.get("grad_norm", [])
     total = sum(steps)
-    grad_mean = (sum(g["mean"] * s for g, s in zip(grads, steps)) / total if total
+    grad_mean = (sum(g["mean"] * s for g, s in zip(grads, steps, strict=False)) / total if total
                  else (sum(g["mean"] for g in grads) / len(grads) if grads else None))
     seconds, tokens = res.get("train_seconds", 0.0), res.get("train_tokens", 0)
     return {

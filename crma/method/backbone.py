@@ -13,6 +13,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -68,7 +69,7 @@ class CRMABackbone(nn.Module):
         self.enabled = True
 
     @classmethod
-    def for_model(cls, model: nn.Module, cfg: CRMAConfig, seed: int = 0) -> "CRMABackbone":
+    def for_model(cls, model: nn.Module, cfg: CRMAConfig, seed: int = 0) -> CRMABackbone:
         """A fresh backbone sized for `model`; read/write start from each block's top singular
         directions of its MLP output weight (PiSSA-style) or from a seeded random basis."""
         layers = decoder_layers(model)
@@ -82,7 +83,7 @@ class CRMABackbone(nn.Module):
         return cls(cfg, d, len(layers), fingerprint(model), bases, seed)
 
     # ---- attaching --------------------------------------------------------------------------
-    def attach(self, model: nn.Module) -> "CRMABackbone":
+    def attach(self, model: nn.Module) -> CRMABackbone:
         """Hook every decoder block of `model` and register self as `model.crma_backbone`."""
         layers = decoder_layers(model)
         if len(layers) != len(self.crma_blocks):
@@ -92,7 +93,7 @@ class CRMABackbone(nn.Module):
         model.add_module("crma_backbone", self)
         param = next(model.parameters())
         self.to(param.device)
-        for layer, block in zip(layers, self.crma_blocks):
+        for layer, block in zip(layers, self.crma_blocks, strict=False):
             self._hooks.append(layer.register_forward_hook(_make_hook(self, block)))
         return self
 
@@ -104,13 +105,6 @@ class CRMABackbone(nn.Module):
             yield self
         finally:
             self.enabled = previous
-
-    def detach_from(self, model: nn.Module) -> None:
-        for handle in self._hooks:
-            handle.remove()
-        self._hooks.clear()
-        if getattr(model, "crma_backbone", None) is self:
-            del model._modules["crma_backbone"]
 
     # ---- parameters and diagnostics ---------------------------------------------------------
     def param_groups(self) -> list[dict]:
@@ -140,7 +134,7 @@ class CRMABackbone(nn.Module):
     def per_row(self, stack: VersionStack, rows: torch.Tensor):
         """Context: batch row b of the hooked model uses version stack.keys[rows[b]] of the backbone
         (per-row gather of the stacked operators); `bypassed` still switches CRMA off entirely."""
-        for block, ops in zip(self.crma_blocks, stack.gather(rows)):
+        for block, ops in zip(self.crma_blocks, stack.gather(rows), strict=False):
             block.row_operators = ops
         try:
             yield self
@@ -166,7 +160,7 @@ class CRMABackbone(nn.Module):
         return path
 
     @classmethod
-    def load(cls, directory: str | Path, model: nn.Module) -> "CRMABackbone":
+    def load(cls, directory: str | Path, model: nn.Module) -> CRMABackbone:
         """Load a saved backbone for `model`; fails clearly if it was trained on another base model."""
         path = Path(directory)
         path = path / BACKBONE_FILE if path.is_dir() else path
@@ -187,7 +181,6 @@ def read_backbone_file(path: Path, expected_fingerprint: dict) -> tuple[CRMAConf
     """(config, state) of a crma_backbone.safetensors file, checked against the base model's fingerprint."""
     if not path.exists():
         raise FileNotFoundError(f"{path}: no saved CRMA backbone here")
-    from safetensors import safe_open
     with safe_open(str(path), framework="pt") as f:
         meta = f.metadata() or {}
     if meta.get("format") != "crma-backbone-v1":

@@ -12,7 +12,11 @@ import warnings
 from pathlib import Path
 
 import torch
+import transformers as tf
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from torch import nn
+from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig, PreTrainedTokenizerFast
+from transformers.convert_slow_tokenizer import bytes_to_unicode
 
 # accelerate/peft still ask transformers for the pre-v6 name; harmless, and noisy on every phase
 warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
@@ -39,9 +43,6 @@ class ModelError(ValueError):
 
 def byte_tokenizer():
     """A byte-level tokenizer needing no download: 256 byte tokens + <|endoftext|> (id 256)."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-    from transformers.convert_slow_tokenizer import bytes_to_unicode
 
     vocab = {ch: i for i, ch in enumerate(bytes_to_unicode().values())}
     vocab["<|endoftext|>"] = 256
@@ -54,7 +55,6 @@ def byte_tokenizer():
 
 def tiny_config(family: str):
     """A 2-layer, hidden-64 config of the family's transformers config class (vocab 260)."""
-    import transformers as tf
 
     common = dict(vocab_size=260, bos_token_id=256, eos_token_id=256, pad_token_id=256)
     llama_like = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
@@ -94,7 +94,6 @@ def quantization_kwargs(load_in_4bit: bool, dtype: torch.dtype) -> dict:
         raise ModelError("--load-in-4bit needs bitsandbytes: pip install bitsandbytes")
     if not torch.cuda.is_available():
         raise ModelError("--load-in-4bit: bitsandbytes 4-bit weights need a CUDA GPU")
-    from transformers import BitsAndBytesConfig
 
     return {"quantization_config": BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
                                                       bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=dtype),
@@ -104,7 +103,6 @@ def quantization_kwargs(load_in_4bit: bool, dtype: torch.dtype) -> dict:
 def load_model(spec: str, seed: int = 0, dtype: torch.dtype = torch.float32, load_in_4bit: bool = False):
     """--model value -> (model in eval mode with weights in `dtype`, tokenizer with a pad token).
     `load_in_4bit`: NF4 weights (hub/local models on CUDA, computing in `dtype`)."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     if load_in_4bit and (spec.startswith("tiny:") or spec == "smollm2-135m"):
         raise ModelError(f"--load-in-4bit applies to hub or local models, not {spec!r}")

@@ -10,15 +10,18 @@ how features are computed and thresholds calibrated stays inside this package.
 from __future__ import annotations
 
 import hashlib
+import time
 
+from ..method.models import fingerprint
+from .background import background_for
+from .encoders import encode, encoder_spec
+from .features import segments_of
 from .router import BASE, Decision, Features, Router, RouterConfig, RouterError
 
 
 def check_encoder(router: Router, model=None) -> dict:
     """The encoder spec this process computes for `router`; RouterError when the router was built with
     other features (another encoder, layer, base model, or settings). Checked once per router and model."""
-    from .encoders import encoder_spec
-
     key = (id(model), id(router.meta.get("encoder")))
     if getattr(router, "_checked", None) == key:
         return router.meta["encoder"]
@@ -35,10 +38,6 @@ def check_encoder(router: Router, model=None) -> dict:
 def new_router(model, cfg: RouterConfig | None = None, meta: dict | None = None, tokenizer=None) -> Router:
     """An empty router: its encoder settings, the background class and the noise gate. `model` is the base
     model (its fingerprint is recorded; its features, and `tokenizer`, are used only with encoder 'base')."""
-    from ..method.models import fingerprint
-    from .background import background_for
-    from .encoders import encode, encoder_spec
-
     cfg = cfg or RouterConfig()
     spec = encoder_spec(cfg, model)
     info = {"fingerprint": fingerprint(model), "encoder": spec, **(meta or {})}
@@ -76,8 +75,6 @@ def calibration_split(texts: list[str], fraction: float, max_calib: int = 0) -> 
 def domain_texts(texts: list[str], cfg: RouterConfig) -> tuple[list[str], list[str]]:
     """(build segments, calibration segments) of one domain's train passages: the calibration passages
     are a held-back slice of train (calibration_split), every passage cut into query-sized segments."""
-    from .features import segments_of
-
     build, calib = calibration_split(texts, cfg.calib_fraction, cfg.max_calib)
     build = build[: cfg.max_passages] if cfg.max_passages else build
     return segments_of(build, cfg), segments_of(calib, cfg)
@@ -92,11 +89,6 @@ def update_router(router: Router, model, tokenizer, domain: str, adapter: str,
     The thresholds are calibrated on a held-back slice of `train_texts` (router.cfg.calib_fraction), or on
     `calib_texts` when given (other train-side passages, e.g. cl5's pool.jsonl). `holdout_texts` are never
     used: evaluation queries are drawn from holdout documents, and calibrating on them would flatter it."""
-    import time
-
-    from .encoders import encode
-    from .features import segments_of
-
     cfg = router.cfg
     check_encoder(router, model)
     started = time.perf_counter()
@@ -124,14 +116,12 @@ def update_router(router: Router, model, tokenizer, domain: str, adapter: str,
 
 def route_texts(router: Router, model, tokenizer, texts: list[str], batch_size: int = 32) -> list[Decision]:
     """One routing Decision per text. Empty or whitespace-only texts go to base with reason 'empty'."""
-    from .encoders import encode
-
     check_encoder(router, model)
     out: list[Decision | None] = [None] * len(texts)
     real = [i for i, t in enumerate(texts) if isinstance(t, str) and t.strip()]
     if real:
         decisions = router.route_batch(encode(router.cfg, [texts[i] for i in real], model, tokenizer, batch_size))
-        for i, dec in zip(real, decisions):
+        for i, dec in zip(real, decisions, strict=False):
             out[i] = dec
     for i, dec in enumerate(out):
         if dec is None:

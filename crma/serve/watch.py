@@ -31,7 +31,7 @@ class ManifestWatcher:
             return None
         return (st.st_ino, st.st_size, st.st_mtime_ns)
 
-    def start(self) -> "ManifestWatcher":
+    def start(self) -> ManifestWatcher:
         self.thread.start()
         return self
 

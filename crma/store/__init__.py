@@ -1,12 +1,8 @@
-"""The model store: one on-disk format for everything crma trains (runs, added domains), with every
-adapter pinned to the backbone version it was trained with. See manifest.py for the layout."""
-from .manifest import StoreError, StoreLocked, check_name
-from .store import Store
+"""The model store: the on-disk format for everything crma trains (runs, added domains), with every
+adapter pinned to the backbone version it was trained with. See manifest.py for the layout.
+This package only reads and writes files; work on a model is in crma.engine."""
+from .manifest import MANIFEST, StoreError, StoreLocked, check_name, sha256_texts, verify_files
+from .store import BACKBONE_MODES, Store, Writer, creation_settings
 
-
-def open_store(root) -> Store:
-    """The store at `root` (read-only view; `.router()`, `.base()`, `.generate()`, `.live()`)."""
-    return Store(root)
-
-
-__all__ = ["Store", "StoreError", "StoreLocked", "check_name", "open_store"]
+__all__ = ["BACKBONE_MODES", "MANIFEST", "Store", "StoreError", "StoreLocked", "Writer", "check_name",
+           "creation_settings", "sha256_texts", "verify_files"]

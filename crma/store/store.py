@@ -16,12 +16,29 @@ manifest and the router.
 from __future__ import annotations
 
 import shutil
+import time
 from contextlib import contextmanager
+from dataclasses import asdict
 from pathlib import Path
 
-from .. import __version__
-from .manifest import (FORMAT, MANIFEST, StoreError, check_name, file_hashes, new_version_dir, next_version,
-                       now, parse_version, read_manifest, verify_files, write_manifest, writer_lock)
+from ..config import CONDITIONS, CRMAConfig, LoraSettings
+from ..routing import Router, RouterConfig
+from ..version import __version__
+from .manifest import (
+    FORMAT,
+    MANIFEST,
+    StoreError,
+    check_name,
+    file_hashes,
+    new_version_dir,
+    next_version,
+    now,
+    parse_version,
+    read_manifest,
+    verify_files,
+    write_manifest,
+    writer_lock,
+)
 
 BACKBONE_MODES = ("pinned", "latest")
 
@@ -36,13 +53,13 @@ class Store:
         self.manifest = read_manifest(self.root)
 
     @classmethod
-    def view(cls, root: str | Path, manifest: dict) -> "Store":
+    def view(cls, root: str | Path, manifest: dict) -> Store:
         """A view of a manifest already in memory (processes on other machines than the writer's)."""
         store = cls.__new__(cls)
         store.root, store.manifest = Path(root), manifest
         return store
 
-    def reload(self) -> "Store":
+    def reload(self) -> Store:
         self.manifest = read_manifest(self.root)
         return self
 
@@ -124,30 +141,14 @@ class Store:
             files.update(self.router_meta()["files"])
         return files
 
-    # ---- using it ---------------------------------------------------------------------------
-    def live(self, device=None):
-        """The store's model in memory (crma.store.live.LiveModel), loaded on first use (placed as the
-        DeviceConfig `device` says: default automatic) and kept."""
-        if getattr(self, "_live", None) is None:
-            from .live import LiveModel
-            self._live = LiveModel.open(self, device=device)
-        return self._live
-
-    def base(self, device=None):
-        """(model, tokenizer) of the store's base model (with the store's backbone and adapters attached;
-        routing features switch them off); `device` as for live()."""
-        live = self.live(device)
-        return live.model, live.tokenizer
-
-    def router(self):
-        """The current router (checksum verified), or None before the first domain."""
-        from .add import load_router
-        return load_router(self)
-
-    def generate(self, prompt: str, **kwargs):
-        """crma.store.generate.generate on this store's model; see there for the options."""
-        from .generate import generate
-        return generate(self.live(), prompt, **kwargs)
+    def router(self, version: int | None = None) -> Router | None:
+        """The router at `version` (default: current), checksum verified; None before the first add."""
+        version = self.manifest["router"]["current"] if version is None else version
+        if version is None:
+            return None
+        meta = self.manifest["router"]["versions"][str(version)]
+        verify_files(self.root, meta["files"])
+        return Router.load(self.root / meta["path"])
 
     # ---- writing ----------------------------------------------------------------------------
     @staticmethod
@@ -190,6 +191,16 @@ def sweep_orphans(root: Path, manifest: dict) -> list[str]:
             shutil.rmtree(folder, ignore_errors=True)
             removed.append(rel)
     return removed
+
+
+def creation_settings(condition: str, model_spec: str, fingerprint: dict, *, seed: int, crma: CRMAConfig,
+                      lora: LoraSettings, router: RouterConfig | None = None) -> dict:
+    """The `create` argument of Store.writer for a new store of a core condition (naive, frozen, modular)."""
+    if condition not in CONDITIONS:
+        raise StoreError(f"condition: must be {', '.join(CONDITIONS)}, got {condition!r}")
+    return {"model_spec": model_spec, "fingerprint": fingerprint, "condition": condition,
+            "settings": {"seed": seed, "crma": asdict(crma), "lora": asdict(lora),
+                         "router": asdict(router or RouterConfig()), "created_with": time.strftime("%Y-%m-%d")}}
 
 
 def new_manifest(model_spec: str, fingerprint: dict, condition: str, settings: dict) -> dict:
@@ -275,7 +286,7 @@ class Writer:
                 shutil.rmtree(d, ignore_errors=True)
 
     # ---- manifest-only changes --------------------------------------------------------------
-    def rollback(self, domain: str, router_loader, to: int | str | None = None) -> int:
+    def rollback(self, domain: str, to: int | str | None = None) -> int:
         """Serve `domain` with an earlier adapter version (default: the one before the current),
         and its router statistics as they were when that version was registered."""
         store = self.store
@@ -293,18 +304,19 @@ class Writer:
         if target == entry["current"]:
             raise StoreError(f"{domain}: v{target} is already current")
         meta = store.adapter_meta(domain, target)
-        router = router_loader(self.manifest["router"]["current"])
-        router.take_domain(router_loader(meta["router_version"]), domain)
+        router = store.router()
+        router.take_domain(store.router(meta["router_version"]), domain)
         self.add_router_version(router, f"rollback {domain} to v{target}")
         previous = entry["current"]
         entry["current"] = target
         self.log("rollback", domain=domain, version=target, previous=previous)
         return target
 
-    def remove(self, domain: str, router_loader) -> None:
+    def remove(self, domain: str) -> None:
         """Stop serving `domain` (its versions stay on disk; adding it again starts a new version)."""
-        self.store._domain(domain)
-        router = router_loader(self.manifest["router"]["current"])
+        store = self.store
+        store._domain(domain)
+        router = store.router()
         if domain in router.names:
             router.remove_domain(domain)
         self.add_router_version(router, f"remove {domain}")

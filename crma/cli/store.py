@@ -1,0 +1,175 @@
+"""`crma store list|show|rollback|remove`, `crma eval` and `crma generate`: looking at a store and using it.
+
+    crma store show DIR [NAME]                     domains, versions, pinned backbones, the history
+    crma eval --store DIR --data NAME=HOLDOUT ...  losses now vs at registration, pinned and latest backbone
+    crma generate --store DIR [--domain NAME|auto|base] "prompt"    routed, streamed generation
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from .. import runtime
+from ..config import ConfigError
+from ..engine.evaluation import evaluate_store, format_eval
+from ..engine.generate import AUTO, choose_domain, generate
+from ..engine.live import LiveModel
+from ..store import Store, StoreError
+from .options import add_options, build, opt
+from .settings import add_sections, sections
+
+
+@dataclass
+class StoreArgs:
+    dir: Path = opt(positional=True, help="the model store folder")
+
+
+@dataclass
+class ShowArgs(StoreArgs):
+    name: str | None = opt(None, positional=True, help="a domain (default: the whole store)")
+
+
+@dataclass
+class RemoveArgs(StoreArgs):
+    name: str = opt(positional=True, help="the domain")
+
+
+@dataclass
+class RollbackArgs(RemoveArgs):
+    to: str | None = opt(None, help="version (default: the one before the current)")
+
+
+@dataclass
+class EvalArgs:
+    store: Path = opt(help="the model store folder")
+    data: list[str] = opt(metavar="NAME=HOLDOUT", help="each domain's holdout file")
+    backbone: str = opt("both", choices=("pinned", "latest", "both"),
+                        help="backbone version: the adapter's own (pinned), the newest (latest), or both")
+
+
+@dataclass(kw_only=True)
+class GenerateArgs:
+    store: Path = opt(help="the model store folder")
+    domain: str = opt(AUTO, help="a domain, auto (the router picks) or base (no adapter)")
+    backbone: str = opt("pinned", choices=("pinned", "latest"))
+    max_new_tokens: int = opt(128)
+    temperature: float = opt(0.7, help="0 = greedy (deterministic)")
+    top_p: float = opt(0.9)
+    seed: int = opt(0)
+    raw: bool = opt(False, help="no chat template")
+    prompt: str = opt(positional=True)
+
+
+def _versions_line(store: Store, domain: str) -> str:
+    entry = store.manifest["domains"][domain]
+    versions = store.manifest["adapters"][entry["adapter"]]
+    return ", ".join(("*" if int(v) == entry["current"] else "") + f"v{v}" for v in versions
+                     if versions[v]["domain"] == domain or entry["adapter"] != domain)
+
+
+def cmd_store(args: argparse.Namespace) -> int:
+    if args.action in ("rollback", "remove"):
+        with Store.writer(args.dir, args.command_line) as w:
+            if args.action == "rollback":
+                v = w.rollback(args.name, args.to)
+                msg = f"{args.name}: now serving v{v}"
+            else:
+                w.remove(args.name)
+                msg = f"{args.name}: removed (its versions stay on disk; `crma add` starts a new version)"
+            w.commit()
+        print(msg)
+        return 0
+    store = Store(args.dir)
+    if args.action == "list" or (args.action == "show" and not args.name):
+        m = store.manifest
+        bb = m["backbone"]
+        print(f"store {store.root}: {m['condition']} on {m['model']['spec']} "
+              f"({m['model']['fingerprint']['architecture']}, fingerprint {m['model']['fingerprint'].get('weights_bf16_sha256', '?')})")
+        print(f"backbone: {'v' + str(bb['current']) if bb['current'] else 'none'} current, {len(bb['versions'])} versions; "
+              f"router: v{m['router']['current']}; created {m['created']}, updated {m['updated']}")
+        print(f"{'domain':<16}{'serving':>8}{'backbone':>10}{'holdout':>9}{'gain':>9}  versions (* = current)")
+        for d in store.domains():
+            meta = store.adapter_meta(d)
+            bbv = meta.get("backbone_version")
+            print(f"{d:<16}{'v' + str(meta['version']):>8}{('v' + str(bbv)) if bbv else '-':>10}"
+                  f"{meta['holdout_loss']:>9.4f}{meta['gain_pct']:>+8.2f}%  {_versions_line(store, d)}")
+        removed = [d for d, e in m["domains"].items() if e["status"] == "removed"]
+        if removed:
+            print(f"removed: {', '.join(removed)}")
+        if args.action == "show":
+            print("history:")
+            for e in m["log"][-20:]:
+                print(f"  {e['time']}  {e['op']:<8} {e.get('domain', '')} "
+                      + (f"v{e['version']}" if e.get("version") else ""))
+        return 0
+    entry = store.manifest["domains"].get(args.name)
+    if entry is None:
+        raise StoreError(f"{store.root}: no domain {args.name!r} (domains: {', '.join(store.domains()) or 'none'})")
+    print(json.dumps({"domain": args.name, **entry, "versions": {
+        v: meta for v, meta in store.manifest["adapters"][entry["adapter"]].items() if meta["domain"] == args.name}},
+        indent=2))
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    a, device = build(args, EvalArgs), sections(args, ("device",))["device"]
+    runtime.accelerator(device)
+    store = Store(a.store)
+    data = {}
+    for item in a.data:
+        name, sep, path = item.partition("=")
+        if not sep or not name or not path:
+            raise ConfigError(f"--data: expected NAME=HOLDOUT, got {item!r}")
+        data[name] = path
+    if a.backbone == "both":
+        modes = ("pinned", "latest") if store.manifest["backbone"]["current"] else ("pinned",)
+    else:
+        modes = (a.backbone,)
+    rows = evaluate_store(LiveModel.open(store, device=device), data, modes)
+    if runtime.is_main():
+        print(format_eval(rows, store))
+    return 0
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    a, device = build(args, GenerateArgs), sections(args, ("device",))["device"]
+    live = LiveModel.open(Store(a.store), device=device)
+    domain, confidence, runner_up = choose_domain(live, a.prompt, a.domain)
+    if a.domain == AUTO:
+        extra = f", runner-up {runner_up}" if runner_up else ""
+        conf = f" (confidence {confidence:.3f}{extra})" if confidence is not None else ""
+        print(f"[router: {domain}{conf}]", file=sys.stderr, flush=True)
+    gen = generate(live, a.prompt, domain=domain, backbone=a.backbone, max_new_tokens=a.max_new_tokens,
+                   temperature=a.temperature, top_p=a.top_p, seed=a.seed, raw=a.raw,
+                   on_text=lambda piece: print(piece, end="", flush=True))
+    print()
+    print(f"[{gen.new_tokens} tokens in {gen.seconds:.1f}s, {gen.domain}"
+          + (f" adapter v{gen.adapter_version}" if gen.adapter_version else "")
+          + (f", backbone v{gen.backbone_version} ({a.backbone})" if gen.backbone_version else "") + "]",
+          file=sys.stderr)
+    return 0
+
+
+def register(sub) -> None:
+    store = sub.add_parser("store", help="list, show, roll back or remove a store's domains")
+    actions = store.add_subparsers(dest="action", required=True)
+    for name, cls, help_ in (("list", StoreArgs, "domains and their current versions"),
+                             ("show", ShowArgs, "the store, or one domain's versions"),
+                             ("rollback", RollbackArgs, "serve a domain's earlier version"),
+                             ("remove", RemoveArgs, "stop serving a domain")):
+        p = actions.add_parser(name, help=help_)
+        add_options(p, cls)
+        p.set_defaults(func=cmd_store)
+
+    ev = sub.add_parser("eval", help="per-domain holdout loss now, beside the loss recorded at registration")
+    add_options(ev, EvalArgs)
+    add_sections(ev, ("device",), hidden=("gradient_checkpointing",))   # --fsdp: a launched eval
+    ev.set_defaults(func=cmd_eval)
+
+    gen = sub.add_parser("generate", help="generate text from a store, routed to a domain adapter")
+    add_options(gen, GenerateArgs)
+    add_sections(gen, ("device",), hidden=("gradient_checkpointing", "fsdp"))
+    gen.set_defaults(func=cmd_generate)

@@ -1,0 +1,73 @@
+"""`crma eval`: each domain's holdout loss now, beside the loss recorded when its adapter was registered.
+
+    crma eval --store DIR --data medical=holdout.jsonl legal=...   [--backbone pinned|latest|both]
+
+Each domain is evaluated with the sizes recorded with its adapter version (max_len, max_holdout), so on
+the same holdout file the pinned loss must equal the recorded one exactly: adding domains never changes
+an earlier domain's model. `latest` shows what the paper's behaviour (every adapter on the newest
+backbone) would give instead.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ..config import TrainConfig
+from ..data import read_passages, split_holdout, tokenize
+from ..store import Store, StoreError, sha256_texts
+from .live import LiveModel
+from .loss import mean_loss, passage_losses
+
+
+@dataclass
+class DomainEval:
+    domain: str
+    version: int
+    recorded: float                      # holdout loss recorded at registration
+    same_data: bool                      # the holdout given has the checksum recorded at registration
+    passages: int
+    loss: dict[str, float]               # backbone mode -> loss now
+    backbone: dict[str, int | None]      # backbone mode -> version used
+
+
+def holdout_texts(path, domain: str, train_cfg: TrainConfig, is_train_file: bool = False) -> list[str]:
+    texts = read_passages(path, domain)
+    if is_train_file:
+        texts = split_holdout(texts, train_cfg.holdout_fraction)[1]
+    return texts[: train_cfg.max_holdout] if train_cfg.max_holdout else texts
+
+
+def evaluate_store(live: LiveModel, data: dict[str, str], modes: tuple[str, ...] = ("pinned", "latest"),
+                   progress: bool = True) -> list[DomainEval]:
+    """Loss of each named domain of the store `live` was opened from, on its holdout file, under each backbone mode."""
+    store = live.store
+    out = []
+    for domain, path in data.items():
+        meta = store.adapter_meta(domain)
+        cfg = TrainConfig(**{k: v for k, v in meta["train"].items() if k in TrainConfig.__dataclass_fields__})
+        texts = holdout_texts(path, domain, cfg)
+        if not texts:
+            raise StoreError(f"{path}: no holdout passages for {domain}")
+        ids = tokenize(texts, live.tokenizer, cfg.max_len)
+        same = sha256_texts(texts) == meta["data"]["holdout"]["sha256"]
+        losses, versions = {}, {}
+        for mode in modes:
+            with live.using(domain, mode) as model:
+                losses[mode] = mean_loss(passage_losses(model, ids, cfg.eval_batch_size, live.tokenizer.pad_token_id,
+                                                        desc=f"eval {domain} ({mode})", progress=progress))
+            versions[mode] = store.backbone_version(domain, mode)
+        out.append(DomainEval(domain, meta["version"], meta["holdout_loss"], same, len(texts), losses, versions))
+    return out
+
+
+def format_eval(rows: list[DomainEval], store: Store) -> str:
+    modes = list(rows[0].loss) if rows else []
+    head = f"{'domain':<14}{'adapter':>8}{'recorded':>10}" + "".join(f"{m:>10}{'change':>9}{'bb':>5}" for m in modes) + "  data"
+    lines = [f"crma eval: {store.root} ({store.condition}, {store.model_spec})", head]
+    for r in rows:
+        cells = "".join(f"{r.loss[m]:>10.4f}{100 * (r.loss[m] - r.recorded) / r.recorded:>+8.2f}%"
+                        f"{('v' + str(r.backbone[m])) if r.backbone[m] else '-':>5}" for m in modes)
+        lines.append(f"{r.domain:<14}{'v' + str(r.version):>8}{r.recorded:>10.4f}{cells}  "
+                     + ("same as registered" if r.same_data else "OTHER data than registered"))
+    lines.append("change = loss now vs the loss recorded at registration (positive = worse); "
+                 "bb = backbone version used")
+    return "\n".join(lines)

@@ -1,0 +1,2 @@
+"""The package version, recorded in every manifest and results file."""
+__version__ = "0.1.0"
