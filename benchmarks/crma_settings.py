@@ -70,7 +70,8 @@ def rows() -> list[dict]:
                     "max_alpha": spec.get("max_alpha_times_norm"), "rho": spec.get("rho"),
                     "certificate_ok": spec.get("certificate_ok"), "max_norm_dev": spec.get("max_norm_dev"),
                     "timing_note": "; ".join(n for n in (TIMING_NOTES.get(folder.name, ""), "frozen runs copied from "
-                                             "cl5-cpu (another time, another load)" if copied_frozen(folder) else "") if n)})
+                                             "cl5-cpu (another time, another load)" if copied_frozen(folder)
+                                             else "") if n)})
     return out
 
 
@@ -95,7 +96,8 @@ def markdown(table: list[dict]) -> str:
             f"{fmt_stats(r['latest_drift'])} / {fmt_stats(r['latest_prior'])}",
             (fmt_stats(r["overhead"], 1) if r["overhead"] else "n/a") + (" (*)" if r["timing_note"] else ""),
             f"{r['max_alpha']:.3f} ({r['rho']})" if r["max_alpha"] is not None else "n/a",
-            ("held" if r["certificate_ok"] else "FAILED") + (f", max dev {r['max_norm_dev']:.1e}" if r["max_norm_dev"] else ""),
+            ("held" if r["certificate_ok"] else "FAILED") + (f", max dev {r['max_norm_dev']:.1e}"
+                                                             if r["max_norm_dev"] else ""),
         ]))
     notes = [f"(*) {r['folder']}: {r['timing_note']}." for r in table if r["timing_note"]]
     return "\n".join(lines + [""] + notes)

@@ -39,9 +39,10 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from crma.data import read_passages                                     # noqa: E402
-from crma.routing import BASE, RouterConfig, new_router, route_texts, update_router   # noqa: E402
-from crma.routing.route_eval import read_queries                        # noqa: E402
+from crma.routing.route_eval import read_queries  # noqa: E402
+
+from crma.data import read_passages  # noqa: E402
+from crma.routing import BASE, RouterConfig, new_router, route_texts, update_router  # noqa: E402
 
 DOMAINS = ("medical", "legal", "finance", "code", "science")
 SETS = ROOT / "benchmarks" / "route_sets"
@@ -153,7 +154,8 @@ def latency(router, model, tok, texts: list[str]) -> dict:
         wall.append(1000 * (time.perf_counter() - s))
         cpu.append(1000 * (time.thread_time() - c))
     q = lambda v, p: float(torch.quantile(torch.tensor(v, dtype=torch.float64), p))   # noqa: E731
-    return {"n": len(texts), "threads": torch.get_num_threads(), "wall_p50_ms": q(wall, .5), "wall_p95_ms": q(wall, .95),
+    return {"n": len(texts), "threads": torch.get_num_threads(),
+            "wall_p50_ms": q(wall, .5), "wall_p95_ms": q(wall, .95),
             "cpu_p50_ms": q(cpu, .5), "cpu_p95_ms": q(cpu, .95),
             "loadavg_1min": os.getloadavg()[0]}
 
@@ -172,7 +174,8 @@ def disjointness(corpus: Path, cfg: RouterConfig, calib: str) -> dict:
             _, held = calibration_split([r["text"] for r in train], cfg.calib_fraction, cfg.max_calib)
             held = set(held)
             cal = [r for r in train if r["text"] in held]
-        out[d] = {"calibration_passages": len(cal), "shared_doc_ids_with_queries": len({r["doc_id"] for r in cal} & q_docs)}
+        out[d] = {"calibration_passages": len(cal),
+                  "shared_doc_ids_with_queries": len({r["doc_id"] for r in cal} & q_docs)}
     return out
 
 
@@ -185,7 +188,8 @@ def build(variant: str, corpus: Path, model, tok, max_passages: int, max_calib: 
         extra = read_passages(corpus / d / "pool.jsonl")[:max_calib] if calib == "pool" else None
         update_router(router, model, tok, d, d, train, calib_texts=extra)
         print(f"  {variant}: {d} added ({router.calibration[d]['n_train']} segments, "
-              f"{router.calibration[d]['n_calib']} calibration segments, {router.calibration[d]['build_seconds']:.0f} s)",
+              f"{router.calibration[d]['n_calib']} calibration segments, "
+              f"{router.calibration[d]['build_seconds']:.0f} s)",
               flush=True)
     return cfg, router, time.perf_counter() - t0
 
@@ -256,7 +260,7 @@ def main() -> None:
     lat_texts += ood["dev"]["everyday_english"][: args.latency_queries - len(lat_texts)]
     for variant in args.variants.split(","):
         print(f"== {variant}", flush=True)
-        enc0, mem0 = time.perf_counter(), rss_mb()
+        mem0 = rss_mb()
         if VARIANTS[variant].get("encoder", "minilm") == "minilm":
             from crma.routing.encoders import minilm
             enc = minilm()
@@ -286,7 +290,8 @@ def main() -> None:
               f"(load average {r['latency']['loadavg_1min']:.1f})", flush=True)
         r["demo"] = demo(variant, model, tok, cfg)
         print(f"  demo: queries {r['demo']['queries']['accuracy_pct']:.1f}%, four questions "
-              f"{r['demo']['four_correct']}/4 {[v['routed'] for v in r['demo']['four_questions'].values()]}", flush=True)
+              f"{r['demo']['four_correct']}/4 "
+              f"{[v['routed'] for v in r['demo']['four_questions'].values()]}", flush=True)
         results["variants"][variant] = r
         results["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
         if args.out:

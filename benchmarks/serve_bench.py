@@ -40,9 +40,9 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from crma.serve.app import create_app           # noqa: E402
-from crma.serve.config import ServeConfig        # noqa: E402
-from crma.serve.server import Server             # noqa: E402
+from crma.serve.app import create_app  # noqa: E402
+from crma.serve.config import ServeConfig  # noqa: E402
+from crma.serve.server import Server  # noqa: E402
 
 DOMAINS = ["medical", "legal", "finance", "code", "science"]
 TOKEN = "bench"
@@ -148,7 +148,8 @@ def hf_generate(server: Server, ids: torch.Tensor, domain: str | None, how: str,
             total = time.perf_counter() - t
         new = out.shape[1] - ids.shape[1]
         decode = (stamps.times[-1] - stamps.times[0]) / (new - 1) if new > 1 else None
-        return {"tokens": int(new), "seconds": round(total, 3), "decode_tokens_per_s": round(1 / decode, 2) if decode else None,
+        return {"tokens": int(new), "seconds": round(total, 3),
+                "decode_tokens_per_s": round(1 / decode, 2) if decode else None,
                 "end_to_end_tokens_per_s": round(new / total, 2),
                 "text": live.tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)}
 
@@ -285,9 +286,11 @@ def main() -> int:
     server.scheduler.mode, server.scheduler.forward.lora_mixing = "mixed", "peft"
     tps = {m: statistics.median(r["tokens_per_s"] for r in rs) for m, rs in runs.items()}
     ratios = [a["tokens_per_s"] / b["tokens_per_s"] for a, b in zip(runs["mixed"], runs["per-adapter"])]
-    decode_ratios = [a["decode_tokens_per_s"] / b["decode_tokens_per_s"] for a, b in zip(runs["mixed"], runs["per-adapter"])]
+    decode_ratios = [a["decode_tokens_per_s"] / b["decode_tokens_per_s"]
+                     for a, b in zip(runs["mixed"], runs["per-adapter"])]
     g_ratios = [a["tokens_per_s"] / b["tokens_per_s"] for a, b in zip(runs["mixed-gather"], runs["per-adapter"])]
-    g_decode = [a["decode_tokens_per_s"] / b["decode_tokens_per_s"] for a, b in zip(runs["mixed-gather"], runs["per-adapter"])]
+    g_decode = [a["decode_tokens_per_s"] / b["decode_tokens_per_s"]
+                for a, b in zip(runs["mixed-gather"], runs["per-adapter"])]
     ttft = [x for r in runs["mixed"] for x in r["ttft_s"]]
     tpot = [x for r in runs["mixed"] for x in r["per_token_s"]]
     ttft_pa = [x for r in runs["per-adapter"] for x in r["ttft_s"]]
@@ -320,14 +323,15 @@ def main() -> int:
     thread.join(30)
 
     result = {
-        "command": "OMP_NUM_THREADS=%s python benchmarks/serve_bench.py %s" % (os.environ.get("OMP_NUM_THREADS", ""),
-                                                                           " ".join(sys.argv[1:])),
+        "command": f"OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', '')} python benchmarks/serve_bench.py "
+                   + " ".join(sys.argv[1:]),
         "model": server.live.spec, "domains": DOMAINS, "torch_threads": args.threads, "cpu_count": os.cpu_count(),
         "platform": platform.platform(), "torch": torch.__version__,
         "load_average_before_after": [round(load_before[0], 2), round(os.getloadavg()[0], 2)],
         "server_load_seconds": round(load_s, 2),
         "throughput": {"requests": args.requests, "max_tokens": args.max_tokens, "runs": {
-            m: [{k: v for k, v in r.items() if k not in ("ttft_s", "per_token_s")} for r in rs] for m, rs in runs.items()},
+            m: [{k: v for k, v in r.items() if k not in ("ttft_s", "per_token_s")} for r in rs]
+            for m, rs in runs.items()},
             "mixed_tokens_per_s_median": tps["mixed"], "per_adapter_tokens_per_s_median": tps["per-adapter"],
             "ratio_per_repeat": [round(x, 2) for x in ratios], "ratio_median": round(statistics.median(ratios), 2),
             "target_ratio": 3.0,
@@ -351,20 +355,23 @@ def main() -> int:
     }
     print()
     print(f"throughput, {args.requests} concurrent requests over 5 adapters ({args.max_tokens} tokens max each):")
-    print(f"  mixed-adapter batches   {tps['mixed']:7.1f} tokens/s (median of {args.repeats}; LoRA by PEFT adapter_names)")
+    print(f"  mixed-adapter batches   {tps['mixed']:7.1f} tokens/s (median of {args.repeats}; "
+          "LoRA by PEFT adapter_names)")
     print(f"  one adapter at a time   {tps['per-adapter']:7.1f} tokens/s")
     print(f"  ratio                   {statistics.median(ratios):7.2f}x   (per repeat: "
           f"{', '.join(f'{x:.2f}' for x in ratios)}; target >= 3x)")
     print(f"  decoding steps alone    {statistics.median(decode_ratios):7.2f}x   (per repeat: "
           f"{', '.join(f'{x:.2f}' for x in decode_ratios)}; prefills excluded)")
     print(f"  mixed, --lora-mixing gather {tps['mixed-gather']:7.1f} tokens/s: {statistics.median(g_ratios):.2f}x "
-          f"(per repeat {', '.join(f'{x:.2f}' for x in g_ratios)}); decoding steps alone {statistics.median(g_decode):.2f}x")
+          f"(per repeat {', '.join(f'{x:.2f}' for x in g_ratios)}); "
+          f"decoding steps alone {statistics.median(g_decode):.2f}x")
     print(f"latency (mixed): TTFT p50 {pct(ttft, .5):.3f}s p95 {pct(ttft, .95):.3f}s; "
           f"per token p50 {pct(tpot, .5) * 1000:.0f} ms p95 {pct(tpot, .95) * 1000:.0f} ms")
     print(f"single request decoding: server {med['server']:.2f} tokens/s, transformers generate (same math) "
           f"{med['generate_same_math']:.2f} -> {med['server'] / med['generate_same_math']:.3f}x (target >= 0.90); "
           f"`crma generate` path {med['generate_crma_generate']:.2f}, bare base model {med['generate_base_model']:.2f}")
-    print(f"greedy texts: server == transformers generate {same_text}; identical in every throughput run: {all(mixed_equal)}")
+    print(f"greedy texts: server == transformers generate {same_text}; "
+          f"identical in every throughput run: {all(mixed_equal)}")
     print(f"reload under traffic: remove a domain {reload['remove_domain']['wall_s']}s, add a domain "
           f"{reload['add_domain']['wall_s']}s; requests ok {reload['requests_ok']}, failed {reload['requests_failed']}")
     if args.out:

@@ -1,7 +1,8 @@
 """Typed configuration for every crma job: dataclasses with defaults and validation.
 
-The CLI is generated from these fields (crma/cli/options.py; `opt` carries a field's help), and the resolved config is written next to
-every result, so a results.json always says exactly how it was produced.
+The CLI is generated from these fields (crma/cli/options.py; `opt` carries a field's help), and the
+resolved config is written next to every result, so a results.json always says exactly how it was
+produced.
 """
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-CONDITIONS = ("naive", "frozen", "modular")            # the core conditions (DESIGN.md section 3)
+CONDITIONS = ("naive", "frozen", "modular")            # the core conditions (docs/method.md section 3)
 BASELINES = ("ewc", "replay", "olora")                 # continual-learning baselines (crma/baselines), run/bench only
 ALL_CONDITIONS = CONDITIONS + BASELINES
 SHARED_ADAPTER_CONDITIONS = ("naive", "ewc", "replay")  # one LoRA adapter named `shared`, trained on every domain
@@ -55,7 +56,7 @@ def check_domain_name(name: str, what: str = "domain name") -> str:
 
 @dataclass
 class CRMAConfig:
-    """The CRMA backbone (DESIGN.md section 2). Defaults chosen by measurement, see README."""
+    """The CRMA backbone (docs/method.md section 2). Defaults chosen by measurement, see README."""
 
     n_streams: int = 4          # n: streams read from / written to the residual stream
     sinkhorn_iters: int = 30    # K: fixed Sinkhorn iterations (see README: measured convergence)

@@ -79,7 +79,8 @@ def drift_table(results: dict[str, dict]) -> str:
 
     for cond, res in results.items():
         if res.get("per_domain_drift_pct_pinned") is not None:
-            rows.append(row(f"{cond} pinned", res["per_domain_drift_pct_pinned"], res["drift_pct_pinned"], res["gain_pct"]))
+            rows.append(row(f"{cond} pinned", res["per_domain_drift_pct_pinned"], res["drift_pct_pinned"],
+                            res["gain_pct"]))
             rows.append(row(f"{cond} latest", res["per_domain_drift_pct"], res["drift_pct"], res["gain_pct"]))
         else:
             rows.append(row(cond, res["per_domain_drift_pct"], res["drift_pct"], res["gain_pct"]))

@@ -18,8 +18,8 @@ def main(data: str, out: str, fsdp: bool = False) -> None:
     import torch.distributed as dist
 
     from crma import runtime
-    from crma.config import CRMAConfig, DeviceConfig, DomainSpec, TrainConfig
     from crma.baselines import make_method
+    from crma.config import CRMAConfig, DeviceConfig, DomainSpec, TrainConfig
     from crma.engine.add import AddSettings, load_domain, train_domain
     from crma.engine.live import LiveModel
 
@@ -29,7 +29,8 @@ def main(data: str, out: str, fsdp: bool = False) -> None:
     live = LiveModel.fresh("tiny:llama", "modular", seed=0, device=device)
     cfg = TrainConfig(epochs=1, lr=1e-2, batch_size=5, max_len=48, micro_batch_size=2, max_passages=10)
     dom = load_domain(DomainSpec("up", Path(data)), live.tokenizer, cfg)
-    adapter, log = train_domain(live, dom, 0, AddSettings(train=cfg, crma=CRMAConfig()), acc, make_method(live.condition))
+    adapter, log = train_domain(live, dom, 0, AddSettings(train=cfg, crma=CRMAConfig()), acc,
+                                make_method(live.condition))
     base = [p for n, p in live.model.named_parameters() if "lora_" not in n and "crma_" not in n]
     local = sum(p.to_local().numel() if hasattr(p, "to_local") else p.numel() for p in base)
     digest = hashlib.sha256()

@@ -2,8 +2,8 @@
 import pytest
 import torch
 
-from crma.method.backbone import CRMABackbone, FingerprintError
 from crma.config import CRMAConfig
+from crma.method.backbone import CRMABackbone, FingerprintError
 from crma.method.layer import CRMABlock, orthonormal_columns
 from crma.method.models import load_model
 

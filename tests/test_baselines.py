@@ -68,7 +68,8 @@ def test_fisher_is_nonnegative_with_the_adapters_shapes_and_zero_without_gradien
             layer.lora_B["one"].weight.normal_(0, 0.05)
     F = diagonal_fisher(model, passages(), params, "empirical", pad_id=tok.pad_token_id)
     assert all(float(F[n].sum()) > 0 for n in params)
-    sampled = [diagonal_fisher(model, passages(), params, "sampled", seed=s, pad_id=tok.pad_token_id) for s in (3, 3, 4)]
+    sampled = [diagonal_fisher(model, passages(), params, "sampled", seed=s, pad_id=tok.pad_token_id)
+               for s in (3, 3, 4)]
     assert all(torch.equal(sampled[0][n], sampled[1][n]) for n in params)      # seeded: reproducible
     assert any(not torch.equal(sampled[0][n], sampled[2][n]) for n in params)
     assert any(not torch.equal(sampled[0][n], F[n]) for n in params)            # not the gold-token estimate
@@ -152,7 +153,8 @@ def test_olora_penalty_on_a_model_vanishes_when_new_rows_are_orthogonal():
     with torch.no_grad():
         for layer in lora_layers(model):
             layer.lora_A["new"].weight.copy_(layer.lora_A["old"].weight)
-    expected = 0.5 * sum(float((l.lora_A["old"].weight @ l.lora_A["old"].weight.T).pow(2).sum()) for l in lora_layers(model))
+    expected = 0.5 * sum(float((layer.lora_A["old"].weight @ layer.lora_A["old"].weight.T).pow(2).sum())
+                         for layer in lora_layers(model))
     assert float(method.penalty().detach()) == pytest.approx(expected, rel=1e-5) and expected > 0
 
 
@@ -236,7 +238,8 @@ def test_cl_settings_are_validated_recorded_and_refused_by_crma_add(conflicting_
             CLConfig(**bad)
     up, down = conflicting_domains
     out = tmp_path / "ewc"
-    assert main(["run", "--model", "tiny:llama", "--domains", f"up={up.train}:{up.holdout}", f"down={down.train}:{down.holdout}",
+    assert main(["run", "--model", "tiny:llama", "--domains", f"up={up.train}:{up.holdout}",
+                 f"down={down.train}:{down.holdout}",
                  "--condition", "ewc", "--out", str(out), "--epochs", "1", "--max-len", "32", "--max-passages", "8",
                  "--cl-ewc-lambda", "10", "--cl-ewc-fisher", "sampled", "--cl-ewc-fisher-passages", "4"]) == 0
     res = json.loads((out / "results.json").read_text())

@@ -5,10 +5,20 @@ import math
 
 import pytest
 
-from crma.bench.grid import CPU, PAPER, PROTOCOLS, SMOKE, estimate_left, merge_protocol, plan_grid
+from crma.bench.grid import (
+    CPU,
+    PAPER,
+    REPO_CORPUS,
+    SMOKE,
+    domain_specs,
+    estimate_left,
+    merge_protocol,
+    plan_grid,
+)
+from crma.bench.summary import fmt_stats, load_results, stats_by_seed, summarize
 from crma.cli import main
 from crma.config import ALL_CONDITIONS, CRMAConfig
-from crma.bench.summary import fmt_stats, load_results, stats_by_seed, summarize
+from crma.data import read_passages
 
 DOMAINS = ["a", "b", "c"]
 BASE = [4.0, 4.0, 4.0]
@@ -130,15 +140,17 @@ def test_summarize_refuses_mixed_runs():
     assert summarize([])["conditions"] == {}
 
 
-def test_protocols_follow_the_design():
-    assert PAPER.domains == CPU.domains == ("medical", "legal", "finance", "code", "science")
-    assert (PAPER.train_passages, PAPER.holdout_passages) == (500, 100)
-    assert PAPER.seeds == CPU.seeds == (0, 42, 1234)
-    assert PAPER.conditions == CPU.conditions == ("naive", "frozen", "modular")
-    assert SMOKE.conditions == ALL_CONDITIONS == ("naive", "frozen", "modular", "ewc", "replay", "olora")
-    assert CPU.model == "smollm2-135m" and SMOKE.model == "tiny:llama" and len(SMOKE.domains) == 2
-    assert set(PROTOCOLS) == {"paper", "cpu", "smoke"}
-    assert estimate_left({"naive": [10.0, 20.0]}, ["naive", "modular"]) == 30.0
+def test_protocols_find_their_corpus_in_the_repository():
+    """paper and cpu read the repository's cl5 corpus by default and it holds every passage they use; smoke
+    reads the bundled demo data."""
+    for protocol in (PAPER, CPU, SMOKE):
+        specs = domain_specs(protocol, None)
+        assert [s.name for s in specs] == list(protocol.domains)
+        for spec in specs:
+            assert len(read_passages(spec.train)) >= protocol.train_passages, (protocol.name, spec.name)
+            assert len(read_passages(spec.holdout)) >= protocol.holdout_passages, (protocol.name, spec.name)
+    assert domain_specs(CPU, None)[0].train.parent.parent == REPO_CORPUS
+    assert estimate_left({"naive": [10.0, 20.0]}, ["naive", "modular"]) == 30.0    # unknown: the overall mean
     assert estimate_left({}, ["naive"]) is None
 
 

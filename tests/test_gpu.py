@@ -39,7 +39,8 @@ def test_gpu_identity_certificate_step_fingerprint(tmp_path):
     data = write_cycle_domain(tmp_path / "up.jsonl", "abcd", 8, 1)
     cfg = TrainConfig(epochs=1, lr=1e-2, batch_size=4, max_len=48)
     dom = load_domain(DomainSpec("up", data, data), live.tokenizer, cfg)
-    _, log = train_domain(live, dom, 0, AddSettings(train=cfg), runtime.accelerator(device), make_method(live.condition))
+    _, log = train_domain(live, dom, 0, AddSettings(train=cfg), runtime.accelerator(device),
+                          make_method(live.condition))
     assert len(log.losses) == 2 and all(torch.isfinite(torch.tensor(log.losses)))
     stats = live.backbone.stats()
     assert max(abs(s["alpha"]) for s in stats) > 0                                # the backbone moved

@@ -1,4 +1,4 @@
-"""Forgetting metrics against hand-computed values (DESIGN.md section 4)."""
+"""Forgetting metrics against hand-computed values (docs/method.md section 4)."""
 import pytest
 
 from crma.engine import metrics

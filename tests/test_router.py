@@ -12,14 +12,13 @@ from pathlib import Path
 import pytest
 import torch
 
+from crma.cli import main as route_main
 from crma.config import ConfigError, CRMAConfig, LoraSettings
-from crma.data import read_passages
-from crma.data import DEMO_DIR
+from crma.data import DEMO_DIR, read_passages
 from crma.method.adapters import add_adapter
 from crma.method.backbone import CRMABackbone
 from crma.method.models import load_model
 from crma.routing import calibration_split, new_router, route_texts, update_router
-from crma.cli import main as route_main
 from crma.routing.features import hidden_features, segments_of, text_segments
 from crma.routing.router import BASE, STRATEGIES, Features, Router, RouterConfig, RouterError
 
@@ -33,7 +32,7 @@ DEMO = ("cooking", "astronomy", "contracts")
 FOUR = {"How long should I knead bread dough?": "cooking", "What is a red giant star?": "astronomy",
         "The lessee shall indemnify the lessor against all claims.": "contracts",
         "Who won the football match yesterday?": BASE}
-CL5 = Path(__file__).resolve().parents[2] / "shared" / "corpora" / "cl5"
+CL5 = Path(__file__).resolve().parents[1] / "benchmarks" / "corpora" / "cl5"
 
 
 def sentences(domain: str, n: int, seed: int) -> list[str]:

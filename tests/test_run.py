@@ -4,15 +4,15 @@ import json
 import torch
 from peft import PeftModel
 
-from crma.method.adapters import add_adapter, set_trainable
-from crma.method.backbone import CRMABackbone
 from crma.baselines import make_method
 from crma.cli import main
 from crma.config import CRMAConfig, LoraSettings, TrainConfig
 from crma.data import read_passages, tokenize
 from crma.engine.loss import mean_loss, passage_losses
-from crma.method.models import load_model
 from crma.engine.train import train_phase
+from crma.method.adapters import add_adapter, set_trainable
+from crma.method.backbone import CRMABackbone
+from crma.method.models import load_model
 
 REQUIRED_KEYS = {"model", "condition", "seed", "domains", "base_loss", "loss_matrix", "drift_pct",
                  "per_domain_drift_pct", "gain_pct", "train_tokens", "train_seconds", "grad_norm",

@@ -63,8 +63,8 @@ def test_fingerprint_is_the_same_in_fp32_and_bf16_and_differs_between_models():
 def test_crma_stays_fp32_and_certified_on_a_bf16_model(conflicting_domains, tmp_path):
     """A whole modular run with bf16 base weights: backbone parameters stay fp32, the certificate and
     the doubly-stochastic sums hold at fp32 precision, and CRMA ignores an enclosing bf16 autocast."""
-    from crma.engine.run import continual_run
     from crma.engine.live import LiveModel
+    from crma.engine.run import continual_run
 
     from .conftest import tiny_run_config
 
@@ -90,10 +90,10 @@ def test_crma_stays_fp32_and_certified_on_a_bf16_model(conflicting_domains, tmp_
 
 
 def _one_step_grads(gradient_checkpointing: bool, spec: str = "tiny:llama") -> dict[str, torch.Tensor]:
-    from crma.method.adapters import add_adapter, set_trainable
     from crma.config import LoraSettings
-    from crma.method.backbone import CRMABackbone
     from crma.engine.train import token_loss_sum
+    from crma.method.adapters import add_adapter, set_trainable
+    from crma.method.backbone import CRMABackbone
 
     model, _ = runtime.load_placed(spec, DeviceConfig(gradient_checkpointing=gradient_checkpointing))
     assert model.is_activation_checkpointing == gradient_checkpointing
@@ -103,7 +103,7 @@ def _one_step_grads(gradient_checkpointing: bool, spec: str = "tiny:llama") -> d
             b.crma_gate.fill_(0.5)                     # a live backbone, so its gradients are not trivially 0
     torch.manual_seed(0)
     model = add_adapter(model, "up", LoraSettings())
-    params = set_trainable(model, "up", backbone=True)
+    set_trainable(model, "up", backbone=True)
     model.train()
     rows = [[(7 * i + 3 * j) % 250 for j in range(20 + i)] for i in range(3)]
     token_loss_sum(model, rows, 256, next(model.parameters()).device).backward()
@@ -131,7 +131,8 @@ def test_micro_batches_change_memory_not_the_step(tmp_path):
         cfg = TrainConfig(epochs=1, lr=1e-2, batch_size=5, max_len=48, micro_batch_size=micro)
         dom = load_domain(DomainSpec("up", data, data), live.tokenizer, cfg)
         _, log = train_domain(live, dom, 0, AddSettings(train=cfg), runtime.accelerator(), make_method(live.condition))
-        out.append((log.losses, {n: p.detach().clone() for n, p in live.model.named_parameters() if "crma_" in n or "lora_" in n}))
+        out.append((log.losses, {n: p.detach().clone() for n, p in live.model.named_parameters()
+                                 if "crma_" in n or "lora_" in n}))
     (l0, p0), (l2, p2) = out
     assert len(l0) == 2 and l0 == pytest.approx(l2, rel=1e-5)
     for name in p0:

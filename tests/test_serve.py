@@ -26,6 +26,7 @@ from openai import OpenAI
 from crma.cli import main
 from crma.engine.generate import generate
 from crma.engine.live import LiveModel
+from crma.routing import route_texts
 from crma.serve.app import create_app
 from crma.serve.config import ServeConfig
 from crma.serve.server import Server
@@ -171,7 +172,6 @@ def test_stacked_lora_gather_matches_peft_adapter_names(store):
     from crma.serve.batch import BatchCache, new_cache
     from crma.serve.mixed import MixedForward
     from crma.serve.registry import Registry
-    from crma.engine.live import LiveModel
 
     live = LiveModel.open(Store(store))
     registry = Registry(live, store)
@@ -215,6 +215,8 @@ def test_every_model_completions_and_chat_streaming_and_not(live, store):
     url, _ = live
     c = client(url)
     versions = {"up": 1, "down": 2, "zig": 3}
+    ref = LiveModel.open(Store(store))
+    routed = route_texts(ref.store.router(), ref.model, ref.tokenizer, ["abcdabcd xyzw"])[0]   # what auto must pick
     for model in MODELS:
         for chat in (False, True):
             whole = complete(c, model, "abcdabcd xyzw", 8, chat=chat, temperature=0)
@@ -228,7 +230,7 @@ def test_every_model_completions_and_chat_streaming_and_not(live, store):
             elif model == "base":
                 assert info["domain"] == "base" and info["adapter"] is None and info["backbone_version"] == 3
             else:
-                assert info["domain"] in MODELS and 0 < info["confidence"] <= 1
+                assert info["domain"] == routed.domain and info["confidence"] == pytest.approx(routed.confidence)
     resp = c.chat.completions.create(model="down", messages=[{"role": "system", "content": "be brief"},
                                                              {"role": "user", "content": "dcba"}],
                                      max_tokens=3, temperature=0, stream=True, stream_options={"include_usage": True})
@@ -261,8 +263,8 @@ def test_32_concurrent_requests_equal_one_at_a_time(live):
     c = client(url)
     jobs = [dict(model=MODELS[k % 5], prompt=("The quick brown fox "[k % 9:] + CYCLES[DOMAINS[k % 3]] * (k % 5))
                  or "x", max_tokens=16 + (7 * k) % 25, stream=k % 4 == 1, chat=k % 3 == 2) for k in range(32)]
-    run = lambda job: complete(c, job["model"], job["prompt"], job["max_tokens"], job["stream"], job["chat"],
-                               temperature=0)
+    def run(job):
+        return complete(c, job["model"], job["prompt"], job["max_tokens"], job["stream"], job["chat"], temperature=0)
     alone = [run(job) for job in jobs]
     before = dict(server.scheduler.stats)
     server.scheduler.stats.update(max_rows=0, max_adapters_in_step=0, max_backbones_in_step=0)
@@ -412,7 +414,8 @@ BAD = [  # (path, body, status, param or None)
     ("/v1/chat/completions", {"model": "up", "messages": [{"role": "tool", "content": "x"}]}, 400, "messages.0.role"),
     ("/v1/chat/completions", {"model": "up", "messages": [{"role": "user", "content": [
         {"type": "image_url", "image_url": {"url": "http://x"}}]}]}, 400, None),
-    ("/v1/chat/completions", {"model": "up", "messages": [{"role": "user", "content": "x"}], "tools": [{}]}, 400, "tools"),
+    ("/v1/chat/completions", {"model": "up", "messages": [{"role": "user", "content": "x"}], "tools": [{}]},
+     400, "tools"),
     ("/v1/chat/completions", {"model": "up", "messages": [{"role": "user", "content": "x"}], "logprobs": True}, 400,
      "logprobs"),
     ("/v1/chat/completions", {"model": "auto", "messages": "hi"}, 400, "messages"),

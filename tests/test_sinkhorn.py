@@ -1,6 +1,7 @@
 """Sinkhorn and the certified mixing matrix: properties over random logits and sizes."""
 import torch
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from crma.config import CRMAConfig
 from crma.method.sinkhorn import certify, mixing_matrix, sinkhorn, spectral_stats

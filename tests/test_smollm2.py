@@ -4,17 +4,17 @@ from pathlib import Path
 
 import torch
 
-from crma.method.backbone import CRMABackbone
 from crma.config import CRMAConfig, DomainSpec, RunConfig, TrainConfig
 from crma.data import DEMO_DIR
-from crma.method.models import load_model
 from crma.engine.run import continual_run
+from crma.method.backbone import CRMABackbone
+from crma.method.models import load_model
 
-CL5 = Path(__file__).resolve().parents[2] / "shared" / "corpora" / "cl5"
+CL5 = Path(__file__).resolve().parents[1] / "benchmarks" / "corpora" / "cl5"
 
 
 def two_domains() -> list[DomainSpec]:
-    """Two cl5 domains when the corpus sits beside the checkout (as in CI), else the bundled demo data."""
+    """Two cl5 domains from the repository's corpus (benchmarks/corpora/cl5), else the bundled demo data."""
     root, names = (CL5, ("medical", "legal")) if CL5.exists() else (DEMO_DIR, ("cooking", "contracts"))
     return [DomainSpec(n, root / n / "train.jsonl", root / n / "holdout.jsonl") for n in names]
 

@@ -1,6 +1,5 @@
 """The model store on a tiny real model: run == successive adds, pinned drift 0, crash safety, checksums,
 names, the writer lock, rollback/remove, the validation gate, generation."""
-import json
 import os
 import signal
 import subprocess
@@ -13,12 +12,13 @@ import torch
 from crma.baselines import make_method
 from crma.cli import main
 from crma.config import ConfigError, DomainSpec, TrainConfig
-from crma.engine.loss import mean_loss
-from crma.engine.run import evaluate_row
-from crma.store import Store, StoreError, StoreLocked
 from crma.engine.add import AddSettings, load_domain
 from crma.engine.generate import generate
 from crma.engine.live import LiveModel
+from crma.engine.loss import mean_loss
+from crma.engine.run import evaluate_row
+from crma.routing import route_texts
+from crma.store import Store, StoreError, StoreLocked
 
 TRAIN = ["--model", "tiny:llama", "--epochs", "3", "--lr", "1e-2", "--batch-size", "8", "--max-len", "64",
          "--eval-batch-size", "8"]
@@ -33,7 +33,8 @@ def add(store, spec: DomainSpec, *extra) -> int:
 def matrix_row(store, domains, phase, backbone="latest"):
     live = LiveModel.open(Store(store))
     data = [load_domain(s, live.tokenizer, SETTINGS.train) for s in domains]
-    return [mean_loss(cell) for cell in evaluate_row(live, data, phase, backbone, SETTINGS, False, make_method(live.condition))]
+    rows = evaluate_row(live, data, phase, backbone, SETTINGS, False, make_method(live.condition))
+    return [mean_loss(cell) for cell in rows]
 
 
 @pytest.fixture(scope="module")
@@ -213,8 +214,8 @@ def test_validation_gate_registers_nothing(added_store, conflicting_domains, tmp
 
 
 def test_run_refuses_a_folder_holding_something_else(conflicting_domains, tmp_path, capsys):
-    from tests.conftest import tiny_run_config
     from crma.engine.run import continual_run
+    from tests.conftest import tiny_run_config
     out = tmp_path / "run"
     continual_run(tiny_run_config(conflicting_domains[:1], out, "modular", epochs=1), progress=False)
     args = ["run", "--model", "tiny:llama", "--domains", f"up={conflicting_domains[0].train}",
@@ -229,13 +230,15 @@ def test_generate_greedy_is_deterministic_and_streams(added_store):
     live = LiveModel.open(Store(added_store[0]))
     pieces = []
     first = generate(live, "abcdabcd", domain="up", temperature=0, max_new_tokens=12, raw=True, on_text=pieces.append)
-    again = generate(LiveModel.open(Store(added_store[0])), "abcdabcd", domain="up", temperature=0, max_new_tokens=12, raw=True)
+    again = generate(LiveModel.open(Store(added_store[0])), "abcdabcd", domain="up", temperature=0,
+                     max_new_tokens=12, raw=True)
     assert first.text == again.text and "".join(pieces) == first.text and first.new_tokens == 12
     assert first.domain == "up" and first.adapter_version == 1 and first.backbone_version == 1
     latest = generate(live, "abcdabcd", domain="up", backbone="latest", temperature=0, max_new_tokens=12, raw=True)
     assert latest.backbone_version == 2
     auto = generate(live, "dcbadcbadcba", temperature=0.8, seed=3, max_new_tokens=6, raw=True)
-    assert auto.domain in ("up", "down", "base") and auto.confidence is not None
+    decision = route_texts(live.store.router(), live.model, live.tokenizer, ["dcbadcbadcba"])[0]
+    assert (auto.domain, auto.confidence) == (decision.domain, decision.confidence)   # the router's own choice
     base = generate(live, "abcd", domain="base", temperature=0, max_new_tokens=4, raw=True)
     assert base.adapter_version is None
     with pytest.raises(StoreError, match="not in this store"):

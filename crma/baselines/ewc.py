@@ -62,7 +62,8 @@ def diagonal_fisher(model, examples: list[list[int]], params: dict[str, torch.Te
 
 def ewc_penalty(params: dict[str, torch.Tensor], fishers: list[dict], anchors: list[dict], lam: float) -> torch.Tensor:
     """sum_i (lam / 2) sum_k F_i,k (theta_k - theta*_i,k)^2 over the stored phases i."""
-    total = sum((f[n] * (p - a[n]) ** 2).sum() for f, a in zip(fishers, anchors, strict=False) for n, p in params.items())
+    total = sum((f[n] * (p - a[n]) ** 2).sum()
+                for f, a in zip(fishers, anchors, strict=False) for n, p in params.items())
     return 0.5 * lam * total
 
 

@@ -1,4 +1,4 @@
-"""`crma bench`: the benchmark grid (conditions x seeds) of DESIGN.md section 5, resumable.
+"""`crma bench`: the benchmark grid (conditions x seeds) of docs/method.md section 5, resumable.
 
     crma bench --corpus DIR --protocol paper|cpu|smoke --out OUT [--model M]
                [--conditions naive,frozen,modular] [--seeds 0,42,1234] [--resume] [--jobs N]
@@ -78,7 +78,7 @@ class Protocol:
         return {k: list(v) if isinstance(v, tuple) else v for k, v in d.items()}
 
 
-# DESIGN.md section 5 exactly: 5 domains in order, 500 train / 100 holdout, seeds 0, 42, 1234, all
+# docs/method.md section 5 exactly: 5 domains in order, 500 train / 100 holdout, seeds 0, 42, 1234, all
 # three conditions. The paper's model is Mistral-7B (pass --model mistralai/Mistral-7B-v0.1 where the
 # hub is reachable); the default is the largest model reachable offline. Its training settings are not
 # public: max_len 512 keeps all but the longest code passages whole (code p90: 565 tokens); 3 epochs at batch 8
@@ -270,7 +270,8 @@ def run_grid(protocol: Protocol, out: str | Path, corpus: str | Path | None = No
     runtime.on_main(write_json, out / "protocol.json", merge_protocol(
         _read_json(out / "protocol.json"),
         {**protocol.to_dict(), "model": model or protocol.model, "corpus": str(corpus or protocol.default_corpus),
-         "crma": dataclasses.asdict(crma), "cl": dataclasses.asdict(cl), "grid": [[c.condition, c.seed] for c, _ in plan], "commands": [command]}))
+         "crma": dataclasses.asdict(crma), "cl": dataclasses.asdict(cl),
+         "grid": [[c.condition, c.seed] for c, _ in plan], "commands": [command]}))
     durations: dict[str, list[float]] = {}
     for meta_path in sorted(out.glob("*/bench_run.json")):   # every finished run in OUT feeds the ETA
         meta, res = _read_json(meta_path), _read_json(meta_path.parent / "results.json") or {}

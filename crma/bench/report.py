@@ -137,7 +137,8 @@ def write_plots(out: Path, summary: dict, results: list[dict]) -> list[str]:
 
 # ---- markdown ---------------------------------------------------------------------------------
 def _seeds(s: dict | None, digits: int = 2) -> str:
-    return "n/a" if not s else ", ".join(f"{v:+.{digits}f} ({k})" for k, v in zip(s["seeds"], s["values"], strict=False))
+    return "n/a" if not s else ", ".join(f"{v:+.{digits}f} ({k})"
+                                         for k, v in zip(s["seeds"], s["values"], strict=False))
 
 
 def _table(head: list[str], rows: list[list[str]]) -> list[str]:
@@ -176,7 +177,7 @@ def render(summary: dict, protocol: dict | None, plots: list[str]) -> str:
             lines += [f"**Partial grid**: {len(grid) - len(missing)} of {len(grid)} runs finished; "
                       f"missing: {', '.join(missing)}. Numbers below use the finished runs only.", ""]
     lines += ["All numbers are computed by `crma.bench.summary.summarize` from the run folders' results.json; "
-              "recompute with `crma report --out DIR`. Drift is loss-relative (DESIGN.md section 4): "
+              "recompute with `crma report --out DIR`. Drift is loss-relative (docs/method.md section 4): "
               "positive = forgetting. ± is the sample standard deviation over seeds.", ""]
     conds, comp = summary["conditions"], summary["comparisons"]
     if not conds:
@@ -203,7 +204,8 @@ def render(summary: dict, protocol: dict | None, plots: list[str]) -> str:
               "seed); a passage is retained if its loss after the last phase is <= 1.01 x its loss right "
               "after its own domain's phase.", "", "### Per-domain drift (%)", ""]
     lines += _table(["domain"] + list(conds),
-                    [[n] + [fmt_stats(c["per_domain_drift"].get(n)) for c in conds.values()] for n in names[:-1]]) + [""]
+                    [[n] + [fmt_stats(c["per_domain_drift"].get(n)) for c in conds.values()]
+                     for n in names[:-1]]) + [""]
     lines += ["### Gain over base per domain (%)", "", "gain_j = 100 (Lbase[j] - L[j][j]) / Lbase[j].", ""]
     lines += _table(["domain"] + list(conds),
                     [[n] + [fmt_stats(c["gain"].get(n)) for c in conds.values()] for n in names]

@@ -6,7 +6,7 @@ spectral per-step log, train tokens and seconds) through `crma.metrics`, so anyo
 the summary from the run folders with `crma report --out DIR`. Nothing here is read from a
 run's own precomputed drift/gain/BWT fields.
 
-Notation (DESIGN.md section 4): L[i][j] holdout loss of domain j after phase i, T phases,
+Notation (docs/method.md section 4): L[i][j] holdout loss of domain j after phase i, T phases,
 Lbase[j] base-model loss, prior domains j < T-1, seeds s.
 """
 from __future__ import annotations
@@ -17,7 +17,7 @@ from pathlib import Path
 from ..config import BASELINES, CONDITIONS
 from ..engine import metrics
 
-# DESIGN.md section 5: the paper's headline numbers (Mistral-7B, 5 domains, 500/100 passages, 3 seeds).
+# docs/method.md section 5: the paper's headline numbers (Mistral-7B, 5 domains, 500/100 passages, 3 seeds).
 PAPER = {
     "model": "Mistral-7B",
     "train_passages": 500,
@@ -25,7 +25,7 @@ PAPER = {
     "seeds": [0, 42, 1234],
     "drift": {
         "modular": {"mean": -0.17, "sd": 0.17, "min": -0.36, "max": -0.03},
-        # the reference blog post's frozen row; under DESIGN.md section 4 frozen drift is exactly 0
+        # the reference blog post's frozen row; under docs/method.md section 4 frozen drift is exactly 0
         "frozen": {"mean": 1.95, "sd": 0.64, "min": 1.47, "max": 2.71},
         "naive": {"mean": 42.96, "sd": 5.5, "min": 38.1, "max": 49.0},
     },
@@ -290,7 +290,7 @@ def _setup_phrase(setup: dict, steps: int | None) -> str:
 
 
 def paper_rows(summary: dict) -> list[dict]:
-    """One row per anchor of DESIGN.md section 5: the paper's value, this run's, and a sentence on
+    """One row per anchor of docs/method.md section 5: the paper's value, this run's, and a sentence on
     the difference (its size, whether the per-seed ranges overlap, whether the sign agrees)."""
     conds, comp, setup = summary["conditions"], summary["comparisons"], summary["setup"]
     steps = next((c["optimizer_steps"][0] for c in conds.values() if c["optimizer_steps"]), None)
@@ -306,7 +306,7 @@ def paper_rows(summary: dict) -> list[dict]:
         if cond == "frozen":
             exact = max(abs(v) for v in ours["values"]) < 1e-9
             text = ("The paper's (blog post's) frozen row cannot arise under this project's definition "
-                    "(DESIGN.md section 4): earlier adapters and the base model never change, so frozen drift is "
+                    "(docs/method.md section 4): earlier adapters and the base model never change, so frozen drift is "
                     "exactly zero at every seed here; the paper must measure drift differently for that row. "
                     "Ours is kept." if exact else
                     f"frozen drift is NOT zero (max |drift| {max(abs(v) for v in ours['values']):.2e}%): "
@@ -350,7 +350,8 @@ def paper_rows(summary: dict) -> list[dict]:
     if spec:
         rows.append({"metric": "max | ||M||_2 - 1 | over all logged steps and layers",
                      "paper": f"{PAPER['max_norm_dev']:.1e} over {PAPER['spectral_steps']} steps",
-                     "ours": f"{spec['max_norm_dev']:.1e} over {spec['logged_steps']} logged steps x {spec['layers']} layers",
+                     "ours": f"{spec['max_norm_dev']:.1e} over {spec['logged_steps']} logged steps x "
+                             f"{spec['layers']} layers",
                      "sentence": f"This run's maximum is {spec['max_norm_dev'] / PAPER['max_norm_dev']:.2g} times the "
                      f"paper's; the certificate (||M||_2 <= 1 and |alpha| ||M||_2 <= rho) "
                      f"{'held at every step and layer' if spec['certificate_ok'] else 'FAILED somewhere'}, and here "

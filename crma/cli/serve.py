@@ -30,7 +30,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     cfg = build(args, ServeConfig, device=sections(args, ("device",))["device"])
     cfg.admin_token = cfg.admin_token or os.environ.get("CRMA_ADMIN_TOKEN") or None
     server = Server.open(cfg)
-    print(f"crma serve: {cfg.store} on http://{cfg.host}:{cfg.port}/v1  models: {', '.join(server.registry.current.models())}"
+    print(f"crma serve: {cfg.store} on http://{cfg.host}:{cfg.port}/v1  "
+          f"models: {', '.join(server.registry.current.models())}"
           f"  (batch {cfg.max_batch}, {cfg.batching}{', watching the manifest' if cfg.watch else ''}"
           f"{', admin endpoints on' if cfg.admin_token else ''})", flush=True)
     uvicorn.run(create_app(server), host=cfg.host, port=cfg.port, log_level=log.log_level,

@@ -87,8 +87,10 @@ def cmd_store(args: argparse.Namespace) -> int:
         m = store.manifest
         bb = m["backbone"]
         print(f"store {store.root}: {m['condition']} on {m['model']['spec']} "
-              f"({m['model']['fingerprint']['architecture']}, fingerprint {m['model']['fingerprint'].get('weights_bf16_sha256', '?')})")
-        print(f"backbone: {'v' + str(bb['current']) if bb['current'] else 'none'} current, {len(bb['versions'])} versions; "
+              f"({m['model']['fingerprint']['architecture']}, "
+              f"fingerprint {m['model']['fingerprint'].get('weights_bf16_sha256', '?')})")
+        print(f"backbone: {'v' + str(bb['current']) if bb['current'] else 'none'} current, "
+              f"{len(bb['versions'])} versions; "
               f"router: v{m['router']['current']}; created {m['created']}, updated {m['updated']}")
         print(f"{'domain':<16}{'serving':>8}{'backbone':>10}{'holdout':>9}{'gain':>9}  versions (* = current)")
         for d in store.domains():

@@ -43,7 +43,8 @@ class AddArgs:
     store: Path = opt(help="store folder (created by the first add)")
     domain: str = opt(help="domain name: [a-z0-9][a-z0-9_-]{0,63}")
     data: str = opt(metavar="TRAIN[:HOLDOUT]",
-                    help=".jsonl (text field), .txt (blank-line separated) or a folder; without HOLDOUT 10%% is held out")
+                    help=".jsonl (text field), .txt (blank-line separated) or a folder; "
+                         "without HOLDOUT 10%% is held out")
     model: str | None = opt(None, help=f"base model of a new store (default {DEFAULT_MODEL})")
     condition: str | None = opt(None, choices=("modular", "frozen"), help="of a new store (default modular)")
     min_gain: float = opt(0.0, help="register only if the holdout loss beats the base model's by this many "
@@ -78,13 +79,15 @@ def cmd_add(args: argparse.Namespace) -> int:
     exists = (root / MANIFEST).exists()
     if exists:
         store = Store(root)
-        for name, given, have in (("--model", a.model, store.model_spec), ("--condition", a.condition, store.condition)):
+        for name, given, have in (("--model", a.model, store.model_spec),
+                                  ("--condition", a.condition, store.condition)):
             if given is not None and given != have:
                 raise ConfigError(f"{name} {given}: the store at {root} was created with {have}; "
                                   "a store keeps one base model and condition")
         if store.condition not in CONDITIONS:
             raise ConfigError(f"condition {store.condition}: a continual-learning baseline exists for `crma run` and "
-                              "`crma bench` only (its state lives in the run); `crma add` builds modular or frozen stores")
+                              "`crma bench` only (its state lives in the run); "
+                              "`crma add` builds modular or frozen stores")
         crma = CRMAConfig(**store.manifest["settings"]["crma"])
         router_cfg = RouterConfig.from_dict(store.manifest["settings"]["router"])
         live = LiveModel.open(store, device=device)   # the base model as the store was built (tiny models: its seed)
@@ -103,7 +106,8 @@ def cmd_add(args: argparse.Namespace) -> int:
                         command=args.command_line, router_cfg=router_cfg, create=create)
     say(result.reason)
     if result.registered and result.backbone_version is not None:
-        say(f"backbone v{result.backbone_version} (the version {dom.name} is pinned to); router v{result.router_version}")
+        say(f"backbone v{result.backbone_version} (the version {dom.name} is pinned to); "
+            f"router v{result.router_version}")
     return 0 if result.registered else 1
 
 

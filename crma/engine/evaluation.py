@@ -61,7 +61,8 @@ def evaluate_store(live: LiveModel, data: dict[str, str], modes: tuple[str, ...]
 
 def format_eval(rows: list[DomainEval], store: Store) -> str:
     modes = list(rows[0].loss) if rows else []
-    head = f"{'domain':<14}{'adapter':>8}{'recorded':>10}" + "".join(f"{m:>10}{'change':>9}{'bb':>5}" for m in modes) + "  data"
+    head = f"{'domain':<14}{'adapter':>8}{'recorded':>10}" + "".join(f"{m:>10}{'change':>9}{'bb':>5}"
+                                                                     for m in modes) + "  data"
     lines = [f"crma eval: {store.root} ({store.condition}, {store.model_spec})", head]
     for r in rows:
         cells = "".join(f"{r.loss[m]:>10.4f}{100 * (r.loss[m] - r.recorded) / r.recorded:>+8.2f}%"

@@ -54,7 +54,8 @@ class LiveModel:
             raise StoreError(f"{store.root / 'manifest.json'}: the store was built on base model "
                              f"{store.fingerprint}, but {store.model_spec!r} loads as {got}"
                              + ("; this store was made by crma before fingerprints hashed bf16-rounded weights "
-                                "(so that one store opens in fp32 and bf16): rebuild it with `crma add`" if old else ""))
+                                "(so that one store opens in fp32 and bf16): rebuild it with `crma add`"
+                                if old else ""))
         live = cls(model, tokenizer, store.model_spec, store.condition, store)
         current = store.manifest["backbone"]["current"]
         if current is not None:

@@ -1,4 +1,4 @@
-"""Forgetting metrics (DESIGN.md section 4). Pure functions of loss matrices; no I/O.
+"""Forgetting metrics (docs/method.md section 4). Pure functions of loss matrices; no I/O.
 
 L[i][j]: holdout loss of domain j after phase i (T phases). Lbase[j]: untouched base model.
 Positive drift = forgetting.

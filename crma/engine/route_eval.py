@@ -201,7 +201,8 @@ def routing_report(src, corpus: Path | None, queries: list[tuple[str, Path]], oo
             confusion[d][dec.domain] += 1
             if dec.domain == BASE:
                 reasons[dec.reason] = reasons.get(dec.reason, 0) + 1
-        per_set[key] = {"domain": d, "n": len(texts), "correct": counts[d], "accuracy_pct": 100 * counts[d] / len(texts),
+        per_set[key] = {"domain": d, "n": len(texts), "correct": counts[d],
+                        "accuracy_pct": 100 * counts[d] / len(texts),
                         "abstained": counts[BASE]}
     n = sum(v["n"] for v in per_set.values())
     ood_inputs = ood_sets(corpus, names, seed, n_random, builtin_ood)
@@ -225,7 +226,8 @@ def routing_report(src, corpus: Path | None, queries: list[tuple[str, Path]], oo
     n_ood = sum(v["n"] for v in report_ood.values())
     return {"per_domain": per_set, "confusion": confusion,
             "accuracy_pct": 100 * sum(v["correct"] for v in per_set.values()) / n if n else float("nan"),
-            "n_queries": n, "in_domain_abstained_pct": 100 * sum(v["abstained"] for v in per_set.values()) / n if n else 0.0,
+            "n_queries": n,
+            "in_domain_abstained_pct": 100 * sum(v["abstained"] for v in per_set.values()) / n if n else 0.0,
             "in_domain_abstain_reasons": reasons,
             "ood": report_ood, "n_ood": n_ood,
             "ood_to_base_pct": 100 * sum(v["to_base"] for v in report_ood.values()) / max(1, n_ood),
@@ -314,7 +316,8 @@ def route_eval(src: Source, corpus: str | Path | None = None, queries: list[tupl
     report = {"source": src.label, "kind": src.kind, "corpus": None if corpus is None else str(corpus),
               "model": router.meta.get("model"), "condition": router.meta.get("condition"),
               "domains": router.names, "adapters": router.adapters,
-              "router": {"config": vars(router.cfg), "meta": {k: v for k, v in router.meta.items() if k != "background"},
+              "router": {"config": vars(router.cfg),
+                         "meta": {k: v for k, v in router.meta.items() if k != "background"},
                          "background": router.meta.get("background"), "summary": router.summary()},
               "settings": {"loss": loss, "max_queries": max_queries, "max_holdout": max_holdout, "seed": seed,
                            "n_random": n_random, "builtin_ood": builtin_ood,
@@ -335,7 +338,8 @@ def format_report(report: dict) -> str:
     w = max(8, *(len(n) for n in names + [BASE] + list(r["per_domain"]))) + 2
     enc = report["router"]["meta"].get("encoder") or {}
     lines = [f"crma route-eval: {report['source']}  model={report['model']}  condition={report['condition']}  "
-             f"router={report['router']['config']['strategy']} encoder={enc.get('name', report['router']['config'].get('encoder'))}"]
+             f"router={report['router']['config']['strategy']} "
+             f"encoder={enc.get('name', report['router']['config'].get('encoder'))}"]
     if r["per_domain"]:
         lines.append("accuracy per labelled set (abstaining counts as wrong):")
         for key, v in r["per_domain"].items():

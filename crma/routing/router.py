@@ -91,7 +91,8 @@ class RouterConfig:
         def check(ok: bool, name: str, msg: str) -> None:
             if not ok:
                 raise ConfigError(f"router.{name}: {msg}")
-        check(self.encoder in ENCODER_NAMES, "encoder", f"must be one of {', '.join(ENCODER_NAMES)}, got {self.encoder!r}")
+        check(self.encoder in ENCODER_NAMES, "encoder",
+              f"must be one of {', '.join(ENCODER_NAMES)}, got {self.encoder!r}")
         check(self.strategy in STRATEGIES, "strategy", f"must be one of {', '.join(STRATEGIES)}, got {self.strategy!r}")
         check(self.background in BACKGROUNDS, "background",
               f"must be one of {', '.join(BACKGROUNDS)}, got {self.background!r}")

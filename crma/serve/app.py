@@ -127,7 +127,8 @@ async def read_json(request: Request, limit: int):
     """The body as JSON, at most `limit` bytes (413 beyond, whatever Content-Length says)."""
     declared = request.headers.get("content-length")
     if declared and declared.isdigit() and int(declared) > limit:
-        raise APIError(413, f"request body of {declared} bytes exceeds the limit of {limit} bytes", code="body_too_large")
+        raise APIError(413, f"request body of {declared} bytes exceeds the limit of {limit} bytes",
+                       code="body_too_large")
     chunks, size = [], 0
     try:
         async for chunk in request.stream():
@@ -281,7 +282,8 @@ async def _stream(job: Job, rid: str, model: str, chat: bool, include_usage: boo
             return
         else:
             finish = data["finish_reason"]
-            body = chat_chunk(rid, model, {}, finish, info) if chat else completion_body(rid, model, "", finish, info, None)
+            body = (chat_chunk(rid, model, {}, finish, info) if chat
+                    else completion_body(rid, model, "", finish, info, None))
             yield {"data": json.dumps(body)}
             if include_usage:
                 obj = "chat.completion.chunk" if chat else "text_completion"

@@ -131,7 +131,8 @@ class ChatRequest(_Common):
 
     def unsupported(self) -> list[str]:
         bad = super().unsupported()
-        bad += [k for k, ok in (("logprobs", _neutral(self.logprobs, False)), ("top_logprobs", self.top_logprobs is None),
+        bad += [k for k, ok in (("logprobs", _neutral(self.logprobs, False)),
+                                ("top_logprobs", self.top_logprobs is None),
                                 ("tools", not self.tools), ("tool_choice", _neutral(self.tool_choice, "none")),
                                 ("response_format", _neutral(self.response_format, {"type": "text"})))
                 if not ok]
@@ -150,7 +151,8 @@ def parse(cls, body) -> _Common:
         if first["type"] == "extra_forbidden":
             raise APIError(400, f"Unrecognized request argument supplied: {param}", param=param) from None
         if first["type"] == "missing":
-            raise APIError(400, f"Missing required parameter: '{param}'", param=param, code="missing_required_parameter") from None
+            raise APIError(400, f"Missing required parameter: '{param}'", param=param,
+                           code="missing_required_parameter") from None
         raise APIError(400, f"Invalid value for '{param}': {first['msg']}", param=param, code="invalid_value") from None
     bad = req.unsupported()
     if bad:

@@ -91,7 +91,8 @@ def read_manifest(root: Path) -> dict:
     except (UnicodeDecodeError, json.JSONDecodeError) as err:
         raise StoreError(f"{path}: unreadable manifest ({err})") from err
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
-        raise StoreError(f"{path}: not a crma store manifest (format={manifest.get('format') if isinstance(manifest, dict) else None!r}, "
+        raise StoreError(f"{path}: not a crma store manifest "
+                         f"(format={manifest.get('format') if isinstance(manifest, dict) else None!r}, "
                          f"expected {FORMAT!r})")
     return manifest
 
