@@ -9,16 +9,12 @@ import dataclasses
 import json
 from pathlib import Path
 
-import matplotlib
 import numpy as np
 
 from ..baselines import describe_storage, fmt_bytes
 from ..config import BASELINES, CRMAConfig
 from ..io import atomic_path, write_json
 from .summary import PAPER, PINNED, fmt_range, fmt_stats, load_results, summarize
-
-matplotlib.use("Agg")                      # files only: no display
-import matplotlib.pyplot as plt  # noqa: E402
 
 COLORS = {"naive": "tab:red", "frozen": "tab:blue", "modular": "tab:green", "modular-pinned": "tab:olive",
           "ewc": "tab:orange", "replay": "tab:purple", "olora": "tab:brown"}
@@ -50,6 +46,10 @@ def _save(fig, path: Path) -> str:
 
 def write_plots(out: Path, summary: dict, results: list[dict]) -> list[str]:
     """Loss-matrix heatmap per condition, drift dots per seed, spectral deviation, training-loss curves."""
+    import matplotlib.pyplot as plt  # heavy (0.4 s to import): only when plots are drawn
+
+    plt.switch_backend("Agg")           # files only: no display
+
 
     conds = summary["conditions"]
     if not conds:

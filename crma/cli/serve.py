@@ -9,11 +9,7 @@ import logging
 import os
 from dataclasses import dataclass
 
-import uvicorn
-
-from ..serve.app import create_app
 from ..serve.config import ServeConfig
-from ..serve.server import Server
 from .options import add_options, build, opt
 from .settings import add_sections, sections
 
@@ -24,6 +20,11 @@ class LogArgs:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
+    import uvicorn  # heavy (the web stack, 0.5 s to import): only for crma serve
+
+    from ..serve.app import create_app  # heavy, as above (FastAPI)
+    from ..serve.server import Server  # heavy, as above
+
     log = build(args, LogArgs)
     logging.basicConfig(level=getattr(logging, log.log_level.upper()),
                         format="%(asctime)s %(name)s %(levelname)s %(message)s")
