@@ -154,11 +154,20 @@ def test_protocols_find_their_corpus_in_the_repository():
     assert estimate_left({}, ["naive"]) is None
 
 
-def test_smoke_grid_resume_and_report(tmp_path):
+def test_smoke_grid_resume_jobs_and_report(tmp_path, capsys):
     out = tmp_path / "bench"
     assert main(["bench", "--protocol", "smoke", "--out", str(out), "--seeds", "0", "--quiet"]) == 0
     first = {p.parent.name: p.stat().st_mtime_ns for p in out.glob("*/results.json")}
     assert sorted(first) == [f"{c}-seed0" for c in sorted(ALL_CONDITIONS)]      # every condition, baselines too
+    # --jobs 2: two single-threaded worker processes give bit-identical loss matrices to the one process above
+    jobs = ["bench", "--protocol", "smoke", "--seeds", "0", "--conditions", "naive,modular"]
+    assert main(jobs + ["--out", str(tmp_path / "two"), "--jobs", "2"]) == 0
+    assert "in 2 single-threaded processes" in capsys.readouterr().out
+    for run in ("naive-seed0", "modular-seed0"):
+        one, two = (json.loads((d / run / "results.json").read_text()) for d in (out, tmp_path / "two"))
+        assert two["finished"] and two["loss_matrix"] == one["loss_matrix"]
+        assert json.loads((tmp_path / "two" / run / "bench_run.json").read_text())["torch_threads"] == 1
+    assert main(jobs + ["--out", str(tmp_path / "bad"), "--jobs", "0"]) == 2
     # the rest of the grid in a "second session": finished runs are skipped, not rewritten
     assert main(["bench", "--protocol", "smoke", "--out", str(out), "--resume", "--quiet"]) == 0
     mtimes = {p.parent.name: p.stat().st_mtime_ns for p in out.glob("*/results.json")}
@@ -254,19 +263,6 @@ def test_merge_protocol_starts_afresh_for_another_model_and_reads_the_old_single
     assert merged["commands"] == ["a", "b"]
     assert merge_protocol({**old, "model": "tiny:gpt2"}, new) == new
     assert merge_protocol({**old, "crma": {**new["crma"], "rho": 0.3}}, new) == new     # another ablation
-
-
-def test_jobs_runs_the_grid_in_worker_processes_with_the_same_results(tmp_path, capsys):
-    """--jobs 2: two single-threaded worker processes give bit-identical loss matrices to one process."""
-    args = ["bench", "--protocol", "smoke", "--seeds", "0", "--conditions", "naive,modular"]
-    assert main(args + ["--out", str(tmp_path / "one"), "--quiet"]) == 0
-    assert main(args + ["--out", str(tmp_path / "two"), "--jobs", "2"]) == 0
-    assert "in 2 single-threaded processes" in capsys.readouterr().out
-    for run in ("naive-seed0", "modular-seed0"):
-        one, two = (json.loads((tmp_path / d / run / "results.json").read_text()) for d in ("one", "two"))
-        assert two["finished"] and two["loss_matrix"] == one["loss_matrix"]
-        assert json.loads((tmp_path / "two" / run / "bench_run.json").read_text())["torch_threads"] == 1
-    assert main(args + ["--out", str(tmp_path / "bad"), "--jobs", "0"]) == 2
 
 
 def test_bench_compares_crma_settings_and_refuses_to_mix_them(tmp_path):

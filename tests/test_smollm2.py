@@ -2,6 +2,7 @@
 import json
 from pathlib import Path
 
+import pytest
 import torch
 
 from crma.config import CRMAConfig, DomainSpec, RunConfig, TrainConfig
@@ -19,6 +20,7 @@ def two_domains() -> list[DomainSpec]:
     return [DomainSpec(n, root / n / "train.jsonl", root / n / "holdout.jsonl") for n in names]
 
 
+@pytest.mark.slow
 def test_smollm2_identity_and_short_modular_run(tmp_path):
     model, tok = load_model("smollm2-135m")
     assert model.config.num_hidden_layers == 30 and model.config.hidden_size == 576

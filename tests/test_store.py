@@ -1,6 +1,7 @@
 """The model store on a tiny real model: run == successive adds, pinned drift 0, crash safety, checksums,
 names, the writer lock, rollback/remove, the validation gate, generation."""
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -155,11 +156,19 @@ def _add_and_kill(root, spec, point: str | None, tmp_path) -> None:
     proc.wait(timeout=30)
 
 
+@pytest.fixture(scope="module")
+def one_domain_store(conflicting_domains, tmp_path_factory):
+    """A store holding 'up' (one `crma add`), copied by each test that changes it."""
+    root = tmp_path_factory.mktemp("one") / "s"
+    assert add(root, conflicting_domains[0]) == 0
+    return root
+
+
 @pytest.mark.parametrize("point", [None, "before-version-rename", "before-manifest-rename"])
-def test_sigkill_during_add_leaves_the_previous_store_intact(point, conflicting_domains, tmp_path):
+def test_sigkill_during_add_leaves_the_previous_store_intact(point, conflicting_domains, one_domain_store, tmp_path):
     root = tmp_path / "s"
     up, down = conflicting_domains
-    assert add(root, up) == 0
+    shutil.copytree(one_domain_store, root)
     before = (root / "manifest.json").read_bytes()
     recorded = Store(root).adapter_meta("up")["holdout_loss"]
     _add_and_kill(root, down, point, tmp_path)
