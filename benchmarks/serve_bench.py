@@ -297,7 +297,7 @@ def main() -> int:
 
     # single request: server vs transformers generate, interleaved
     domain, text = "medical", jobs[0][1]
-    from crma.store.generate import encode_prompt
+    from crma.engine.generate import encode_prompt
     ids = encode_prompt(server.tokenizer, "", raw=False, messages=[{"role": "user", "content": text}])  # as the server
     single = {"server": [], "generate_same_math": [], "generate_crma_generate": [], "generate_base_model": []}
     for rep in range(3):

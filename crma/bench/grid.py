@@ -4,7 +4,7 @@
                [--conditions naive,frozen,modular] [--seeds 0,42,1234] [--resume] [--jobs N]
                [--crma-rho R ...] [--cl-ewc-lambda X ...]    # baselines: --conditions ewc,replay,olora
 
-Every (condition, seed) run is a `crma.run.continual_run` into OUT/<condition>-seed<seed>/ and writes
+Every (condition, seed) run is a `crma.engine.run.continual_run` into OUT/<condition>-seed<seed>/ and writes
 its own results.json as soon as it finishes. --resume skips folders whose results.json says
 finished=true (after checking that they were made with the same settings), so a grid can be spread
 over sessions or machines and merged by copying run folders into one OUT. Data order depends only

@@ -6,7 +6,7 @@
     ewc, replay, olora   continual-learning baselines (crma/baselines): a Method object made per run
              holds their state across phases; olora is evaluated with every trained adapter summed
 
-A run is a model store (crma/store) plus its results: each phase is `crma.store.add.add_domain` on
+A run is a model store (crma/store) plus its results: each phase is `crma.engine.add.add_domain` on
 one in-memory model, so DIR is a store that `crma generate`, `eval` and `add` use as they are. After
 every phase it evaluates every domain twice in modular: on the newest backbone (`latest`, the paper's
 behaviour: loss_matrix) and on the backbone version each adapter was trained with (`pinned`, how the
