@@ -18,6 +18,8 @@ from ..engine.evaluation import evaluate_store, format_eval
 from ..engine.generate import AUTO, choose_domain, generate
 from ..engine.live import LiveModel
 from ..store import Store, StoreError
+from ..store.repair import repair
+from ..store.verify import damaged_parts
 from .options import add_options, build, opt
 from .settings import add_sections, sections
 
@@ -40,6 +42,12 @@ class RemoveArgs(StoreArgs):
 @dataclass
 class RollbackArgs(RemoveArgs):
     to: str | None = opt(None, help="version (default: the one before the current)")
+
+
+@dataclass
+class VerifyArgs(StoreArgs):
+    repair: bool = opt(False, help="serve again what can be: rebuild a damaged router from the registered "
+                                   "statistics, roll a damaged domain back to its newest whole version")
 
 
 @dataclass
@@ -71,6 +79,8 @@ def _versions_line(store: Store, domain: str) -> str:
 
 
 def cmd_store(args: argparse.Namespace) -> int:
+    if args.action == "verify":
+        return _verify(args)
     if args.action in ("rollback", "remove"):
         with Store.writer(args.dir, args.command_line) as w:
             if args.action == "rollback":
@@ -101,10 +111,12 @@ def cmd_store(args: argparse.Namespace) -> int:
         removed = [d for d, e in m["domains"].items() if e["status"] == "removed"]
         if removed:
             print(f"removed: {', '.join(removed)}")
+        for part, why in _damage_lines(damaged_parts(store)):
+            print(f"UNAVAILABLE {part}: {why}")
         if args.action == "show":
             print("history:")
             for e in m["log"][-20:]:
-                print(f"  {e['time']}  {e['op']:<8} {e.get('domain', '')} "
+                print(f"  {e['time']}  {e['op']:<8} {e.get('domain', e.get('part', ''))} "
                       + (f"v{e['version']}" if e.get("version") else ""))
         return 0
     entry = store.manifest["domains"].get(args.name)
@@ -114,6 +126,32 @@ def cmd_store(args: argparse.Namespace) -> int:
         v: meta for v, meta in store.manifest["adapters"][entry["adapter"]].items() if meta["domain"] == args.name}},
         indent=2))
     return 0
+
+
+def _damage_lines(damage) -> list[tuple[str, str]]:
+    lines = [(d, why) for d, why in damage.domains.items()]
+    if damage.router:
+        lines.append(("router (auto)", damage.router))
+    if damage.backbone:
+        lines.append(("newest backbone (base)", damage.backbone))
+    return lines
+
+
+def _verify(args: argparse.Namespace) -> int:
+    """Every file the store serves against its checksum; exit 1 when something is damaged (after --repair:
+    when something could not be repaired)."""
+    store = Store(args.dir)
+    found = _damage_lines(damaged_parts(store))
+    for part, why in found:
+        print(f"damaged: {part}: {why}")
+    if found and args.repair:
+        for line in repair(args.dir, args.command_line):
+            print(f"repair: {line}")
+        found = _damage_lines(damaged_parts(Store(args.dir)))
+    print(f"{store.root}: " + ("every file the store serves is whole" if not found else
+                               f"{len(found)} part(s) unavailable" + ("" if args.repair else
+                                                                      "; `--repair` serves what it can again")))
+    return 1 if found else 0
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
@@ -130,10 +168,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
         modes = ("pinned", "latest") if store.manifest["backbone"]["current"] else ("pinned",)
     else:
         modes = (a.backbone,)
-    rows = evaluate_store(LiveModel.open(store, device=device), data, modes)
+    rows = evaluate_store(LiveModel.open(store, device=device, damaged_ok=True), data, modes)
     if runtime.is_main():
         print(format_eval(rows, store))
-    return 0
+    return 1 if any(r.damaged for r in rows) else 0
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
@@ -161,7 +199,8 @@ def register(sub) -> None:
     for name, cls, help_ in (("list", StoreArgs, "domains and their current versions"),
                              ("show", ShowArgs, "the store, or one domain's versions"),
                              ("rollback", RollbackArgs, "serve a domain's earlier version"),
-                             ("remove", RemoveArgs, "stop serving a domain")):
+                             ("remove", RemoveArgs, "stop serving a domain"),
+                             ("verify", VerifyArgs, "check every file the store serves; --repair what can be")):
         p = actions.add_parser(name, help=help_)
         add_options(p, cls)
         p.set_defaults(func=cmd_store)

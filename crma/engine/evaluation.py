@@ -25,8 +25,9 @@ class DomainEval:
     recorded: float                      # holdout loss recorded at registration
     same_data: bool                      # the holdout given has the checksum recorded at registration
     passages: int
-    loss: dict[str, float]               # backbone mode -> loss now
+    loss: dict[str, float | None]        # backbone mode -> loss now (None: a file it needs is damaged)
     backbone: dict[str, int | None]      # backbone mode -> version used
+    damaged: dict[str, str]              # backbone mode -> why it could not be evaluated
 
 
 def holdout_texts(path, domain: str, train_cfg: TrainConfig, is_train_file: bool = False) -> list[str]:
@@ -38,7 +39,8 @@ def holdout_texts(path, domain: str, train_cfg: TrainConfig, is_train_file: bool
 
 def evaluate_store(live: LiveModel, data: dict[str, str], modes: tuple[str, ...] = ("pinned", "latest"),
                    progress: bool = True) -> list[DomainEval]:
-    """Loss of each named domain of the store `live` was opened from, on its holdout file, under each backbone mode."""
+    """Loss of each named domain of the store `live` was opened from, on its holdout file, under each backbone
+    mode. A damaged file (adapter or backbone version) is reported in that row; the other rows are evaluated."""
     store = live.store
     out = []
     for domain, path in data.items():
@@ -49,13 +51,18 @@ def evaluate_store(live: LiveModel, data: dict[str, str], modes: tuple[str, ...]
             raise StoreError(f"{path}: no holdout passages for {domain}")
         ids = tokenize(texts, live.tokenizer, cfg.max_len)
         same = sha256_texts(texts) == meta["data"]["holdout"]["sha256"]
-        losses, versions = {}, {}
+        losses, versions, damaged = {}, {}, {}
         for mode in modes:
-            with live.using(domain, mode) as model:
-                losses[mode] = mean_loss(passage_losses(model, ids, cfg.eval_batch_size, live.tokenizer.pad_token_id,
-                                                        desc=f"eval {domain} ({mode})", progress=progress))
             versions[mode] = store.backbone_version(domain, mode)
-        out.append(DomainEval(domain, meta["version"], meta["holdout_loss"], same, len(texts), losses, versions))
+            try:
+                with live.using(domain, mode) as model:
+                    losses[mode] = mean_loss(passage_losses(model, ids, cfg.eval_batch_size,
+                                                            live.tokenizer.pad_token_id,
+                                                            desc=f"eval {domain} ({mode})", progress=progress))
+            except StoreError as err:                    # a damaged or missing file: this cell only
+                losses[mode], damaged[mode] = None, str(err).replace(f"{store.root}/", "")
+        out.append(DomainEval(domain, meta["version"], meta["holdout_loss"], same, len(texts), losses, versions,
+                              damaged))
     return out
 
 
@@ -65,10 +72,12 @@ def format_eval(rows: list[DomainEval], store: Store) -> str:
                                                                      for m in modes) + "  data"
     lines = [f"crma eval: {store.root} ({store.condition}, {store.model_spec})", head]
     for r in rows:
-        cells = "".join(f"{r.loss[m]:>10.4f}{100 * (r.loss[m] - r.recorded) / r.recorded:>+8.2f}%"
-                        f"{('v' + str(r.backbone[m])) if r.backbone[m] else '-':>5}" for m in modes)
+        cells = "".join((f"{r.loss[m]:>10.4f}{100 * (r.loss[m] - r.recorded) / r.recorded:>+8.2f}%"
+                         if r.loss[m] is not None else f"{'damaged':>10}{'-':>9}")
+                        + f"{('v' + str(r.backbone[m])) if r.backbone[m] else '-':>5}" for m in modes)
         lines.append(f"{r.domain:<14}{'v' + str(r.version):>8}{r.recorded:>10.4f}{cells}  "
                      + ("same as registered" if r.same_data else "OTHER data than registered"))
+        lines += [f"  {r.domain} ({m}) could not be evaluated: {why}" for m, why in r.damaged.items()]
     lines.append("change = loss now vs the loss recorded at registration (positive = worse); "
                  "bb = backbone version used")
     return "\n".join(lines)

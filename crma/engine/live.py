@@ -44,8 +44,11 @@ class LiveModel:
         return cls(model, tokenizer, spec, condition)
 
     @classmethod
-    def open(cls, store: Store, seed: int | None = None, device: DeviceConfig | None = None) -> LiveModel:
-        """Load the store's base model (checking its fingerprint) and its newest backbone."""
+    def open(cls, store: Store, seed: int | None = None, device: DeviceConfig | None = None,
+             damaged_ok: bool = False) -> LiveModel:
+        """Load the store's base model (checking its fingerprint) and its newest backbone. With `damaged_ok`
+        (a server, an evaluation: they serve what is whole) a damaged newest backbone is left unloaded, and
+        only what needs it fails, when it is used; otherwise it is an error here."""
         seed = store.manifest["settings"].get("seed", 0) if seed is None else seed
         model, tokenizer = load_placed(store.model_spec, device, seed=seed)
         got = fingerprint(model)
@@ -60,7 +63,11 @@ class LiveModel:
         current = store.manifest["backbone"]["current"]
         if current is not None:
             live.create_backbone(CRMAConfig(**store.manifest["settings"]["crma"]))
-            live.set_backbone(current)
+            try:
+                live.set_backbone(current)
+            except StoreError:
+                if not damaged_ok:
+                    raise
         return live
 
     def create_backbone(self, cfg: CRMAConfig, seed: int = 0) -> CRMABackbone:

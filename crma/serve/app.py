@@ -153,6 +153,11 @@ def _check_token(request: Request, token: str) -> None:
 
 
 def _unknown_model(server: Server, name: str) -> APIError:
+    why = server.registry.current.unavailable.get(name)
+    if why is not None:                          # a damaged file: the rest of the store serves
+        return APIError(503, f"The model '{name}' is unavailable: a file it needs is damaged or missing; the "
+                             "store's operator can run `crma store verify --repair`", "server_error",
+                        param="model", code="model_unavailable")
     return APIError(404, f"The model '{name}' does not exist; this store serves: "
                          f"{', '.join(server.registry.current.models())}", param="model", code="model_not_found")
 

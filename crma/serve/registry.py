@@ -7,7 +7,9 @@ A `Snapshot` maps every servable model name to a `Route`: the in-memory adapter 
 so two versions of one domain can be loaded side by side) and the backbone version it is pinned to.
 A request is bound to the snapshot that was current when it arrived and keeps it to the end, so a
 reload never changes a request in flight; a snapshot's adapters and backbone versions stay loaded
-until no request holds it any more. A store that fails verification is never installed.
+until no request holds it any more. A file that fails verification takes out only what needs it (a
+domain, `auto` when it is the router, `base` when it is the newest backbone): the snapshot lists it as
+unavailable, with the reason, and serves the rest.
 """
 from __future__ import annotations
 
@@ -20,6 +22,7 @@ from dataclasses import dataclass, field
 from ..engine.live import LiveModel
 from ..routing import BASE
 from ..store import Store, StoreError
+from ..store.verify import damaged_parts
 
 AUTO = "auto"
 log = logging.getLogger("crma.serve")
@@ -46,9 +49,10 @@ class Snapshot:
     updated: str
     loaded_at: float = field(default_factory=time.time)
     refs: int = 0                    # requests bound to it that have not finished
+    unavailable: dict[str, str] = field(default_factory=dict)   # model name -> why it cannot be served
 
     def models(self) -> list[str]:
-        return [d for d in self.routes if d != BASE] + [AUTO, BASE]
+        return [d for d in self.routes if d != BASE] + [m for m in (AUTO, BASE) if m not in self.unavailable]
 
     def adapters(self) -> dict[str, tuple[str, int]]:
         """{in-memory name: (store adapter, version)} this snapshot may use."""
@@ -77,7 +81,8 @@ class Registry:
     # ---- any thread --------------------------------------------------------------------------
     def prepare(self, force: bool = False) -> Snapshot | None:
         """Read the store's manifest and verify every file it references (sha256); None when it is
-        the manifest already served. Raises StoreError (naming the file) when it cannot be served."""
+        the manifest already served. Parts with a damaged file are left out and listed in the snapshot's
+        `unavailable`; raises StoreError only when the store as a whole cannot be served."""
         store = Store(self.root)
         if not force and self.current is not None and store.manifest == self.current.store.manifest:
             return None
@@ -86,16 +91,27 @@ class Registry:
             raise StoreError(f"{self.root}: the store's base model changed ({store.model_spec}); restart the server")
         if (store.manifest["backbone"]["current"] is None) != (live.backbone is None):
             raise StoreError(f"{self.root}: the store's backbone appeared or vanished; restart the server")
-        store.verify()
-        router = store.router()
+        damage = damaged_parts(store, self.backbone_mode)
+        unavailable = dict(damage.domains)
+        if damage.router:
+            unavailable[AUTO] = f"the router cannot be used: {damage.router}"
+        if damage.backbone:
+            unavailable[BASE] = f"the newest backbone cannot be used: {damage.backbone}"
+        for name, why in unavailable.items():
+            log.error("%s: %s is unavailable: %s", self.root, name, why)
         routes = {}
         for domain in store.domains():
+            if domain in unavailable:
+                continue
             meta = store.adapter_meta(domain)
             routes[domain] = Route(domain, f"{meta['adapter']}@v{meta['version']}", meta["version"],
                                    store.backbone_version(domain, self.backbone_mode))
-        routes[BASE] = Route(BASE, None, None, store.backbone_version(None))
+        if BASE not in unavailable:
+            routes[BASE] = Route(BASE, None, None, store.backbone_version(None))
+        router = None if damage.router else store.router()
         self._serial += 1
-        return Snapshot(store, router, routes, self._serial, store.manifest.get("updated", ""))
+        return Snapshot(store, router, routes, self._serial, store.manifest.get("updated", ""),
+                        unavailable=unavailable)
 
     def acquire(self) -> Snapshot:
         """The current snapshot, held for one request until release(): what it needs stays loaded."""

@@ -41,8 +41,7 @@ class Server:
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
         store = Store(cfg.store)
-        store.verify()
-        live = LiveModel.open(store, device=cfg.device)
+        live = LiveModel.open(store, device=cfg.device, damaged_ok=True)   # damaged parts: see Registry.prepare
         try:
             new_cache(live.model.config)                       # refuse models the batch cache cannot hold
         except ValueError as err:
@@ -95,7 +94,8 @@ class Server:
 
     def health(self) -> dict:
         cur = self.registry.current
-        return {"status": "ok", "store": str(self.cfg.store), "models": cur.models(), "snapshot": cur.serial,
+        return {"status": "degraded" if cur.unavailable else "ok", "store": str(self.cfg.store),
+                "models": cur.models(), "unavailable": dict(cur.unavailable), "snapshot": cur.serial,
                 "manifest_updated": cur.updated, **self.scheduler.load(), "loaded_adapters": self.registry.loaded(),
                 "held_snapshots": self.registry.held(), "stats": dict(self.scheduler.stats),
                 "last_reload": self.last_reload, "uptime_s": round(time.time() - self.started, 1),
