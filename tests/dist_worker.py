@@ -1,12 +1,17 @@
-"""Worker of tests/test_scale.py, started by `accelerate launch --num_processes 2`: trains one modular phase
-(tiny:llama, global batch 5 so the shares are 3 and 2 rows, micro-batches of 2) and writes, per process,
-what the process group was and a checksum of every trainable parameter after training.
+"""Worker of tests/test_scale.py, started by `accelerate launch --num_processes 2` (one launch: process
+start-up is most of what a launch costs). In one process group, each process:
 
-    accelerate launch --multi_gpu --num_processes 2 tests/dist_worker.py DATA.jsonl OUT_DIR [--fsdp]
+1. trains one modular phase data-parallel (tiny:llama, global batch 5 so the shares are 3 and 2 rows,
+   micro-batches of 2) and records the process group and a checksum of every trainable parameter;
+2. does the same with the frozen base sharded (--fsdp): also how many base weights it holds;
+3. runs `crma run` with an --out folder that holds another file: the main process finds it, and every
+   process must stop with the same error (recorded), nothing written.
 
-With --fsdp the base model is sharded: each process also reports how many base weights it holds.
+    accelerate launch --multi_gpu --num_processes 2 tests/dist_worker.py DATA.jsonl OUT_DIR BUSY_DIR
 """
+import contextlib
 import hashlib
+import io
 import json
 import sys
 from pathlib import Path
@@ -14,7 +19,7 @@ from pathlib import Path
 import torch
 
 
-def main(data: str, out: str, fsdp: bool = False) -> None:
+def train(data: str, fsdp: bool) -> dict:
     import torch.distributed as dist
 
     from crma import runtime
@@ -23,7 +28,6 @@ def main(data: str, out: str, fsdp: bool = False) -> None:
     from crma.engine.add import AddSettings, load_domain, train_domain
     from crma.engine.live import LiveModel
 
-    torch.set_num_threads(1)
     device = DeviceConfig(device="cpu", fsdp=fsdp)
     acc = runtime.accelerator(device)
     live = LiveModel.fresh("tiny:llama", "modular", seed=0, device=device)
@@ -37,12 +41,25 @@ def main(data: str, out: str, fsdp: bool = False) -> None:
     for name, p in sorted(live.model.named_parameters()):
         if "lora_" in name or "crma_" in name:
             digest.update(name.encode() + p.detach().double().numpy().tobytes())
-    Path(out, f"rank{acc.process_index}.json").write_text(json.dumps({
-        "rank": acc.process_index, "num_processes": acc.num_processes, "distributed_type": acc.distributed_type.value,
-        "backend": dist.get_backend() if dist.is_initialized() else None, "params_sha256": digest.hexdigest(),
-        "losses": log.losses, "steps": len(log.losses), "base_local": local,
-        "base_total": sum(p.numel() for p in base)}))
+    return {"rank": acc.process_index, "num_processes": acc.num_processes,
+            "distributed_type": acc.distributed_type.value,
+            "backend": dist.get_backend() if dist.is_initialized() else None, "params_sha256": digest.hexdigest(),
+            "losses": log.losses, "steps": len(log.losses), "base_local": local,
+            "base_total": sum(p.numel() for p in base)}
+
+
+def main(data: str, out: str, busy: str) -> None:
+    from crma.cli import main as crma
+
+    torch.set_num_threads(1)
+    record = {"ddp": train(data, fsdp=False), "fsdp": train(data, fsdp=True)}   # ddp first: --fsdp is for good
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):           # last: a finished command leaves the process group
+        record["bad_out"] = {"rc": crma(["run", "--model", "tiny:llama", "--domains", f"up={data}", "--epochs", "1",
+                                         "--max-len", "48", "--device", "cpu", "--out", busy]),
+                             "stderr": err.getvalue()}
+    Path(out, f"rank{record['ddp']['rank']}.json").write_text(json.dumps(record))
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], sys.argv[2], "--fsdp" in sys.argv[3:])
+    main(*sys.argv[1:4])

@@ -162,25 +162,31 @@ def _launch(args: list[str], env_extra: dict | None = None, processes: int = 2,
     return proc
 
 
-def test_two_gloo_processes_train_one_model(tmp_path):
+def test_two_gloo_processes_train_one_model_and_stop_together(tmp_path):
     """Both processes really form one gloo group of 2 and their parameters agree after training, data-parallel
-    (DDP) and with the base sharded (--fsdp: each process holds about half of the base weights)."""
+    (DDP) and with the base sharded (--fsdp: each process holds about half of the base weights); and a bad
+    --out found by the main process (which alone writes) stops both with the same clear error, nobody hangs,
+    and the folder's file is untouched."""
     data = write_cycle_domain(tmp_path / "up.jsonl", "abcd", 10, 1)
-    runs = {}
-    for mode in ("ddp", "fsdp"):
-        (tmp_path / mode).mkdir()
-        _launch([str(ROOT / "tests" / "dist_worker.py"), str(data), str(tmp_path / mode)]
-                + (["--fsdp"] if mode == "fsdp" else []))
-        runs[mode] = ranks = [json.loads((tmp_path / mode / f"rank{r}.json").read_text()) for r in (0, 1)]
-        assert [r["num_processes"] for r in ranks] == [2, 2] and {r["backend"] for r in ranks} == {"gloo"}
-        assert {r["distributed_type"] for r in ranks} == {"MULTI_CPU"}
-        assert ranks[0]["params_sha256"] == ranks[1]["params_sha256"]
-        assert ranks[0]["losses"] == ranks[1]["losses"] and ranks[0]["steps"] == 2
+    busy = tmp_path / "busy"
+    busy.mkdir()
+    (busy / "notes.txt").write_text("keep me")
+    _launch([str(ROOT / "tests" / "dist_worker.py"), str(data), str(tmp_path), str(busy)])
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    runs = {mode: [r[mode] for r in ranks] for mode in ("ddp", "fsdp")}
+    for mode, (r0, r1) in runs.items():
+        assert [r0["num_processes"], r1["num_processes"]] == [2, 2] and {r0["backend"], r1["backend"]} == {"gloo"}
+        assert {r0["distributed_type"], r1["distributed_type"]} == {"MULTI_CPU"}
+        assert r0["params_sha256"] == r1["params_sha256"], mode
+        assert r0["losses"] == r1["losses"] and r0["steps"] == 2
     ddp, fsdp = runs["ddp"], runs["fsdp"]
     assert all(r["base_local"] == r["base_total"] for r in ddp)                       # DDP: whole base each
     assert sum(r["base_local"] for r in fsdp) == fsdp[0]["base_total"]                # FSDP: split in two
     assert max(r["base_local"] for r in fsdp) < 0.6 * fsdp[0]["base_total"]
     assert fsdp[0]["losses"] == pytest.approx(ddp[0]["losses"], rel=1e-5)
+    for r in ranks:                                                                   # the same error on both
+        assert r["bad_out"]["rc"] == 2 and r["bad_out"]["stderr"].count("crma run: error: --out: ") == 1
+    assert [p.name for p in busy.iterdir()] == ["notes.txt"] and (busy / "notes.txt").read_text() == "keep me"
 
 
 def test_two_process_run_matches_one_process_and_one_process_writes(tmp_path):
@@ -232,16 +238,3 @@ def test_two_process_run_matches_one_process_and_one_process_writes(tmp_path):
     store = Store(tmp_path / "two")
     store.verify()
     assert store.domains() == ["up", "down", "side"] and store.backbone_version("side", "pinned") == 3
-
-
-def test_an_error_on_the_main_process_stops_every_process_with_it(tmp_path):
-    """A bad --out found by the main process (which alone writes): both processes report the same clear
-    error, nobody hangs, and the folder's file is untouched."""
-    busy = tmp_path / "busy"
-    busy.mkdir()
-    (busy / "notes.txt").write_text("keep me")
-    data = write_cycle_domain(tmp_path / "up.jsonl", "abcd", 8, 1)
-    proc = _launch(["-m", "crma", "run", "--model", "tiny:llama", "--domains", f"up={data}", "--epochs", "1",
-                    "--max-len", "48", "--device", "cpu", "--out", str(busy)], expect_rc=2)
-    assert (proc.stdout + proc.stderr).count("crma run: error: --out: ") == 2
-    assert [p.name for p in busy.iterdir()] == ["notes.txt"] and (busy / "notes.txt").read_text() == "keep me"
