@@ -342,7 +342,7 @@ def test_hot_add_while_requests_flow(store, data, tmp_path):
         assert httpx.get(url + "/health").json()["loaded_adapters"] == ["down@v1", "fresh@v1", "up@v1", "zig@v1"]
 
 
-def test_watch_new_version_in_flight_and_corrupted_store_refused(store, data, tmp_path):
+def test_watch_new_version_in_flight_and_a_damaged_domain_isolated(store, data, tmp_path):
     root = copy_store(store, tmp_path)
     with serving(root, admin_token=TOKEN, watch=True, watch_interval=0.1) as (url, server):
         c = client(url)
@@ -358,19 +358,22 @@ def test_watch_new_version_in_flight_and_corrupted_store_refused(store, data, tm
         assert rest[-1].crma["adapter"] == "up@v1"                          # both versions served side by side
         wait_for(lambda: httpx.get(url + "/health").json()["loaded_adapters"] == ["down@v1", "up@v2", "zig@v1"],
                  what="the old version unloaded")
-        # a corrupted store: the watcher and the admin endpoint refuse it, serving goes on
+        # a damaged file: the watcher takes the new manifest, the damaged domain is unavailable, the rest serves
         target = root / "adapters/down/v1/adapter_model.safetensors"
         raw = bytearray(target.read_bytes())
         raw[-3] ^= 0xFF
         target.write_bytes(bytes(raw))
         assert main(["store", "remove", str(root), "zig"]) == 0            # a new manifest to pick up
-        wait_for(lambda: (httpx.get(url + "/health").json()["last_reload"] or {}).get("status") == "refused",
-                 what="the watcher's refusal")
-        resp = httpx.post(url + "/admin/reload", headers={"Authorization": f"Bearer {TOKEN}"}, timeout=60)
-        assert resp.status_code == 409
-        assert "adapters/down/v1/adapter_model.safetensors: sha256 mismatch" in resp.json()["error"]["message"]
-        assert [m.id for m in c.models.list()] == MODELS                   # zig still served
-        for model in MODELS:
+        wait_for(lambda: httpx.get(url + "/health").json()["snapshot"] == 3, what="the watcher's reload")
+        assert [m.id for m in c.models.list()] == ["up", "auto", "base"]   # zig removed, down unavailable
+        with pytest.raises(openai.APIStatusError) as err:
+            complete(c, "down", "abcd", 4, temperature=0)
+        assert err.value.status_code == 503
+        public = httpx.get(url + "/health").json()
+        assert public["status"] == "degraded" and "adapters/" not in json.dumps(public)
+        full = httpx.get(url + "/health", headers={"Authorization": f"Bearer {TOKEN}"}).json()
+        assert "adapters/down/v1/adapter_model.safetensors: sha256 mismatch" in full["unavailable"]["down"]
+        for model in ("up", "auto", "base"):
             assert complete(c, model, "abcd", 4, temperature=0)[1] == "length"
 
 
@@ -476,7 +479,7 @@ def test_full_queue_gets_503_with_retry_after_and_disconnects_free_slots(tight, 
     assert cancelled >= 2
     raw = json.dumps({**body, "stream": False}).encode()                    # a non-streaming client gives up
     with socket.create_connection(("127.0.0.1", int(url.rsplit(":", 1)[1]))) as conn:
-        conn.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        conn.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
                      b"Content-Length: %d\r\n\r\n%s" % (len(raw), raw))
         wait_for(lambda: health()["active"] == 1, what="the request running")
     wait_for(lambda: health()["active"] == 0 and server.scheduler.stats["cancelled"] > cancelled,

@@ -6,7 +6,7 @@
     crma store list|show|rollback|remove DIR [NAME]              inspect or change a store
     crma eval  --store DIR --data NAME=HOLDOUT ...                losses now vs at registration
     crma generate --store DIR [--domain NAME|auto|base] "prompt"  routed, streamed generation
-    crma serve --store DIR [--port 8000] [--admin-token T] [--watch] OpenAI-compatible HTTP server
+    crma serve --store DIR [--port 8000] [--admin-token-file F] [--watch]   OpenAI-compatible HTTP server
     crma demo  [--out DIR] [--model M]          short naive vs modular run on the bundled demo data
     crma bench --protocol paper|cpu|smoke --out DIR [--corpus DIR] [--resume]   benchmark grid + report
     crma report --out DIR                        recompute summary.json / report.md from the run folders

@@ -1,10 +1,16 @@
 """The server's settings and limits; `crma serve` takes one option per field (crma/cli/serve.py)."""
 from __future__ import annotations
 
+import logging
+import os
+import stat
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..config import ConfigError, DeviceConfig, opt
+
+log = logging.getLogger("crma.serve")
+LOOPBACK_NAMES = ("localhost", "127.0.0.1", "::1")
 
 
 @dataclass
@@ -12,9 +18,15 @@ class ServeConfig:
     store: Path = opt(help="the model store folder")
     host: str = opt("127.0.0.1", help="address to listen on")
     port: int = opt(8000)
-    admin_token: str | None = opt(None, help="enables POST /admin/reload with 'Authorization: Bearer TOKEN' "
-                                             "(default: $CRMA_ADMIN_TOKEN; without a token the admin endpoints "
-                                             "do not exist)")
+    admin_token: str | None = opt(None, help="enables POST /admin/reload with 'Authorization: Bearer TOKEN'; on "
+                                             "the command line every local user can read it in the process "
+                                             "list: prefer --admin-token-file or $CRMA_ADMIN_TOKEN (without a "
+                                             "token the admin endpoints do not exist)")
+    admin_token_file: Path | None = opt(None, help="read the admin token from this file (its first line)")
+    allowed_hosts: tuple[str, ...] | None = opt(None, help="comma list of names the Host header may carry, besides "
+                                                  "localhost, 127.0.0.1, ::1 and --host ('*' allows any; "
+                                                  "'*.example.com' a domain's subdomains); also the origins "
+                                                  "a browser request may come from")
     max_batch: int = opt(16, help="rows decoded together")
     max_queue: int = opt(64, help="requests waiting for a batch slot; beyond it 503 + Retry-After")
     max_prompt_tokens: int = opt(2048)
@@ -22,6 +34,12 @@ class ServeConfig:
     default_max_tokens: int = opt(128, help="for chat requests without max_tokens (completions default to 16, "
                                             "as OpenAI's)")
     max_body_bytes: int = opt(1 << 20)
+    max_header_bytes: int = opt(16 << 10, help="largest request line and headers")
+    max_connections: int = opt(128, help="open connections; beyond it new connections and requests get 503")
+    timeout_keep_alive: float = opt(5.0, help="seconds an idle connection stays open between requests")
+    timeout_headers: float = opt(10.0, help="seconds a client has to send a request's line and headers "
+                                            "(else 408 and the connection is closed)")
+    timeout_body: float = opt(30.0, help="seconds a client has to send a request's body (else 408)")
     watch: bool = opt(False, help="reload by itself when the store's manifest changes")
     watch_interval: float = opt(1.0, help="seconds between manifest checks")
     backbone: str = opt("pinned", choices=("pinned", "latest"),
@@ -37,10 +55,48 @@ class ServeConfig:
     def __post_init__(self) -> None:
         self.store = Path(self.store)
         for name in ("max_batch", "max_queue", "max_prompt_tokens", "max_tokens", "default_max_tokens",
-                     "max_body_bytes"):
+                     "max_body_bytes", "max_header_bytes", "max_connections"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
+        for name in ("timeout_keep_alive", "timeout_headers", "timeout_body"):
+            value = getattr(self, name)
+            if not 0 < value < float("inf"):
+                raise ConfigError(f"--{name.replace('_', '-')} must be a positive number of seconds, got {value}")
         for name, allowed in (("backbone", ("pinned", "latest")), ("batching", ("mixed", "per-adapter")),
                               ("lora_mixing", ("peft", "gather"))):
             if getattr(self, name) not in allowed:
                 raise ConfigError(f"{name} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")
+        self.allowed_hosts = tuple(h.strip().lower() for h in self.allowed_hosts or () if h.strip())
+        for pattern in self.allowed_hosts:
+            if "*" in pattern[1:] or (pattern.startswith("*") and pattern != "*" and not pattern.startswith("*.")):
+                raise ConfigError(f"--allowed-hosts: {pattern!r}: a wildcard must be '*' or like '*.example.com'")
+        if self.admin_token_file is not None:
+            if self.admin_token:
+                raise ConfigError("give the admin token once: --admin-token or --admin-token-file, not both")
+            self.admin_token_file = Path(self.admin_token_file)
+            self.admin_token = read_token_file(self.admin_token_file)
+        if self.admin_token is not None and not self.admin_token.strip():
+            raise ConfigError("the admin token is empty")
+
+    def host_names(self) -> tuple[str, ...]:
+        """The names a request's Host header (and a browser's Origin) may carry: loopback, the bound host
+        (unless it is a wildcard address) and --allowed-hosts; IPv6 literals also in brackets."""
+        names = [*LOOPBACK_NAMES, *self.allowed_hosts]
+        if self.host and self.host not in ("0.0.0.0", "::", ""):
+            names.append(self.host.lower())
+        names += [f"[{n}]" for n in names if ":" in n and not n.startswith("[")]
+        return tuple(dict.fromkeys(names))
+
+
+def read_token_file(path: Path) -> str:
+    """The admin token: the first line of `path`, which must not be readable by other users."""
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as err:
+        raise ConfigError(f"--admin-token-file: cannot read {path}: {err}") from None
+    token = text.splitlines()[0].strip() if text.strip() else ""
+    if not token:
+        raise ConfigError(f"--admin-token-file: {path} is empty")
+    if os.name == "posix" and Path(path).stat().st_mode & (stat.S_IRGRP | stat.S_IROTH):
+        log.warning("%s is readable by other users (chmod 600 it)", path)
+    return token

@@ -4,29 +4,43 @@ string), the way OpenAI streams do.
 """
 from __future__ import annotations
 
+import math
 import random
 from dataclasses import dataclass
 
 import torch
 
+GREEDY_BELOW = 1e-5      # a temperature below this samples greedily (vLLM's convention: _SAMPLING_EPS)
+
+
+class SamplingError(ValueError):
+    """One row's next token cannot be chosen (its scores are not finite): that request alone fails."""
+
 
 @dataclass
 class SamplingParams:
     max_tokens: int = 16
-    temperature: float = 1.0          # 0: greedy (argmax), deterministic
+    temperature: float = 1.0          # 0 (or below GREEDY_BELOW): greedy (argmax), deterministic
     top_p: float = 1.0
     seed: int | None = None           # None: a fresh random seed
     stop: tuple[str, ...] = ()
 
+    def __post_init__(self) -> None:
+        if not (math.isfinite(self.temperature) and self.temperature >= 0):
+            raise ValueError(f"temperature must be a finite number >= 0, got {self.temperature}")
+        if not (math.isfinite(self.top_p) and 0 <= self.top_p <= 1):
+            raise ValueError(f"top_p must be in [0, 1], got {self.top_p}")
+
 
 class Sampler:
     """Next-token choice for one request, with its own torch.Generator (seeded: reproducible whatever
-    else is in the batch)."""
+    else is in the batch). The softmax runs in float64 on max-subtracted scores, so no temperature the
+    request validation lets through can overflow it."""
 
     def __init__(self, params: SamplingParams):
         self.temperature, self.top_p = params.temperature, params.top_p
         self.generator = None
-        if params.temperature > 0:
+        if params.temperature >= GREEDY_BELOW:
             seed = params.seed if params.seed is not None else random.SystemRandom().randrange(2**63)
             self.generator = torch.Generator().manual_seed(seed)
 
@@ -34,7 +48,13 @@ class Sampler:
         """logits (vocab,) of the last position -> token id."""
         if self.generator is None:
             return int(torch.argmax(logits))
-        probs = torch.softmax(logits.float().cpu() / self.temperature, dim=-1)          # (vocab,)
+        scores = logits.detach().to("cpu", torch.float64)
+        top = scores.max()
+        if not torch.isfinite(top):
+            raise SamplingError(f"the model's scores for this request are not finite (max {top.item()})")
+        probs = torch.softmax((scores - top) / self.temperature, dim=-1)               # (vocab,), every exponent <= 0
+        if not torch.isfinite(probs).all():
+            raise SamplingError("the model's scores for this request are not finite")
         if self.top_p < 1.0:
             sorted_p, order = torch.sort(probs, descending=True)
             before = torch.cumsum(sorted_p, 0) - sorted_p                              # mass ranked above each

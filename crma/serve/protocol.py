@@ -8,6 +8,7 @@ backbone versions), which OpenAI clients keep as an extra field.
 """
 from __future__ import annotations
 
+import re
 import time
 import uuid
 from typing import Any, Literal
@@ -47,16 +48,16 @@ class _Common(BaseModel):
 
     model: str = Field(min_length=1)
     max_tokens: int | None = Field(None, ge=1)
-    temperature: float | None = Field(None, ge=0, le=2)
-    top_p: float | None = Field(None, ge=0, le=1)
+    temperature: float | None = Field(None, ge=0, le=2, allow_inf_nan=False)   # < 1e-5: greedy (decoding.py)
+    top_p: float | None = Field(None, ge=0, le=1, allow_inf_nan=False)
     seed: int | None = Field(None, ge=-(2**63), lt=2**64)
     stop: str | list[str] | None = None
     n: int | None = None
     stream: bool | None = False
     stream_options: StreamOptions | None = None
     user: str | None = None
-    presence_penalty: float | None = None
-    frequency_penalty: float | None = None
+    presence_penalty: float | None = Field(None, allow_inf_nan=False)
+    frequency_penalty: float | None = Field(None, allow_inf_nan=False)
     logit_bias: dict[str, float] | None = None
 
     @field_validator("stop")
@@ -139,15 +140,53 @@ class ChatRequest(_Common):
         return bad
 
 
+_UNION_TAG = re.compile(r"(str|int|float|bool|none|.*\[.*\]|function-.*)")
+
+
+def _not_text(value) -> tuple | None:
+    """The path of the first string (key or value) that is not valid Unicode text (a lone surrogate,
+    which JSON's \\ud800 escapes can carry), else None. Iterative: any nesting json.loads accepts."""
+    todo = [((), value)]
+    while todo:
+        path, v = todo.pop()
+        if isinstance(v, str):
+            try:
+                v.encode("utf-8")
+            except UnicodeEncodeError:
+                return path
+        elif isinstance(v, dict):
+            todo += reversed([item for k, x in v.items() for item in (((*path, k), k), ((*path, k), x))])
+        elif isinstance(v, list):
+            todo += reversed([((*path, i), x) for i, x in enumerate(v)])
+    return None
+
+
+def _param(loc: tuple) -> str | None:
+    """A pydantic error location as OpenAI names a parameter ('messages.0.role'), without the union
+    member tags pydantic adds ('prompt.list[int].0' -> 'prompt.0')."""
+    parts = [str(p) for k, p in enumerate(loc) if k == 0 or isinstance(p, int) or not _UNION_TAG.fullmatch(str(p))]
+    return ".".join(parts) or None
+
+
+def _safe(text: str) -> str:
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
 def parse(cls, body) -> _Common:
-    """Validate a decoded JSON body; APIError 400 naming the first offending parameter."""
+    """Validate a decoded JSON body, strictly typed (no "4" or true for a number; an integer is a valid
+    float, as OpenAI's); APIError 400 naming the first offending parameter."""
     if not isinstance(body, dict):
         raise APIError(400, "the request body must be a JSON object")
+    bad_text = _not_text(body)
+    if bad_text is not None:
+        param = _safe(".".join(str(p) for p in bad_text)) or None
+        raise APIError(400, f"Invalid value for '{param}': not valid Unicode text (a lone surrogate)",
+                       param=param, code="invalid_value")
     try:
-        req = cls.model_validate(body)
+        req = cls.model_validate(body, strict=True)
     except ValidationError as err:
         first = err.errors()[0]
-        param = ".".join(str(p) for p in first["loc"]) or None
+        param = _param(first["loc"])
         if first["type"] == "extra_forbidden":
             raise APIError(400, f"Unrecognized request argument supplied: {param}", param=param) from None
         if first["type"] == "missing":

@@ -9,6 +9,10 @@ first token, join the batch cache); then one decoding step for every row at once
 adapters and backbone versions, mixed.py); retire finished and cancelled rows. A request therefore
 waits only for the step in progress, never for another adapter's requests to finish.
 
+Each row's token is sampled and accepted on its own: a failure there (its sampler, its text) ends that
+request with an error event and the other rows go on decoding. Only a failure of the shared forward
+fails the rows of the step, and the scheduler then starts again from an empty batch.
+
 `mode="per-adapter"` (the benchmark's baseline) admits only requests with the running batch's
 adapter and backbone version, i.e. serves one adapter at a time.
 """
@@ -62,6 +66,7 @@ class Request:
     last_token: int = 0
     sampler: Sampler | None = None
     stream: TextStream | None = None
+    errored: bool = False
 
     def emit(self, kind: str, **data) -> None:
         if self.loop is not None and self.queue is not None:
@@ -153,11 +158,11 @@ class Scheduler:
                     self._admit()
                     if self.rows:
                         self._step()
-            except Exception as err:                      # never let the thread die
+            except Exception as err:                      # the shared forward failed: never let the thread die
                 log.exception("decoding step failed")
-                for req in self.rows:
-                    self._finish(req, None, error=f"internal error while decoding: {err}")
-                self.rows, self.batch = [], BatchCache()
+                rows, self.rows, self.batch = self.rows, [], BatchCache()
+                for req in rows:
+                    self._fail(req, f"internal error while decoding: {err}")
         for req in [*self.rows, *self.waiting]:
             self._finish(req, None, error="the server is shutting down")
         self.forward.close()
@@ -184,7 +189,7 @@ class Scheduler:
                 self._prefill(req)
             except Exception as err:
                 log.exception("prefill failed")
-                self._finish(req, None, error=f"internal error while reading the prompt: {err}")
+                self._fail(req, f"internal error while reading the prompt: {err}")
 
     def _route(self, reqs: list[Request]) -> None:
         """Resolve each request's route; `auto` ones with their snapshot's router, one text at a time
@@ -202,8 +207,13 @@ class Scheduler:
                     self.waiting.remove(req)
                 self._finish(req, None, error=f"internal error while routing: {err}")
                 continue
-            req.route = snap.routes.get(dec.domain, snap.routes[BASE])
+            req.route = snap.routes.get(dec.domain) or snap.routes.get(BASE)
             req.confidence, req.runner_up = float(dec.confidence), dec.runner_up
+            if req.route is None:                      # routed to a model a damaged file took out
+                with self.cv:
+                    self.waiting.remove(req)
+                self._finish(req, None, error=f"the router chose {dec.domain}, which is unavailable (a file it "
+                                              "needs is damaged; see /health)")
 
     def _prefill(self, req: Request) -> None:
         req.sampler = Sampler(req.params)
@@ -215,7 +225,7 @@ class Scheduler:
         self.stats["prefill_seconds"] += time.perf_counter() - started
         self.stats["prefills"] += 1
         req.emit("route", info=req.info())
-        if self._accept(req, req.sampler(logits[0])):
+        if self._take(req, logits[0]):
             self.batch.add(cache, len(req.prompt_ids))
             self.rows.append(req)
 
@@ -239,13 +249,33 @@ class Scheduler:
         s["max_rows"] = max(s["max_rows"], len(routes))
         s["max_adapters_in_step"] = max(s["max_adapters_in_step"], len({r.adapter for r in routes}))
         s["max_backbones_in_step"] = max(s["max_backbones_in_step"], len({r.backbone_version for r in routes}))
-        keep = [i for i, req in enumerate(self.rows) if self._accept(req, req.sampler(logits[i]))]
+        keep = [i for i, req in enumerate(self.rows) if self._take(req, logits[i])]
         self._keep(keep)
 
     def _keep(self, rows: list[int]) -> None:
         if len(rows) != len(self.rows):
             self.rows = [self.rows[i] for i in rows]
             self.batch.keep(rows)
+
+    def _take(self, req: Request, logits: torch.Tensor) -> bool:
+        """Sample and accept one row's next token; False when the request is finished. A failure here
+        (its sampler, its text stream) is the request's own: it ends with an error, the other rows go on."""
+        try:
+            return self._accept(req, req.sampler(logits))
+        except Exception as err:
+            log.exception("sampling failed for request %s", req.id)
+            self._fail(req, f"could not choose the next token: {err}")
+            return False
+
+    def _fail(self, req: Request, message: str) -> None:
+        """End `req` with an error event, whatever state it is in."""
+        if req.finish_reason is not None or req.errored:
+            return
+        req.errored = True
+        try:
+            self._finish(req, None, error=message)
+        except Exception:                                  # noqa: BLE001 - the other rows must still be failed
+            log.exception("could not end request %s", req.id)
 
     def _accept(self, req: Request, token: int) -> bool:
         """Take a sampled token; emit text; False when the request is finished."""
