@@ -200,11 +200,9 @@ def test_two_process_run_matches_one_process_and_one_process_writes(tmp_path):
     common = ["--model", "tiny:llama", "--condition", "modular", "--domains", f"up={up[0]}:{up[1]}",
               f"down={down[0]}:{down[1]}", "--epochs", "1", "--lr", "1e-2", "--batch-size", "5", "--max-len", "48",
               "--eval-batch-size", "2", "--device", "cpu"]
-    cheap = ["--router-encoder", "base", "--router-background", "none"]   # routing is not what this checks (and
-    # a sharded base cannot compute base-model features: the --fsdp run keeps the default MiniLM router)
     log = tmp_path / "writes.log"
-    _launch(["-m", "crma", "run", *common, *cheap, "--out", str(tmp_path / "two")], {"CRMA_WRITE_LOG": str(log)})
-    assert main(["run", *common, *cheap, "--out", str(tmp_path / "one")]) == 0          # one process: this one
+    _launch(["-m", "crma", "run", *common, "--out", str(tmp_path / "two")], {"CRMA_WRITE_LOG": str(log)})
+    assert main(["run", *common, "--out", str(tmp_path / "one")]) == 0          # one process: this one
     _launch(["-m", "crma", "run", *common, "--fsdp", "--out", str(tmp_path / "fsdp")])
     two = json.loads((tmp_path / "two" / "results.json").read_text())
     one = json.loads((tmp_path / "one" / "results.json").read_text())
