@@ -1,8 +1,11 @@
-"""Atomic writes: write to a temp file beside the target, then rename. Nothing half-written is left."""
+"""Atomic writes: write to a temp file beside the target, then rename. Nothing half-written is left.
+A process killed mid-write leaves only its temp file, named `.<target name>.<random>.tmp` (`temp_pattern`
+matches exactly those, so a later writer can sweep them and nothing else)."""
 from __future__ import annotations
 
 import json
 import os
+import re
 import shlex
 import shutil
 import sys
@@ -33,12 +36,20 @@ def record_write(path: Path) -> None:
             f.write(f"{os.getpid()} {Path(path).resolve()}\n")
 
 
+TEMP_SUFFIX = ".tmp"
+
+
+def temp_pattern(name: str) -> re.Pattern:
+    """The names of atomic_path's temp files for a target called `name` (mkstemp: 8 of [a-z0-9_])."""
+    return re.compile(re.escape(f".{name}.") + r"[A-Za-z0-9_]{6,16}" + re.escape(TEMP_SUFFIX))
+
+
 @contextmanager
 def atomic_path(path: str | Path):
     """Yield a temp path in the target's folder; on success rename it over `path`, else delete it."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=TEMP_SUFFIX, dir=path.parent)
     os.close(fd)
     os.chmod(tmp, 0o666 & ~_umask())          # mkstemp makes 0600; give the file normal permissions
     try:

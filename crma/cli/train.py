@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,7 +20,7 @@ from ..engine.live import LiveModel
 from ..engine.run import continual_run
 from ..method.models import DEFAULT_MODEL
 from ..routing import RouterConfig
-from ..store import MANIFEST, Store, StoreError, creation_settings
+from ..store import MANIFEST, Store, StoreError, creation_blockers, creation_settings
 from .options import add_options, build, opt
 from .settings import add_sections, sections
 
@@ -76,9 +77,8 @@ def cmd_add(args: argparse.Namespace) -> int:
     say = print if runtime.is_main() else (lambda *a, **k: None)
     root = Path(a.store)
     spec = DomainSpec.parse(f"{a.domain}={a.data}")
-    exists = (root / MANIFEST).exists()
-    if exists:
-        store = Store(root)
+    store = Store(root) if os.path.lexists(root / MANIFEST) else None
+    if store is not None:
         for name, given, have in (("--model", a.model, store.model_spec),
                                   ("--condition", a.condition, store.condition)):
             if given is not None and given != have:
@@ -88,12 +88,21 @@ def cmd_add(args: argparse.Namespace) -> int:
             raise ConfigError(f"condition {store.condition}: a continual-learning baseline exists for `crma run` and "
                               "`crma bench` only (its state lives in the run); "
                               "`crma add` builds modular or frozen stores")
-        crma = CRMAConfig(**store.manifest["settings"]["crma"])
-        router_cfg = RouterConfig.from_dict(store.manifest["settings"]["router"])
+    elif os.path.lexists(root) and not root.is_dir():
+        raise StoreError(f"{root}: is a file, not a store folder")
+    elif blockers := creation_blockers(root):       # a killed first add's leftovers do not count: swept later
+        raise StoreError(f"{root}: not a crma store (no {MANIFEST}) and not empty ({', '.join(blockers[:5])}"
+                         f"{', ...' if len(blockers) > 5 else ''}); choose an empty folder")
+    try:                                         # before the model loads and trains: fail now, not after
+        runtime.on_main(Store.check_writable, root, spec.name, store.manifest if store else None)
+    except StoreError as err:
+        raise type(err)(f"{err} (checked before training: nothing was trained or written)") from None
+    exists = store is not None
+    if exists:
+        crma = CRMAConfig(**store.manifest["settings"].get("crma", {}))
+        router_cfg = RouterConfig.from_dict(store.manifest["settings"].get("router", {}))
         live = LiveModel.open(store, device=device)   # the base model as the store was built (tiny models: its seed)
     else:
-        if root.exists() and any(p.name != ".lock" for p in root.iterdir()):
-            raise StoreError(f"{root}: not a crma store (no {MANIFEST}) and not empty; choose an empty folder")
         crma, router_cfg = configs["crma"], RouterConfig()
         live = LiveModel.fresh(a.model or DEFAULT_MODEL, a.condition or "modular", seed=a.seed, device=device)
     settings = AddSettings(seed=a.seed, train=configs["train"], lora=configs["lora"], crma=crma, min_gain=a.min_gain)

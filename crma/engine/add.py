@@ -8,7 +8,9 @@ A, B, C and three `crma add` calls give the same numbers, to the last bit on CPU
 """
 from __future__ import annotations
 
+import copy
 import json
+import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -117,18 +119,28 @@ def train_domain(live: LiveModel, dom: DomainData, phase: int, settings: AddSett
     return adapter, log
 
 
+REGISTER_WAIT = 600.0      # seconds a trained add waits for another writer's lock before giving up
+
+
+def waiting(holder: str) -> None:
+    print(f"crma add: waiting for the store's writer lock ({holder})", file=sys.stderr, flush=True)
+
+
 def add_domain(live: LiveModel, root: Path, dom: DomainData, settings: AddSettings, method: Method, *,
                command: str = "", router_cfg: RouterConfig | None = None, accelerator: Accelerator | None = None,
                progress: bool = True, create: dict | None = None, base: list | None = None) -> AddResult:
     """Train `dom` onto `live` and register it in the store at `root` (created from `create` when new).
 
     Nothing is written unless the new adapter's holdout loss beats the base model's by at least
-    settings.min_gain percent. The store's writer lock is held only while writing."""
+    settings.min_gain percent. The store's writer lock is held only while writing (a concurrent writer's lock
+    is waited for, up to REGISTER_WAIT seconds); registration is refused, and nothing written, when another
+    writer changed the store in a way that matters since `live.store` was read (Writer.check_unchanged)."""
     accelerator = accelerator or runtime.accelerator()
     if runtime.base_sharded() and (router_cfg or RouterConfig()).encoder == "base":
         raise ConfigError("router encoder 'base' reads the base model on the main process alone, which a "
                           "sharded base (--fsdp) cannot do; use the default encoder (minilm)")
     store = live.store
+    since = copy.deepcopy(store.manifest) if store else None      # what this add trains from: checked at the end
     phase = sum(1 for e in store.manifest["log"] if e["op"] == "add") if store else 0
     if base is None:                       # a run has measured it already (the base row of its matrix)
         with live.untouched():
@@ -146,7 +158,8 @@ def add_domain(live: LiveModel, root: Path, dom: DomainData, settings: AddSettin
 
     def register() -> tuple[int, int | None, int, dict]:     # the main process writes; the others wait
         backbone_version = None
-        with Store.writer(root, command, create=create) as w:
+        with Store.writer(root, command, create=create, wait=REGISTER_WAIT, on_wait=waiting) as w:
+            w.check_unchanged(since, dom.name, adapter)
             if live.backbone is not None and live.condition == "modular":
                 backbone_version = w.add_backbone_version(
                     lambda folder: live.backbone.save(folder), {"trained_on": dom.name, "phase": phase,

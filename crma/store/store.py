@@ -12,11 +12,19 @@
 A `Writer` writes new immutable version folders, then `commit()` replaces the manifest; until then,
 readers (and a process that dies) see the previous manifest. Rollback and remove only rewrite the
 manifest and the router.
+
+A job that trains before it writes (`crma add`) reads the manifest first, without the lock, and at
+registration calls `Writer.check_unchanged(manifest_it_read, ...)` under the lock: if another writer
+changed what the job trained from (created the store, added a backbone version, registered the same
+domain), nothing is written and the StoreError says what changed.
 """
 from __future__ import annotations
 
+import os
 import shutil
+import stat
 import time
+from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import asdict
 from pathlib import Path
@@ -26,16 +34,26 @@ from ..routing import Router, RouterConfig
 from ..version import __version__
 from .manifest import (
     FORMAT,
+    LOCK,
+    LOCK_WAIT,
     MANIFEST,
+    MANIFEST_TEMP,
+    PARTS,
+    TEMP_PREFIX,
+    VERSION_DIR,
     StoreError,
     check_name,
+    check_writable,
     file_hashes,
+    link_error,
     new_version_dir,
     next_version,
     now,
     parse_version,
     read_manifest,
+    store_dir,
     verify_files,
+    write_error,
     write_manifest,
     writer_lock,
 )
@@ -153,24 +171,82 @@ class Store:
     # ---- writing ----------------------------------------------------------------------------
     @staticmethod
     @contextmanager
-    def writer(root: str | Path, command: str = "", create: dict | None = None):
+    def writer(root: str | Path, command: str = "", create: dict | None = None, wait: float = LOCK_WAIT,
+               on_wait: Callable[[str], None] | None = None):
         """Hold the store's writer lock; yields a Writer. `create` (model spec, fingerprint, condition,
-        settings) makes a new store in an empty or missing folder; without it the store must exist."""
+        settings) makes a new store in an empty or missing folder; without it the store must exist, and
+        with it an existing store must be of that model and condition. A held lock is waited for up to
+        `wait` seconds. A write that fails for the disk's sake (full, read-only, permissions) is a
+        StoreError naming the path, and the new version folders are removed."""
         root = Path(root)
-        with writer_lock(root, command):
-            if (root / MANIFEST).exists():
+        with writer_lock(root, command, wait, on_wait):
+            created = False
+            if os.path.lexists(root / MANIFEST):
                 manifest = read_manifest(root)
+                if create is not None:
+                    check_same_store(root, manifest, create)
             elif create is None:
                 raise StoreError(f"{root}: not a crma store (no {MANIFEST})")
             else:
-                manifest = new_manifest(**create)
-            sweep_orphans(root, manifest)
-            w = Writer(root, manifest, command)
+                manifest, created = new_manifest(**create), True
+            w = Writer(root, manifest, command, created)
             try:
+                sweep_orphans(root, manifest)
                 yield w
-            except BaseException:
+            except BaseException as err:
                 w.discard()
+                clean = write_error(err, root, w._committed)
+                if clean is not None:
+                    raise clean from err
                 raise
+
+    @staticmethod
+    def check_writable(root: str | Path, adapter: str, manifest: dict | None) -> None:
+        """Before training an adapter for the store at `root` (manifest None: a new store): the folder can be
+        written, no writer holds the lock, the folders the add writes into are real ones, the disk has room."""
+        root = Path(root)
+        check_writable(root, add_bytes(root, manifest, adapter), folders=(*PARTS, f"adapters/{adapter}"))
+        part_folders(root)                 # a link in place of any part folder: refused now, not after training
+
+
+NEW_STORE_BYTES = 32 * 2**20       # an add to a new store: one adapter, backbone and router (SmolLM2: ~15 MB)
+
+
+def add_bytes(root: Path, manifest: dict | None, adapter: str) -> int:
+    """About what one add writes: the newest adapter version, backbone and router versions again, plus a
+    quarter (a new store: NEW_STORE_BYTES)."""
+    if manifest is None:
+        return NEW_STORE_BYTES
+    files: dict[str, str] = {}
+    for table in (manifest["backbone"], manifest["router"]):
+        if table["current"] is not None:
+            files.update(table["versions"][str(table["current"])]["files"])
+    sizes = [sum(_size(root / f) for f in v["files"]) for versions in manifest["adapters"].values()
+             for v in versions.values()]
+    return int(1.25 * (sum(_size(root / f) for f in files) + max(sizes, default=0))) + 2**20
+
+
+def _size(path: Path) -> int:
+    try:
+        return os.lstat(path).st_size
+    except OSError:
+        return 0
+
+
+def check_same_store(root: Path, manifest: dict, create: dict) -> None:
+    """A job that meant to create the store found one: refuse unless it is of the same model and condition."""
+    have = (manifest["model"]["spec"], manifest["model"]["fingerprint"], manifest["condition"])
+    want = (create["model_spec"], create["fingerprint"], create["condition"])
+    if have != want:
+        other = " (another base model fingerprint)" if have[0] == want[0] and have[1] != want[1] else ""
+        raise StoreError(f"{root}: the store was created meanwhile by another writer, with model {have[0]} and "
+                         f"condition {have[2]}{_by(manifest['log'])}, but this job trained for model {want[0]} "
+                         f"and condition {want[2]}{other}; nothing was written")
+
+
+def _by(log: list) -> str:
+    commands = [e["command"] for e in log if e.get("command")]
+    return f" (`{commands[0]}`)" if commands else ""
 
 
 def referenced_paths(manifest: dict) -> set[str]:
@@ -180,17 +256,91 @@ def referenced_paths(manifest: dict) -> set[str]:
     return paths | {v["path"] for v in manifest["router"]["versions"].values()}
 
 
+def _remove(path: Path) -> bool:
+    """Remove a real folder or file (never a symbolic link, never through one)."""
+    mode = os.lstat(path).st_mode
+    if stat.S_ISDIR(mode):
+        shutil.rmtree(path, ignore_errors=True)             # fd-based: does not follow links inside
+    elif stat.S_ISREG(mode):
+        path.unlink(missing_ok=True)
+    else:
+        return False                                        # a link (or anything else) is left alone
+    return not os.path.lexists(path)
+
+
+def part_folders(root: Path) -> list[str]:
+    """backbone, router and adapters/<name>: the folders version folders live in, each checked to be a real
+    folder inside the store (a symbolic link is a StoreError naming it)."""
+    folders = []
+    for part in PARTS:
+        folder = store_dir(root, part)
+        if folder.is_dir() and part != "adapters":
+            folders.append(part)
+    adapters = store_dir(root, "adapters")
+    if adapters.is_dir():
+        for entry in sorted(os.scandir(adapters), key=lambda e: e.name):
+            if entry.is_symlink():
+                raise link_error(adapters / entry.name)
+            if entry.is_dir(follow_symlinks=False):
+                folders.append(f"adapters/{entry.name}")
+    return folders
+
+
 def sweep_orphans(root: Path, manifest: dict) -> list[str]:
-    """Remove version folders no manifest ever referenced: a writer killed after writing them and
-    before replacing the manifest. Only called under the writer lock, so no write is in progress."""
+    """Remove what a killed writer left, and only what crma itself names: its temp folders and files
+    (`.tmp-*`, the manifest's `.manifest.json.*.tmp`), and `v<k>` version folders in backbone/, router/ and
+    adapters/<name>/ that the manifest does not reference. Real folders and files only: a symbolic link is
+    never followed (one in place of a part or version folder is a StoreError naming it), and other names
+    (`vault/`, `v2.bak/`) are never touched. Only called under the writer lock, so no write is in progress."""
     keep = referenced_paths(manifest)
+    folders = part_folders(root)
     removed = []
-    for folder in [*root.glob("backbone/v*"), *root.glob("router/v*"), *root.glob("adapters/*/v*")]:
-        rel = str(folder.relative_to(root))
-        if folder.is_dir() and rel not in keep:
-            shutil.rmtree(folder, ignore_errors=True)
-            removed.append(rel)
+    for entry in sorted(os.scandir(root), key=lambda e: e.name):
+        if (entry.name.startswith(TEMP_PREFIX) or MANIFEST_TEMP.fullmatch(entry.name)) and _remove(root / entry.name):
+            removed.append(entry.name)
+    for rel in folders:
+        for entry in sorted(os.scandir(root / rel), key=lambda e: e.name):
+            sub = f"{rel}/{entry.name}"
+            if VERSION_DIR.fullmatch(entry.name):
+                if entry.is_symlink():
+                    raise link_error(root / sub)
+                if sub not in keep and entry.is_dir(follow_symlinks=False) and _remove(root / sub):
+                    removed.append(sub)
+            elif entry.name.startswith(TEMP_PREFIX) and _remove(root / sub):
+                removed.append(sub)
     return removed
+
+
+def creation_blockers(root: Path) -> list[str]:
+    """What in `root` keeps it from becoming a new store: every entry that is not a leftover of an
+    interrupted crma writer (`.lock`, crma's temp names, part folders holding only version and temp
+    folders). [] when the folder is missing, empty, or holds only such leftovers (the next writer sweeps them)."""
+    if not os.path.lexists(root):
+        return []
+    if not root.is_dir():
+        return [str(root)]
+    other = []
+    for entry in sorted(os.scandir(root), key=lambda e: e.name):
+        name, path = entry.name, root / entry.name
+        if entry.is_symlink():
+            other.append(name)
+        elif name == LOCK and entry.is_file(follow_symlinks=False):
+            continue
+        elif name.startswith(TEMP_PREFIX) or MANIFEST_TEMP.fullmatch(name):
+            continue
+        elif name in ("backbone", "router") and entry.is_dir(follow_symlinks=False) and _only_versions(path):
+            continue
+        elif name == "adapters" and entry.is_dir(follow_symlinks=False) and all(
+                sub.is_dir(follow_symlinks=False) and _only_versions(path / sub.name) for sub in os.scandir(path)):
+            continue
+        else:
+            other.append(name)
+    return other
+
+
+def _only_versions(folder: Path) -> bool:
+    return all(e.is_dir(follow_symlinks=False) and (VERSION_DIR.fullmatch(e.name) or e.name.startswith(TEMP_PREFIX))
+               for e in os.scandir(folder))
 
 
 def creation_settings(condition: str, model_spec: str, fingerprint: dict, *, seed: int, crma: CRMAConfig,
@@ -214,8 +364,9 @@ class Writer:
     """Changes to one store under its lock. New version folders are written at once; nothing is
     visible to readers until commit() replaces the manifest."""
 
-    def __init__(self, root: Path, manifest: dict, command: str):
+    def __init__(self, root: Path, manifest: dict, command: str, created: bool = False):
         self.root, self.manifest, self.command = root, manifest, command
+        self.created = created                       # the manifest is new: this writer creates the store
         self._new_dirs: list[Path] = []
         self._committed = False
 
@@ -225,18 +376,59 @@ class Writer:
         view.root, view.manifest = self.root, self.manifest
         return view
 
-    def _write_version(self, folder: Path, taken: list[int], save) -> tuple[int, str, dict]:
-        version = next_version(folder, taken)
-        with new_version_dir(folder, version) as tmp:
+    def check_unchanged(self, since: dict | None, domain: str, adapter: str) -> None:
+        """Refuse (StoreError, nothing written) to register what a job trained from `since`, the manifest it
+        read before training (None: there was no store), when the store changed meanwhile in a way that
+        matters: it was created (or re-created, or deleted), its newest backbone version is another one (the
+        trained backbone's parent is no longer current), or `domain` or `adapter` changed. Other changes (a
+        frozen store's other domains, rollbacks and removals of other domains) are kept: the router is
+        updated from the store as it is now."""
+        now_, changes = self.manifest, []
+        if since is None:
+            if not self.created:
+                changes.append(f"the store was created meanwhile (model {now_['model']['spec']}, condition "
+                               f"{now_['condition']}), but this job trained for a new store")
+        elif self.created:
+            changes.append("the store was deleted meanwhile")
+        elif (now_.get("created"), now_["model"], now_["condition"]) != \
+                (since.get("created"), since["model"], since["condition"]):
+            changes.append(f"the store was replaced meanwhile (created {now_.get('created')}, model "
+                           f"{now_['model']['spec']}, condition {now_['condition']})")
+        else:
+            before, after = since["backbone"]["current"], now_["backbone"]["current"]
+            if before != after:
+                changes.append(f"its newest backbone is now v{after}, but this job trained from "
+                               + (f"v{before}" if before else "no backbone"))
+            if since["domains"].get(domain) != now_["domains"].get(domain):
+                entry = now_["domains"].get(domain)
+                state = "removed" if entry and entry["status"] == "removed" else f"now v{entry['current']}" \
+                    if entry else "gone"
+                changes.append(f"domain {domain!r} changed meanwhile ({state})")
+            elif set(since["adapters"].get(adapter, {})) != set(now_["adapters"].get(adapter, {})):
+                changes.append(f"adapter {adapter!r} has a new version")
+        if changes:
+            done = now_["log"][len(since["log"]):] if since is not None and not self.created else now_["log"]
+            meanwhile = "; ".join(f"{e['op']} {e.get('domain', '')}".rstrip() + (f" (`{e['command']}`)" if
+                                  e.get("command") else "") for e in done[-3:])
+            raise StoreError(f"{self.root}: the store changed while this job trained: {'; '.join(changes)}"
+                             + (f" [meanwhile: {meanwhile}]" if meanwhile else "")
+                             + ". Nothing was written: run it again to train on the store as it is now")
+
+    def _write_version(self, rel: str, taken: list[int], save) -> tuple[int, str, dict]:
+        version = next_version(store_dir(self.root, rel), taken)
+        with new_version_dir(self.root, rel, version) as tmp:
             save(tmp)
-        target = folder / f"v{version}"
+        target = self.root / rel / f"v{version}"
         self._new_dirs.append(target)
         return version, str(target.relative_to(self.root)), file_hashes(target, self.root)
 
     def add_backbone_version(self, save, meta: dict) -> int:
         """save(folder) writes the backbone files; the new version becomes current at commit."""
+        if self.manifest["condition"] != "modular":
+            raise StoreError(f"{self.root}: a {self.manifest['condition']} store has no backbone; "
+                             "only a modular store takes backbone versions")
         bb = self.manifest["backbone"]
-        version, rel, files = self._write_version(self.root / "backbone", [int(v) for v in bb["versions"]], save)
+        version, rel, files = self._write_version("backbone", [int(v) for v in bb["versions"]], save)
         bb["versions"][str(version)] = {"path": rel, "files": files, "created": now(),
                                         "parent": bb["current"], **meta}
         bb["current"] = version
@@ -245,9 +437,13 @@ class Writer:
     def add_adapter_version(self, domain: str, adapter: str, save, meta: dict) -> int:
         """save(folder) writes the PEFT adapter files; `domain` is served by it from commit on."""
         check_name(domain)
+        pinned = meta.get("backbone_version")
+        if self.manifest["condition"] == "modular" and (pinned is None or
+                                                         str(pinned) not in self.manifest["backbone"]["versions"]):
+            raise StoreError(f"{self.root}: a modular store's adapter must be pinned to one of its backbone "
+                             f"versions, and {domain}'s is pinned to {pinned}; nothing was written")
         versions = self.manifest["adapters"].setdefault(adapter, {})
-        version, rel, files = self._write_version(self.root / "adapters" / adapter,
-                                                  [int(v) for v in versions], save)
+        version, rel, files = self._write_version(f"adapters/{adapter}", [int(v) for v in versions], save)
         versions[str(version)] = {"path": rel, "files": files, "created": now(), "domain": domain,
                                   "crma_version": __version__, **meta}
         entry = self.manifest["domains"].get(domain)
@@ -265,8 +461,7 @@ class Writer:
 
     def add_router_version(self, router, reason: str) -> int:
         rt = self.manifest["router"]
-        version, rel, files = self._write_version(self.root / "router", [int(v) for v in rt["versions"]],
-                                                  router.save_to)
+        version, rel, files = self._write_version("router", [int(v) for v in rt["versions"]], router.save_to)
         rt["versions"][str(version)] = {"path": rel, "files": files, "created": now(), "reason": reason,
                                         "domains": list(router.names)}
         rt["current"] = version
@@ -284,6 +479,9 @@ class Writer:
         if not self._committed:
             for d in self._new_dirs:
                 shutil.rmtree(d, ignore_errors=True)
+                parent = d.parent                      # an adapter folder made for this write only
+                if parent != self.root and parent.parent.name == "adapters" and not any(parent.iterdir()):
+                    parent.rmdir()
 
     # ---- manifest-only changes --------------------------------------------------------------
     def rollback(self, domain: str, to: int | str | None = None) -> int:
