@@ -10,8 +10,7 @@ import logging
 import os
 import threading
 
-from ..store import StoreError
-from ..store.manifest import MANIFEST
+from ..store import MANIFEST, StoreError
 
 log = logging.getLogger("crma.serve")
 

@@ -1,4 +1,5 @@
-"""The model store's on-disk format: the manifest, immutable version folders, checksums, the writer lock.
+"""The model store's on-disk format: the manifest (read and validated, written atomically, a new one and the
+settings it is created with) and the immutable version folders it points at.
 
     STORE/
       manifest.json                   the only mutable file: what is current, replaced by rename
@@ -11,140 +12,46 @@
 A version folder is written whole under a temporary name and renamed into place; only then does the
 manifest, rewritten to a temporary file and renamed over the old one, point at it. A process killed at
 any moment therefore leaves the previous manifest and every file it references intact. The manifest
-holds the sha256 of every file of every version, and every load checks the files it uses.
+holds the sha256 of every file of every version, and every load checks the files it uses (paths.py).
 
 Hostile or careless use: the manifest is validated when read (a missing key or a wrong type is a
 StoreError naming the file and the key); every path crma reads or writes under the store is checked to be
 a real folder or file inside it (a symbolic link anywhere below the store folder is refused, never
-followed); the lock file is opened without following links; and a writer sweeps only what crma itself
-names: `.tmp-*` (TEMP_PREFIX), the manifest's temp files, and `v<k>` version folders that no manifest
-references.
+followed: paths.py); the lock file is opened without following links (lock.py); and a writer sweeps only
+what crma itself names: `.tmp-*` (TEMP_PREFIX), the manifest's temp files, and `v<k>` version folders that
+no manifest references (sweep.py).
 """
 from __future__ import annotations
 
 import errno
-import fcntl
-import hashlib
 import json
 import os
-import re
 import shutil
-import socket
-import stat
 import tempfile
 import time
-from collections.abc import Callable
 from contextlib import contextmanager
+from dataclasses import asdict
 from pathlib import Path
 
-from ..config import DOMAIN_NAME, check_domain_name
-from ..io import atomic_path, record_write, temp_pattern
+from ..config import CONDITIONS, DOMAIN_NAME, CRMAConfig, LoraSettings, check_domain_name
+from ..io import atomic_path, record_write
+from ..routing import RouterConfig
+from ..version import __version__
+from .paths import (
+    MANIFEST,
+    TEMP_PREFIX,
+    VERSION_DIR,
+    StoreError,
+    fsync_dir,
+    link_error,
+    now,
+    pause_hook,
+    store_dir,
+)
 
 FORMAT = "crma-store-v1"
-MANIFEST = "manifest.json"
-LOCK = ".lock"
-TEMP_PREFIX = ".tmp-"                        # every temporary folder or file a writer makes inside the store
-MANIFEST_TEMP = temp_pattern(MANIFEST)       # write_manifest's temp files (crma.io.atomic_path)
-VERSION_DIR = re.compile(r"v[1-9][0-9]*")    # the only folder names a writer creates in a part folder
-PARTS = ("backbone", "router", "adapters")   # the part folders (adapters/<name>/ below adapters)
-LOCK_WAIT = 0.5                              # seconds a writer retries a held lock (a concurrent probe) before failing
-
-
-class StoreError(ValueError):
-    """A store that cannot be read or written as asked; the message names the file or field."""
-
-
-class StoreLocked(StoreError):
-    """Another process is writing to the store."""
-
 
 check_name = check_domain_name      # one rule for domain names everywhere (crma.config)
-
-
-def parse_version(value: str | int) -> int:
-    """'3', 'v3' or 3 -> 3."""
-    text = str(value).strip().lower().removeprefix("v")
-    if not text.isdigit() or int(text) < 1:
-        raise StoreError(f"version {value!r} is not a version number (e.g. 2 or v2)")
-    return int(text)
-
-
-def now() -> str:
-    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
-def sha256_texts(texts: list[str]) -> str:
-    """Checksum of a list of passages (recorded instead of the text, which is never stored)."""
-    digest = hashlib.sha256()
-    for t in texts:
-        data = t.encode("utf-8")
-        digest.update(len(data).to_bytes(8, "little") + data)
-    return digest.hexdigest()
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-# ---- paths under the store: real folders and files inside it, never a symbolic link ------------------------
-def link_error(path: Path, doing: str = "wrote or deleted nothing") -> StoreError:
-    try:
-        target = os.readlink(path)
-    except OSError:
-        target = "?"
-    return StoreError(f"{path}: is a symbolic link (to {target}); crma does not follow links inside a store and "
-                      f"{doing}: remove the link (a store's folders and files must be real ones inside it)")
-
-
-def _check_part(root: Path, rel: str, part: str) -> None:
-    if part in ("", ".", "..") or "/" in part:
-        raise StoreError(f"{root}: {rel!r} is not a path inside the store")
-
-
-def store_dir(root: Path, rel: str, create: bool = False) -> Path:
-    """root/rel, checked component by component: each is a real folder (not a symbolic link, not '..').
-    With `create`, missing folders are made; without, a missing one ends the check (the path is returned)."""
-    path = root
-    for part in Path(rel).parts:
-        _check_part(root, rel, part)
-        path = path / part
-        try:
-            st = os.lstat(path)
-        except FileNotFoundError:
-            if not create:
-                return root / rel
-            try:
-                os.mkdir(path)
-            except FileExistsError:
-                pass
-            st = os.lstat(path)
-        if stat.S_ISLNK(st.st_mode):
-            raise link_error(path)
-        if not stat.S_ISDIR(st.st_mode):
-            raise StoreError(f"{path}: not a folder (crma expects its own folder here); nothing was written")
-    return path
-
-
-def store_file(root: Path, rel: str) -> Path:
-    """root/rel for reading: every folder on the way is a real one inside the store and the file is no link."""
-    rel_path = Path(rel)
-    _check_part(root, rel, rel_path.name)
-    path = store_dir(root, str(rel_path.parent)) / rel_path.name
-    if path.is_symlink():
-        raise link_error(path, "read nothing through it")
-    return path
 
 
 # ---- the manifest: read (validated), written atomically ---------------------------------------------------
@@ -269,8 +176,8 @@ def write_manifest(root: Path, manifest: dict) -> None:
             f.write(json.dumps(manifest, indent=2) + "\n")
             f.flush()
             os.fsync(f.fileno())
-        _hook("before-manifest-rename")
-    _fsync_dir(root)
+        pause_hook("before-manifest-rename")
+    fsync_dir(root)
 
 
 # ---- version folders -----------------------------------------------------------------------------------
@@ -298,172 +205,52 @@ def new_version_dir(root: Path, rel: str, version: int):
             os.chmod(f, 0o666 & ~umask)
             with open(f, "rb") as fh:
                 os.fsync(fh.fileno())
-        _hook("before-version-rename")
+        pause_hook("before-version-rename")
         os.rename(tmp, target)
         record_write(target)
-        _fsync_dir(folder)
+        fsync_dir(folder)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
 
 
-def file_hashes(folder: Path, root: Path) -> dict[str, str]:
-    """{path relative to the store: sha256} of every file in a version folder."""
-    return {str((folder / f.name).relative_to(root)): sha256_file(f) for f in sorted(folder.iterdir()) if f.is_file()}
+def parse_version(value: str | int) -> int:
+    """'3', 'v3' or 3 -> 3."""
+    text = str(value).strip().lower().removeprefix("v")
+    if not text.isdigit() or int(text) < 1:
+        raise StoreError(f"version {value!r} is not a version number (e.g. 2 or v2)")
+    return int(text)
 
 
-def verify_files(root: Path, files: dict[str, str]) -> None:
-    """Every file exists inside the store (no symbolic link on the way) and has the recorded sha256;
-    else a StoreError naming it."""
-    for rel, expected in files.items():
-        path = store_file(root, rel)
-        if not path.is_file():
-            raise StoreError(f"{path}: missing (referenced by {root / MANIFEST})")
-        got = sha256_file(path)
-        if got != expected:
-            raise StoreError(f"{path}: sha256 mismatch (manifest {expected[:16]}..., file {got[:16]}...): "
-                             "the file is corrupted or was changed; it is not loaded")
+# ---- a new store ------------------------------------------------------------------------------------
+def creation_settings(condition: str, model_spec: str, fingerprint: dict, *, seed: int, crma: CRMAConfig,
+                      lora: LoraSettings, router: RouterConfig | None = None) -> dict:
+    """The `create` argument of Store.writer for a new store of a core condition (naive, frozen, modular)."""
+    if condition not in CONDITIONS:
+        raise StoreError(f"condition: must be {', '.join(CONDITIONS)}, got {condition!r}")
+    return {"model_spec": model_spec, "fingerprint": fingerprint, "condition": condition,
+            "settings": {"seed": seed, "crma": asdict(crma), "lora": asdict(lora),
+                         "router": asdict(router or RouterConfig()), "created_with": time.strftime("%Y-%m-%d")}}
 
 
-# ---- the writer lock -------------------------------------------------------------------------------------
-def _open_lock(root: Path) -> int:
-    """The lock file, opened (created if missing) without following a link, and only if it is a plain file
-    of its own: a link or hard link to another file would let the lock's truncation reach that file."""
-    path = root / LOCK
-    try:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
-    except OSError as err:
-        if err.errno == errno.ELOOP:
-            raise link_error(path, "opened nothing through it") from None
-        raise StoreError(f"{path}: cannot open the store's writer lock ({err.strerror}); "
-                         "nothing was written") from None
-    st = os.fstat(fd)
-    if not stat.S_ISREG(st.st_mode) or st.st_nlink != 1:
-        os.close(fd)
-        raise StoreError(f"{path}: not crma's lock file (a hard link to another file, or not a plain file); "
-                         "nothing was written: remove it")
-    return fd
+def new_manifest(model_spec: str, fingerprint: dict, condition: str, settings: dict) -> dict:
+    return {"format": FORMAT, "crma_version": __version__, "created": now(), "updated": now(),
+            "model": {"spec": model_spec, "fingerprint": fingerprint}, "condition": condition,
+            "settings": settings, "backbone": {"current": None, "versions": {}},
+            "domains": {}, "adapters": {}, "router": {"current": None, "versions": {}}, "log": []}
 
 
-def _holder(fd: int) -> str:
-    return os.pread(fd, 4096, 0).decode("utf-8", "replace").strip() or "unknown process"
+def check_same_store(root: Path, manifest: dict, create: dict) -> None:
+    """A job that meant to create the store found one: refuse unless it is of the same model and condition."""
+    have = (manifest["model"]["spec"], manifest["model"]["fingerprint"], manifest["condition"])
+    want = (create["model_spec"], create["fingerprint"], create["condition"])
+    if have != want:
+        other = " (another base model fingerprint)" if have[0] == want[0] and have[1] != want[1] else ""
+        raise StoreError(f"{root}: the store was created meanwhile by another writer, with model {have[0]} and "
+                         f"condition {have[2]}{_by(manifest['log'])}, but this job trained for model {want[0]} "
+                         f"and condition {want[2]}{other}; nothing was written")
 
 
-def _flock(fd: int, root: Path, mode: int, wait: float, on_wait: Callable[[str], None] | None) -> None:
-    """Take the flock, retrying for `wait` seconds (a probe holds it for an instant); then StoreLocked."""
-    deadline, told = time.monotonic() + wait, False
-    while True:
-        try:
-            fcntl.flock(fd, mode | fcntl.LOCK_NB)
-            return
-        except BlockingIOError:
-            if time.monotonic() >= deadline:
-                raise StoreLocked(f"{root}: another writer holds the store lock ({_holder(fd)}); "
-                                  "wait for it to finish, readers are not blocked") from None
-            if on_wait is not None and not told and time.monotonic() > deadline - wait + LOCK_WAIT:
-                on_wait(_holder(fd))
-                told = True
-            time.sleep(0.05)
-
-
-@contextmanager
-def writer_lock(root: Path, command: str = "", wait: float = LOCK_WAIT,
-                on_wait: Callable[[str], None] | None = None):
-    """Exclusive writer lock (flock on STORE/.lock, released by the kernel if the process dies).
-    A second writer waits up to `wait` seconds (on_wait(holder) is told once), then gets StoreLocked
-    naming the holder."""
-    _hook("before-lock")
-    try:
-        root.mkdir(parents=True, exist_ok=True)
-    except OSError as err:
-        raise StoreError(f"{root}: cannot create the store folder ({err.strerror})") from None
-    fd = _open_lock(root)
-    held = False
-    try:
-        _flock(fd, root, fcntl.LOCK_EX, wait, on_wait)
-        held = True
-        info = json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "since": now(), "command": command})
-        try:
-            os.ftruncate(fd, 0)
-            os.pwrite(fd, info.encode("utf-8"), 0)
-        except OSError as err:
-            raise StoreError(f"{root / LOCK}: cannot write the writer lock ({err.strerror}); "
-                             "nothing was written") from None
-        yield
-    finally:
-        if held:
-            try:
-                os.ftruncate(fd, 0)
-            except OSError:
-                pass
-        os.close(fd)          # releases the flock
-
-
-def check_writable(root: Path, need_bytes: int = 0, folders: tuple[str, ...] = PARTS,
-                   wait: float = LOCK_WAIT) -> None:
-    """Before a long job that ends in a write (`crma add`): the store folder exists or can be made and can be
-    written (a probe file is created, written, fsynced and removed: this holds for root too, where
-    permission bits do not), no other writer holds the lock, the `folders` it will write into are real
-    folders inside the store, and the disk has `need_bytes` free. A StoreError naming the path otherwise."""
-    if os.path.lexists(root) and not root.is_dir():
-        raise StoreError(f"{root}: is a file, not a store folder")
-    try:
-        root.mkdir(parents=True, exist_ok=True)
-    except OSError as err:
-        raise StoreError(f"{root}: cannot create the store folder ({err.strerror})") from None
-    fd = _open_lock(root)
-    try:
-        _flock(fd, root, fcntl.LOCK_SH, wait, None)      # shared: probes do not block each other
-    finally:
-        os.close(fd)
-    for rel in folders:
-        folder = store_dir(root, rel)
-        if folder.is_dir() and not os.access(folder, os.W_OK | os.X_OK):
-            raise StoreError(f"{folder}: not writable by this user")
-    probe = None
-    try:
-        fd, probe = tempfile.mkstemp(prefix=TEMP_PREFIX + "probe-", dir=root)
-        try:
-            os.write(fd, b"\0" * 4096)
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-    except OSError as err:
-        raise StoreError(f"{root}: the store folder cannot be written ({err.strerror})") from None
-    finally:
-        if probe is not None:
-            Path(probe).unlink(missing_ok=True)
-    free = shutil.disk_usage(root).free
-    if free < need_bytes:
-        raise StoreError(f"{root}: {free / 2**20:.1f} MiB free on its disk, and this writes about "
-                         f"{need_bytes / 2**20:.1f} MiB: free some space")
-
-
-_OS_ERROR = re.compile(r"\(os error (\d+)\)")       # how Rust-backed writers (safetensors) report an OSError
-
-
-def write_error(err: BaseException, root: Path, committed: bool) -> StoreError | None:
-    """A write that failed because of the disk (full, read-only, permissions, ...) as a StoreError naming the
-    path; None for anything else (a bug, an interrupt: it propagates as it is)."""
-    if isinstance(err, StoreError) or not isinstance(err, Exception):
-        return None
-    after = ("the new manifest was written before the failure" if committed else
-             "nothing was written: the store is as it was")
-    if isinstance(err, OSError):
-        where = err.filename or root
-        return StoreError(f"{where}: {err.strerror or err} while writing to the store; {after}")
-    match = _OS_ERROR.search(str(err))
-    if match:
-        return StoreError(f"{root}: {os.strerror(int(match.group(1)))} while writing to the store ({err}); {after}")
-    return None
-
-
-def _hook(point: str) -> None:
-    """Test hook: CRMA_STORE_PAUSE=<point> makes a writer announce the point on stdout and sleep there,
-    so a test can SIGKILL it at an exact moment of a write; with CRMA_STORE_RESUME=<file> it goes on once
-    that file exists (a test orders two writers)."""
-    if os.environ.get("CRMA_STORE_PAUSE") == point:
-        print(f"CRMA_STORE_PAUSED {point}", flush=True)
-        resume, deadline = os.environ.get("CRMA_STORE_RESUME"), time.monotonic() + 600
-        while time.monotonic() < deadline and not (resume and os.path.exists(resume)):
-            time.sleep(0.05)
+def _by(log: list) -> str:
+    commands = [e["command"] for e in log if e.get("command")]
+    return f" (`{commands[0]}`)" if commands else ""

@@ -14,7 +14,7 @@ interrupted at any moment leaves the store as a writer would.
 from __future__ import annotations
 
 from ..routing import Router
-from .manifest import StoreError, verify_files
+from .paths import StoreError, verify_files
 from .store import Store
 from .verify import Damage, damaged_parts
 

@@ -1,4 +1,5 @@
-"""The model store: what is registered, which version is current, and the writes that change it.
+"""The model store: what is registered, which version is current, and the writes that change it: `Store`,
+a read-only view of the manifest, and the `Writer` that `Store.writer` opens under the lock.
 
     store = Store("models/clinic")                 # read-only view of the manifest (no lock)
     store.domains()                                 # active domains, in the order they were added
@@ -17,46 +18,34 @@ A job that trains before it writes (`crma add`) reads the manifest first, withou
 registration calls `Writer.check_unchanged(manifest_it_read, ...)` under the lock: if another writer
 changed what the job trained from (created the store, added a backbone version, registered the same
 domain), nothing is written and the StoreError says what changed.
+
+`Store` and `Writer` share this module because each names the other (`Store.writer` yields a Writer,
+`Writer.store` is a Store). The pieces they use are modules of their own: paths and checksums (paths.py),
+the lock (lock.py), the manifest and version folders (manifest.py), a killed writer's leftovers (sweep.py).
 """
 from __future__ import annotations
 
 import os
 import shutil
-import stat
-import time
 from collections.abc import Callable
 from contextlib import contextmanager
-from dataclasses import asdict
 from pathlib import Path
 
-from ..config import CONDITIONS, CRMAConfig, LoraSettings
-from ..routing import Router, RouterConfig
+from ..routing import Router
 from ..version import __version__
+from .lock import LOCK_WAIT, add_bytes, check_writable, write_error, writer_lock
 from .manifest import (
-    FORMAT,
-    LOCK,
-    LOCK_WAIT,
-    MANIFEST,
-    MANIFEST_TEMP,
-    PARTS,
-    TEMP_PREFIX,
-    VERSION_DIR,
-    StoreError,
     check_name,
-    check_writable,
-    file_hashes,
-    link_error,
+    check_same_store,
+    new_manifest,
     new_version_dir,
     next_version,
-    now,
     parse_version,
     read_manifest,
-    store_dir,
-    verify_files,
-    write_error,
     write_manifest,
-    writer_lock,
 )
+from .paths import MANIFEST, PARTS, StoreError, file_hashes, now, store_dir, verify_files
+from .sweep import part_folders, sweep_orphans
 
 BACKBONE_MODES = ("pinned", "latest")
 
@@ -207,157 +196,6 @@ class Store:
         root = Path(root)
         check_writable(root, add_bytes(root, manifest, adapter), folders=(*PARTS, f"adapters/{adapter}"))
         part_folders(root)                 # a link in place of any part folder: refused now, not after training
-
-
-NEW_STORE_BYTES = 32 * 2**20       # an add to a new store: one adapter, backbone and router (SmolLM2: ~15 MB)
-
-
-def add_bytes(root: Path, manifest: dict | None, adapter: str) -> int:
-    """About what one add writes: the newest adapter version, backbone and router versions again, plus a
-    quarter (a new store: NEW_STORE_BYTES)."""
-    if manifest is None:
-        return NEW_STORE_BYTES
-    files: dict[str, str] = {}
-    for table in (manifest["backbone"], manifest["router"]):
-        if table["current"] is not None:
-            files.update(table["versions"][str(table["current"])]["files"])
-    sizes = [sum(_size(root / f) for f in v["files"]) for versions in manifest["adapters"].values()
-             for v in versions.values()]
-    return int(1.25 * (sum(_size(root / f) for f in files) + max(sizes, default=0))) + 2**20
-
-
-def _size(path: Path) -> int:
-    try:
-        return os.lstat(path).st_size
-    except OSError:
-        return 0
-
-
-def check_same_store(root: Path, manifest: dict, create: dict) -> None:
-    """A job that meant to create the store found one: refuse unless it is of the same model and condition."""
-    have = (manifest["model"]["spec"], manifest["model"]["fingerprint"], manifest["condition"])
-    want = (create["model_spec"], create["fingerprint"], create["condition"])
-    if have != want:
-        other = " (another base model fingerprint)" if have[0] == want[0] and have[1] != want[1] else ""
-        raise StoreError(f"{root}: the store was created meanwhile by another writer, with model {have[0]} and "
-                         f"condition {have[2]}{_by(manifest['log'])}, but this job trained for model {want[0]} "
-                         f"and condition {want[2]}{other}; nothing was written")
-
-
-def _by(log: list) -> str:
-    commands = [e["command"] for e in log if e.get("command")]
-    return f" (`{commands[0]}`)" if commands else ""
-
-
-def referenced_paths(manifest: dict) -> set[str]:
-    """Every version folder the manifest points at (current or not: rollback may need them)."""
-    paths = {v["path"] for v in manifest["backbone"]["versions"].values()}
-    paths |= {v["path"] for versions in manifest["adapters"].values() for v in versions.values()}
-    return paths | {v["path"] for v in manifest["router"]["versions"].values()}
-
-
-def _remove(path: Path) -> bool:
-    """Remove a real folder or file (never a symbolic link, never through one)."""
-    mode = os.lstat(path).st_mode
-    if stat.S_ISDIR(mode):
-        shutil.rmtree(path, ignore_errors=True)             # fd-based: does not follow links inside
-    elif stat.S_ISREG(mode):
-        path.unlink(missing_ok=True)
-    else:
-        return False                                        # a link (or anything else) is left alone
-    return not os.path.lexists(path)
-
-
-def part_folders(root: Path) -> list[str]:
-    """backbone, router and adapters/<name>: the folders version folders live in, each checked to be a real
-    folder inside the store (a symbolic link is a StoreError naming it)."""
-    folders = []
-    for part in PARTS:
-        folder = store_dir(root, part)
-        if folder.is_dir() and part != "adapters":
-            folders.append(part)
-    adapters = store_dir(root, "adapters")
-    if adapters.is_dir():
-        for entry in sorted(os.scandir(adapters), key=lambda e: e.name):
-            if entry.is_symlink():
-                raise link_error(adapters / entry.name)
-            if entry.is_dir(follow_symlinks=False):
-                folders.append(f"adapters/{entry.name}")
-    return folders
-
-
-def sweep_orphans(root: Path, manifest: dict) -> list[str]:
-    """Remove what a killed writer left, and only what crma itself names: its temp folders and files
-    (`.tmp-*`, the manifest's `.manifest.json.*.tmp`), and `v<k>` version folders in backbone/, router/ and
-    adapters/<name>/ that the manifest does not reference. Real folders and files only: a symbolic link is
-    never followed (one in place of a part or version folder is a StoreError naming it), and other names
-    (`vault/`, `v2.bak/`) are never touched. Only called under the writer lock, so no write is in progress."""
-    keep = referenced_paths(manifest)
-    folders = part_folders(root)
-    removed = []
-    for entry in sorted(os.scandir(root), key=lambda e: e.name):
-        if (entry.name.startswith(TEMP_PREFIX) or MANIFEST_TEMP.fullmatch(entry.name)) and _remove(root / entry.name):
-            removed.append(entry.name)
-    for rel in folders:
-        for entry in sorted(os.scandir(root / rel), key=lambda e: e.name):
-            sub = f"{rel}/{entry.name}"
-            if VERSION_DIR.fullmatch(entry.name):
-                if entry.is_symlink():
-                    raise link_error(root / sub)
-                if sub not in keep and entry.is_dir(follow_symlinks=False) and _remove(root / sub):
-                    removed.append(sub)
-            elif entry.name.startswith(TEMP_PREFIX) and _remove(root / sub):
-                removed.append(sub)
-    return removed
-
-
-def creation_blockers(root: Path) -> list[str]:
-    """What in `root` keeps it from becoming a new store: every entry that is not a leftover of an
-    interrupted crma writer (`.lock`, crma's temp names, part folders holding only version and temp
-    folders). [] when the folder is missing, empty, or holds only such leftovers (the next writer sweeps them)."""
-    if not os.path.lexists(root):
-        return []
-    if not root.is_dir():
-        return [str(root)]
-    other = []
-    for entry in sorted(os.scandir(root), key=lambda e: e.name):
-        name, path = entry.name, root / entry.name
-        if entry.is_symlink():
-            other.append(name)
-        elif name == LOCK and entry.is_file(follow_symlinks=False):
-            continue
-        elif name.startswith(TEMP_PREFIX) or MANIFEST_TEMP.fullmatch(name):
-            continue
-        elif name in ("backbone", "router") and entry.is_dir(follow_symlinks=False) and _only_versions(path):
-            continue
-        elif name == "adapters" and entry.is_dir(follow_symlinks=False) and all(
-                sub.is_dir(follow_symlinks=False) and _only_versions(path / sub.name) for sub in os.scandir(path)):
-            continue
-        else:
-            other.append(name)
-    return other
-
-
-def _only_versions(folder: Path) -> bool:
-    return all(e.is_dir(follow_symlinks=False) and (VERSION_DIR.fullmatch(e.name) or e.name.startswith(TEMP_PREFIX))
-               for e in os.scandir(folder))
-
-
-def creation_settings(condition: str, model_spec: str, fingerprint: dict, *, seed: int, crma: CRMAConfig,
-                      lora: LoraSettings, router: RouterConfig | None = None) -> dict:
-    """The `create` argument of Store.writer for a new store of a core condition (naive, frozen, modular)."""
-    if condition not in CONDITIONS:
-        raise StoreError(f"condition: must be {', '.join(CONDITIONS)}, got {condition!r}")
-    return {"model_spec": model_spec, "fingerprint": fingerprint, "condition": condition,
-            "settings": {"seed": seed, "crma": asdict(crma), "lora": asdict(lora),
-                         "router": asdict(router or RouterConfig()), "created_with": time.strftime("%Y-%m-%d")}}
-
-
-def new_manifest(model_spec: str, fingerprint: dict, condition: str, settings: dict) -> dict:
-    return {"format": FORMAT, "crma_version": __version__, "created": now(), "updated": now(),
-            "model": {"spec": model_spec, "fingerprint": fingerprint}, "condition": condition,
-            "settings": settings, "backbone": {"current": None, "versions": {}},
-            "domains": {}, "adapters": {}, "router": {"current": None, "versions": {}}, "log": []}
 
 
 class Writer:

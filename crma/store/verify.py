@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from .manifest import StoreError, verify_files
+from .paths import StoreError, verify_files
 from .store import Store
 
 
