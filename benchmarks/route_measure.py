@@ -41,7 +41,7 @@ sys.path.insert(0, str(ROOT))
 
 from crma.routing.route_eval import read_queries  # noqa: E402
 
-from crma.data import read_passages  # noqa: E402
+from crma.data import read_texts  # noqa: E402
 from crma.routing import BASE, RouterConfig, new_router, route_texts, update_router  # noqa: E402
 
 DOMAINS = ("medical", "legal", "finance", "code", "science")
@@ -184,8 +184,8 @@ def build(variant: str, corpus: Path, model, tok, max_passages: int, max_calib: 
     t0 = time.perf_counter()
     router = new_router(model, cfg, meta={"model": "smollm2-135m"}, tokenizer=tok)
     for d in DOMAINS:
-        train = read_passages(corpus / d / "train.jsonl")
-        extra = read_passages(corpus / d / "pool.jsonl")[:max_calib] if calib == "pool" else None
+        train = read_texts(corpus / d / "train.jsonl")
+        extra = read_texts(corpus / d / "pool.jsonl")[:max_calib] if calib == "pool" else None
         update_router(router, model, tok, d, d, train, calib_texts=extra)
         print(f"  {variant}: {d} added ({router.calibration[d]['n_train']} segments, "
               f"{router.calibration[d]['n_calib']} calibration segments, "
@@ -198,8 +198,8 @@ def demo(variant: str, model, tok, cfg: RouterConfig) -> dict:
     router = new_router(model, cfg, tokenizer=tok)
     names = ("cooking", "astronomy", "contracts")
     for d in names:
-        update_router(router, model, tok, d, d, read_passages(DEMO / d / "train.jsonl"))
-    q = accuracy(router, model, tok, {d: read_passages(DEMO / d / "queries.jsonl") for d in names})
+        update_router(router, model, tok, d, d, read_texts(DEMO / d / "train.jsonl"))
+    q = accuracy(router, model, tok, {d: read_texts(DEMO / d / "queries.jsonl") for d in names})
     four = route_all(router, model, tok, list(FOUR))
     return {"queries": q, "four_questions": {t: {"expected": e, "routed": x.domain, "reason": x.reason,
                                                   "confidence": round(x.confidence, 3)}
@@ -243,7 +243,7 @@ def main() -> None:
     results["base_model_load"] = {"seconds": time.perf_counter() - t0, "rss_mb_added": rss_mb() - m0,
                                   "model": "smollm2-135m" if need_base else "tiny:llama (placeholder: MiniLM "
                                   "routers do not read the base model)"}
-    queries = {d: read_passages(args.corpus / d / "queries.jsonl") for d in DOMAINS}
+    queries = {d: read_texts(args.corpus / d / "queries.jsonl") for d in DOMAINS}
     qsets = {split: {d: read_queries(SETS / f"questions_{split}" / f"{d}.txt") for d in DOMAINS}
              for split in ("dev", "heldout", "heldout2")}
     ood = {"dev": {"random_strings": eval_random_strings(args.n_random, 0),

@@ -40,6 +40,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from crma.data import prompt_ids  # noqa: E402
 from crma.serve.app import create_app  # noqa: E402
 from crma.serve.config import ServeConfig  # noqa: E402
 from crma.serve.server import Server  # noqa: E402
@@ -297,8 +298,7 @@ def main() -> int:
 
     # single request: server vs transformers generate, interleaved
     domain, text = "medical", jobs[0][1]
-    from crma.engine.generate import encode_prompt
-    ids = encode_prompt(server.tokenizer, "", raw=False, messages=[{"role": "user", "content": text}])  # as the server
+    ids = torch.tensor([prompt_ids(server.tokenizer, [{"role": "user", "content": text}])])   # as the server
     single = {"server": [], "generate_same_math": [], "generate_crma_generate": [], "generate_base_model": []}
     for rep in range(3):
         single["generate_same_math"].append(hf_generate(server, ids, domain, "same-math", args.single_tokens))

@@ -96,6 +96,11 @@ class LoraSettings:
             self.targets = tuple(t for t in self.targets.split(",") if t)
 
 
+FORMATS = ("auto", "text", "messages", "prompt-completion", "alpaca", "sharegpt")
+LONG_INPUTS = ("window", "truncate")
+LOSS_ON = ("completion", "all")
+
+
 @dataclass
 class TrainConfig:
     """One training phase (one domain)."""
@@ -103,7 +108,7 @@ class TrainConfig:
     epochs: int = 1
     lr: float = 2e-4            # LoRA learning rate
     batch_size: int = 4
-    max_len: int = 256          # tokens per passage (longer passages are truncated)
+    max_len: int = 256          # tokens per example (longer documents are windowed, see long_inputs)
     grad_clip: float = 1.0      # clip the total gradient norm; the pre-clip norm is logged
     eval_batch_size: int = 8
     max_passages: int = 0       # use at most this many training passages per domain (0 = all)
@@ -111,6 +116,11 @@ class TrainConfig:
     holdout_fraction: float = 0.1  # held out of the train file when no holdout file is given
     micro_batch_size: int = 0   # rows per forward in each process (0: its whole share of the batch); the
                                 # gradient is accumulated over micro-batches, so it changes memory, not the math
+    format: str = "auto"        # record format (docs/data.md): auto|text|messages|prompt-completion|alpaca|sharegpt
+    columns: str = ""           # column mapping FIELD=COLUMN,... (e.g. prompt=question,completion=answer)
+    long_inputs: str = "window"  # text longer than max_len: window (consecutive windows) | truncate (first max_len)
+    stride: int = 0             # tokens each window overlaps the previous one (context only, no loss)
+    loss_on: str = "completion"  # conversations: loss on the answers only (completion) or on every token (all)
 
     def __post_init__(self) -> None:
         _check(self.epochs >= 1, "train.epochs", f"must be >= 1, got {self.epochs}")
@@ -123,6 +133,19 @@ class TrainConfig:
         _check(0 < self.holdout_fraction < 1, "train.holdout_fraction",
                f"must be in (0, 1), got {self.holdout_fraction}")
         _check(self.micro_batch_size >= 0, "train.micro_batch_size", f"must be >= 0, got {self.micro_batch_size}")
+        _check(self.format in FORMATS, "train.format", f"must be one of {', '.join(FORMATS)}, got {self.format!r}")
+        _check(self.long_inputs in LONG_INPUTS, "train.long_inputs",
+               f"must be one of {', '.join(LONG_INPUTS)}, got {self.long_inputs!r}")
+        _check(0 <= self.stride < self.max_len - 1, "train.stride",
+               f"must be >= 0 and below max_len - 1 ({self.max_len - 1}), got {self.stride}")
+        _check(self.loss_on in LOSS_ON, "train.loss_on", f"must be one of {', '.join(LOSS_ON)}, got {self.loss_on!r}")
+
+    @classmethod
+    def recorded(cls, train: dict) -> TrainConfig:
+        """The settings an adapter recorded in its meta.json. Adapters from before records had formats were
+        trained on truncated passages with the loss on every token: those are their defaults."""
+        old = {"long_inputs": "truncate", "loss_on": "all"}
+        return cls(**{**old, **{k: v for k, v in train.items() if k in cls.__dataclass_fields__}})
 
 
 DEVICES = ("auto", "cpu", "cuda", "mps")
@@ -193,21 +216,32 @@ class DomainSpec:
     """One domain of a continual run: its name (the adapter's name) and its data paths."""
 
     name: str
-    train: Path
-    holdout: Path | None = None
+    train: str                  # a file, a folder, a saved dataset or hf://NAME?... (docs/data.md)
+    holdout: str | None = None
 
     def __post_init__(self) -> None:
         check_domain_name(self.name)
-        self.train = Path(self.train)
-        self.holdout = Path(self.holdout) if self.holdout else None
+        self.train = str(self.train)
+        self.holdout = str(self.holdout) if self.holdout else None
 
     @classmethod
     def parse(cls, arg: str) -> DomainSpec:
-        """NAME=TRAIN[:HOLDOUT] -> DomainSpec."""
+        """NAME=TRAIN[:HOLDOUT] -> DomainSpec (the paths split at the first ':' that does not start '://')."""
         name, sep, paths = arg.partition("=")
         _check(bool(sep and name and paths), "domains", f"expected NAME=TRAIN[:HOLDOUT], got {arg!r}")
-        train, _, holdout = paths.partition(":")
-        return cls(name=name, train=Path(train), holdout=Path(holdout) if holdout else None)
+        train, holdout = split_source(paths)
+        return cls(name=name, train=train, holdout=holdout)
+
+
+def split_source(arg: str) -> tuple[str, str | None]:
+    """TRAIN[:HOLDOUT] -> (train, holdout), splitting at the first ':' that does not start a '://' scheme."""
+    at = 0
+    while (i := arg.find(":", at)) >= 0:
+        if arg.startswith("//", i + 1):
+            at = i + 3
+            continue
+        return arg[:i], arg[i + 1:] or None
+    return arg, None
 
 
 @dataclass

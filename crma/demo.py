@@ -1,7 +1,7 @@
 """`crma demo`: a continual model built domain by domain on the bundled demo data, then used.
 
-1. modular: the three demo domains are added one at a time to a model store (OUT/modular, exactly
-   what `crma add` does; the same folder is a `crma run` with its results.json);
+1. modular: the four demo domains (three of passages, one of support conversations) are added one at a
+   time to a model store (OUT/modular, exactly what `crma add` does; the folder is also a `crma run`);
 2. naive: the same domains through one shared adapter (OUT/naive), for comparison;
 3. the store answers one question per domain and one off-topic question, routed by its router;
 4. a drift table: modular with each adapter on its own backbone version (pinned, how the store
@@ -18,11 +18,12 @@ from .engine.live import LiveModel
 from .engine.run import continual_run
 from .store import Store
 
-DEMO_DOMAINS = ("cooking", "astronomy", "contracts")
+DEMO_DOMAINS = ("cooking", "astronomy", "contracts", "support")   # support: conversations (Q&A pairs)
 # Sized for about 5 minutes for both conditions with smollm2-135m on 2 CPU cores (see README).
 DEMO_DEFAULTS = {"train": TrainConfig(epochs=2, lr=1e-3, batch_size=4, max_len=128, eval_batch_size=8)}
 DEMO_QUESTIONS = ("How long should I knead bread dough?", "What is a red giant star?",
                   "The lessee shall indemnify the lessor against all claims.",
+                  "My espresso machine shows E1 and will not pull a shot. What should I do?",
                   "Who won the football match yesterday?")
 
 

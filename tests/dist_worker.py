@@ -25,14 +25,15 @@ def train(data: str, fsdp: bool) -> dict:
     from crma import runtime
     from crma.baselines import make_method
     from crma.config import CRMAConfig, DeviceConfig, DomainSpec, TrainConfig
-    from crma.engine.add import AddSettings, load_domain, train_domain
+    from crma.engine.add import AddSettings, load_spec, train_domain
     from crma.engine.live import LiveModel
 
     device = DeviceConfig(device="cpu", fsdp=fsdp)
     acc = runtime.accelerator(device)
     live = LiveModel.fresh("tiny:llama", "modular", seed=0, device=device)
-    cfg = TrainConfig(epochs=1, lr=1e-2, batch_size=5, max_len=48, micro_batch_size=2, max_passages=10)
-    dom = load_domain(DomainSpec("up", Path(data)), live.tokenizer, cfg)
+    cfg = TrainConfig(epochs=1, lr=1e-2, batch_size=5, max_len=48, micro_batch_size=2, max_passages=10,
+                      long_inputs="truncate")
+    dom = load_spec(DomainSpec("up", str(data)), live.tokenizer, cfg)
     adapter, log = train_domain(live, dom, 0, AddSettings(train=cfg, crma=CRMAConfig()), acc,
                                 make_method(live.condition))
     base = [p for n, p in live.model.named_parameters() if "lora_" not in n and "crma_" not in n]

@@ -15,8 +15,9 @@ from crma.baselines.olora import OLoRA, lora_layers, orthogonality
 from crma.baselines.replay import Reservoir, mix
 from crma.bench.grid import SMOKE, plan_grid
 from crma.cli import main
-from crma.config import CLConfig, ConfigError, LoraSettings
-from crma.data import read_passages, tokenize
+from crma.config import CLConfig, ConfigError, LoraSettings, TrainConfig
+from crma.data import text_example
+from crma.engine.add import load_spec
 from crma.engine.loss import mean_loss, passage_losses
 from crma.method.adapters import active, adapter_of, add_adapter, load_adapter, set_trainable
 from crma.method.models import load_model
@@ -39,7 +40,7 @@ def tiny_with_adapters(*names, family="llama", random_b=True):
 
 def passages(n=3, length=24, seed=0):
     rng = random.Random(seed)
-    return [[rng.randrange(256) for _ in range(length)] for _ in range(n)]
+    return [text_example([rng.randrange(256) for _ in range(length)]) for _ in range(n)]
 
 
 def adapter_params(model, name):
@@ -161,7 +162,7 @@ def test_olora_penalty_on_a_model_vanishes_when_new_rows_are_orthogonal():
 @pytest.mark.parametrize("family", ["llama", "gpt2"])
 def test_summed_inference_equals_the_sum_of_the_separate_deltas(family):
     model, _ = tiny_with_adapters("one", "two", "three", family=family)
-    ids = torch.tensor(passages(2, 16))
+    ids = torch.tensor([x.ids for x in passages(2, 16)])
     layer = lora_layers(model)[0]
     x = torch.randn(2, 5, layer.in_features)
     before = model.active_adapter
@@ -207,7 +208,7 @@ def test_olora_saved_adapters_summed_reproduce_the_runs_final_losses(baseline_ru
     for name in ("up", "down"):
         model = load_adapter(model, name, res["_dir"] / "adapters" / name / "v1")
     for j, spec in enumerate(conflicting_domains):
-        ids = tokenize(read_passages(spec.holdout), tok, 64)
+        ids = load_spec(spec, tok, TrainConfig(max_len=64)).holdout            # as the run read it
         with summed_adapters(model, ["up", "down"]):
             loss = mean_loss(passage_losses(model, ids, 8, tok.pad_token_id, progress=False))
         assert abs(loss - res["loss_matrix"][-1][j]) < 1e-5
@@ -266,4 +267,5 @@ def test_baseline_settings_define_only_their_own_runs(tmp_path):
         plan_grid(SMOKE, tmp_path, conditions=["ewc"], seeds=[0], resume=True, cl=other)
     core = make_method(plan[0][0].condition)                 # core conditions: the plain method, adding nothing
     assert type(core).__name__ == "Method" and core.name == "frozen"
-    assert core.penalty() is None and core.storage() is None and core.phase_examples([[1, 2]], None, 0) is None
+    assert core.penalty() is None and core.storage() is None
+    assert core.phase_examples([text_example([1, 2])], None, 0) is None

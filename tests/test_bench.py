@@ -2,6 +2,7 @@
 import dataclasses
 import json
 import math
+from pathlib import Path
 
 import pytest
 
@@ -18,7 +19,7 @@ from crma.bench.grid import (
 from crma.bench.summary import fmt_stats, load_results, stats_by_seed, summarize
 from crma.cli import main
 from crma.config import ALL_CONDITIONS, CRMAConfig
-from crma.data import read_passages
+from crma.data import read_texts
 
 DOMAINS = ["a", "b", "c"]
 BASE = [4.0, 4.0, 4.0]
@@ -147,9 +148,9 @@ def test_protocols_find_their_corpus_in_the_repository():
         specs = domain_specs(protocol, None)
         assert [s.name for s in specs] == list(protocol.domains)
         for spec in specs:
-            assert len(read_passages(spec.train)) >= protocol.train_passages, (protocol.name, spec.name)
-            assert len(read_passages(spec.holdout)) >= protocol.holdout_passages, (protocol.name, spec.name)
-    assert domain_specs(CPU, None)[0].train.parent.parent == REPO_CORPUS
+            assert len(read_texts(spec.train)) >= protocol.train_passages, (protocol.name, spec.name)
+            assert len(read_texts(spec.holdout)) >= protocol.holdout_passages, (protocol.name, spec.name)
+    assert Path(domain_specs(CPU, None)[0].train).parent.parent == REPO_CORPUS
     assert estimate_left({"naive": [10.0, 20.0]}, ["naive", "modular"]) == 30.0    # unknown: the overall mean
     assert estimate_left({}, ["naive"]) is None
 

@@ -229,7 +229,8 @@ def test_route_eval_loss_routed_vs_oracle(cli_store, tmp_path, capsys):
     assert set(loss["per_domain"]) == {"up", "down"}
     store = Store(s["store"])
     for d, v in loss["per_domain"].items():
-        assert v["n"] == 6 and 0 <= v["misrouted"] <= v["n"]
+        held = store.adapter_meta(d)["data"]["holdout"]
+        assert v["n"] == held["passages"] == 6 - len(held["duplicates_removed"]) and 0 <= v["misrouted"] <= v["n"]
         assert v["oracle_loss"] == store.adapter_meta(d)["holdout_loss"]   # oracle = how the store serves d
         assert v["routed_loss"] >= 0
         assert v["gap_pct"] == pytest.approx(100 * (v["routed_loss"] - v["oracle_loss"]) / v["oracle_loss"])

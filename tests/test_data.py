@@ -5,7 +5,7 @@ import pytest
 
 from crma.cli import main
 from crma.config import ConfigError, DomainSpec
-from crma.data import DataError, collate, epoch_order, read_passages, split_holdout, tokenize
+from crma.data import DataError, Record, build_examples, collate, epoch_order, read_texts, split_holdout
 from crma.method.models import byte_tokenizer
 
 
@@ -17,9 +17,9 @@ def write(path, content: str | bytes):
 def test_jsonl_txt_and_directories(tmp_path):
     write(tmp_path / "a.jsonl", '{"text": "one", "domain": "med"}\n\n{"text": "two"}\n')
     write(tmp_path / "b.txt", "first paragraph\nstill first\n\nsecond paragraph\n")
-    assert read_passages(tmp_path / "a.jsonl", "med") == ["one", "two"]
-    assert read_passages(tmp_path / "b.txt") == ["first paragraph\nstill first", "second paragraph"]
-    assert read_passages(tmp_path) == ["one", "two", "first paragraph\nstill first", "second paragraph"]
+    assert read_texts(tmp_path / "a.jsonl", "med") == ["one", "two"]
+    assert read_texts(tmp_path / "b.txt") == ["first paragraph\nstill first", "second paragraph"]
+    assert read_texts(tmp_path) == ["one", "two", "first paragraph\nstill first", "second paragraph"]
 
 
 @pytest.mark.parametrize("content, message", [
@@ -34,17 +34,17 @@ def test_jsonl_txt_and_directories(tmp_path):
 def test_bad_input_names_file_and_line(tmp_path, content, message):
     write(tmp_path / "bad.jsonl", content)
     with pytest.raises(DataError, match=message):
-        read_passages(tmp_path / "bad.jsonl", "medical")
+        read_texts(tmp_path / "bad.jsonl", "medical")
 
 
 def test_missing_paths_and_unsupported_files(tmp_path):
     with pytest.raises(DataError, match="no such file"):
-        read_passages(tmp_path / "nope.jsonl")
+        read_texts(tmp_path / "nope.jsonl")
     with pytest.raises(DataError, match="unsupported file type"):
-        read_passages(write(tmp_path / "x.csv", "a,b"))
+        read_texts(write(tmp_path / "x.xml", "<a/>"))
     (tmp_path / "empty").mkdir()
-    with pytest.raises(DataError, match="holds no .jsonl or .txt"):
-        read_passages(tmp_path / "empty")
+    with pytest.raises(DataError, match="holds no .jsonl, .json, .csv, .parquet, .txt files"):
+        read_texts(tmp_path / "empty")
 
 
 def test_domain_spec_parsing_and_names():
@@ -67,8 +67,10 @@ def test_holdout_split_is_deterministic_and_disjoint():
 
 def test_tokenize_order_and_collate():
     tok = byte_tokenizer()
-    ids = tokenize(["hello", "a", "hello world, longer"], tok, max_len=8)
-    assert [len(x) for x in ids] == [5, 8]               # 1-token passage dropped, long one truncated
+    records = [Record("x", text=t) for t in ("hello", "a", "hello world, longer")]
+    ids, origin, stats = build_examples(records, tok, max_len=8, long_inputs="truncate")
+    assert [len(x) for x in ids] == [5, 8] and origin == [0, 2]   # 1-token passage dropped, long one truncated
+    assert stats.records_dropped == {"record shorter than 2 tokens": 1}
     assert epoch_order(10, 2, seed=3) == epoch_order(10, 2, seed=3) != epoch_order(10, 2, seed=4)
     batch = collate(ids, pad_id=256)
     assert batch["input_ids"].shape == (2, 8)

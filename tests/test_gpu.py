@@ -17,7 +17,7 @@ pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA G
 
 def test_gpu_identity_certificate_step_fingerprint(tmp_path):
     from crma.baselines import make_method
-    from crma.engine.add import AddSettings, load_domain, train_domain
+    from crma.engine.add import AddSettings, load_spec, train_domain
     from crma.engine.live import LiveModel
 
     device = DeviceConfig(device="cuda")
@@ -38,7 +38,7 @@ def test_gpu_identity_certificate_step_fingerprint(tmp_path):
     live = LiveModel.fresh("tiny:llama", "modular", seed=0, device=device)
     data = write_cycle_domain(tmp_path / "up.jsonl", "abcd", 8, 1)
     cfg = TrainConfig(epochs=1, lr=1e-2, batch_size=4, max_len=48)
-    dom = load_domain(DomainSpec("up", data, data), live.tokenizer, cfg)
+    dom = load_spec(DomainSpec("up", data, data), live.tokenizer, cfg)
     _, log = train_domain(live, dom, 0, AddSettings(train=cfg), runtime.accelerator(device),
                           make_method(live.condition))
     assert len(log.losses) == 2 and all(torch.isfinite(torch.tensor(log.losses)))

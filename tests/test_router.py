@@ -14,7 +14,7 @@ import torch
 
 from crma.cli import main as route_main
 from crma.config import ConfigError, CRMAConfig, LoraSettings
-from crma.data import DEMO_DIR, read_passages
+from crma.data import DEMO_DIR, read_texts
 from crma.method.adapters import add_adapter
 from crma.method.backbone import CRMABackbone
 from crma.method.models import load_model
@@ -83,7 +83,7 @@ def build(feats, order, cfg=CFG) -> Router:
 
 
 def demo_train(d: str, n: int = 0) -> list[str]:
-    texts = read_passages(DEMO_DIR / d / "train.jsonl")
+    texts = read_texts(DEMO_DIR / d / "train.jsonl")
     return texts[:n] if n else texts
 
 
@@ -93,7 +93,7 @@ def demo_router(tiny):
     model, tok = tiny
     router = new_router(model, meta={"model": "tiny:llama"})
     for d in DEMO:
-        update_router(router, model, tok, d, d, demo_train(d), read_passages(DEMO_DIR / d / "holdout.jsonl"))
+        update_router(router, model, tok, d, d, demo_train(d), read_texts(DEMO_DIR / d / "holdout.jsonl"))
     return router
 
 
@@ -308,7 +308,7 @@ def test_demo_questions_route_as_a_person_expects(tiny, demo_router):
     assert decisions[3].reason == "background"
     for d in decisions[:3]:
         assert d.runner_up in DEMO and d.runner_up != d.domain and d.confidence > d.runner_up_confidence
-    queries = {d: read_passages(DEMO_DIR / d / "queries.jsonl") for d in DEMO}
+    queries = {d: read_texts(DEMO_DIR / d / "queries.jsonl") for d in DEMO}
     correct = sum(x.domain == d for d in DEMO for x in route_texts(demo_router, model, tok, queries[d]))
     assert correct >= 27                                 # of 30 plain questions about the three domains
 
@@ -443,7 +443,7 @@ def test_route_eval_bad_inputs(demo_folder, tmp_path, capsys):
     empty = tmp_path / "empty.txt"
     empty.write_text("\n  \n")
     assert route_main(["route-eval", "--router", str(demo_folder), "--ood", str(empty)]) == 2
-    assert "no queries" in capsys.readouterr().err
+    assert "empty.txt: empty file (no records)" in capsys.readouterr().err
     assert route_main(["route-eval", "--router", str(demo_folder)]) == 2
     assert "nothing to evaluate" in capsys.readouterr().err
     assert route_main(["route-eval", "--store", str(tmp_path / "missing"), "--ood", str(bad)]) == 2

@@ -7,7 +7,8 @@ from peft import PeftModel
 from crma.baselines import make_method
 from crma.cli import main
 from crma.config import CRMAConfig, LoraSettings, TrainConfig
-from crma.data import read_passages, tokenize
+from crma.data import build_examples, read_records
+from crma.engine.add import load_spec
 from crma.engine.loss import mean_loss, passage_losses
 from crma.engine.train import train_phase
 from crma.method.adapters import add_adapter, set_trainable
@@ -20,7 +21,8 @@ REQUIRED_KEYS = {"model", "condition", "seed", "domains", "base_loss", "loss_mat
 
 
 def holdout_ids(spec, tokenizer, max_len=64):
-    return tokenize(read_passages(spec.holdout), tokenizer, max_len)
+    """The holdout examples exactly as the run read them (duplicates of training passages removed)."""
+    return load_spec(spec, tokenizer, TrainConfig(max_len=max_len)).holdout
 
 
 def test_naive_forgets_and_frozen_does_not(conflict_runs):
@@ -101,7 +103,8 @@ def test_old_adapter_is_bit_for_bit_unchanged_while_backbone_trains(conflicting_
         model = add_adapter(model, spec.name, LoraSettings())
         lora = set_trainable(model, spec.name, backbone=True)
         model.set_adapter(spec.name)
-        train_phase(model, tokenize(read_passages(spec.train), tok, 64), cfg, seed=i, domain=spec.name,
+        examples = build_examples(read_records(spec.train), tok, 64, "truncate")[0]
+        train_phase(model, examples, cfg, seed=i, domain=spec.name,
                     adapter=spec.name, lora_params=lora, backbone=backbone, accelerator=Accelerator(),
                     pad_id=tok.pad_token_id, method=make_method("modular"))
         snapshots.append({n: p.detach().clone() for n, p in model.named_parameters() if ".up." in n})

@@ -16,6 +16,7 @@ import torch
 from crma import runtime
 from crma.cli import main
 from crma.config import ConfigError, CRMAConfig, DeviceConfig, DomainSpec, TrainConfig
+from crma.data import text_example
 from crma.method.models import fingerprint, load_model
 
 from .conftest import write_cycle_domain
@@ -106,7 +107,7 @@ def _one_step_grads(gradient_checkpointing: bool, spec: str = "tiny:llama") -> d
     model = add_adapter(model, "up", LoraSettings())
     set_trainable(model, "up", backbone=True)
     model.train()
-    rows = [[(7 * i + 3 * j) % 250 for j in range(20 + i)] for i in range(3)]
+    rows = [text_example([(7 * i + 3 * j) % 250 for j in range(20 + i)]) for i in range(3)]
     token_loss_sum(model, rows, 256, next(model.parameters()).device).backward()
     return {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
 
@@ -122,15 +123,17 @@ def test_gradient_checkpointing_gives_the_same_gradients():
 def test_micro_batches_change_memory_not_the_step(tmp_path):
     """Global batch 5 in micro-batches of 2 (2 + 2 + 1 rows, accumulated) = one forward of 5 rows."""
     from crma.baselines import make_method
-    from crma.engine.add import AddSettings, load_domain, train_domain
+    from crma.engine.add import AddSettings, load_spec, train_domain
     from crma.engine.live import LiveModel
 
     data = write_cycle_domain(tmp_path / "up.jsonl", "abcd", 10, 1)
+    held = write_cycle_domain(tmp_path / "up-holdout.jsonl", "abcd", 3, 2)
     out = []
     for micro in (0, 2):
         live = LiveModel.fresh("tiny:llama", "modular", seed=0, device=DeviceConfig())
-        cfg = TrainConfig(epochs=1, lr=1e-2, batch_size=5, max_len=48, micro_batch_size=micro)
-        dom = load_domain(DomainSpec("up", data, data), live.tokenizer, cfg)
+        cfg = TrainConfig(epochs=1, lr=1e-2, batch_size=5, max_len=48, micro_batch_size=micro,
+                          long_inputs="truncate")           # one example per passage: 10 rows, 2 steps of 5
+        dom = load_spec(DomainSpec("up", str(data), str(held)), live.tokenizer, cfg)
         _, log = train_domain(live, dom, 0, AddSettings(train=cfg), runtime.accelerator(), make_method(live.condition))
         out.append((log.losses, {n: p.detach().clone() for n, p in live.model.named_parameters()
                                  if "crma_" in n or "lora_" in n}))
@@ -199,7 +202,7 @@ def test_two_process_run_matches_one_process_and_one_process_writes(tmp_path):
     down = [write_cycle_domain(root / f"down{k}.jsonl", "dcba", n, k + 2) for k, n in ((1, 12), (2, 5))]
     common = ["--model", "tiny:llama", "--condition", "modular", "--domains", f"up={up[0]}:{up[1]}",
               f"down={down[0]}:{down[1]}", "--epochs", "1", "--lr", "1e-2", "--batch-size", "5", "--max-len", "48",
-              "--eval-batch-size", "2", "--device", "cpu"]
+              "--long-inputs", "truncate", "--eval-batch-size", "2", "--device", "cpu"]
     log = tmp_path / "writes.log"
     _launch(["-m", "crma", "run", *common, "--out", str(tmp_path / "two")], {"CRMA_WRITE_LOG": str(log)})
     assert main(["run", *common, "--out", str(tmp_path / "one")]) == 0          # one process: this one

@@ -13,7 +13,7 @@ import torch
 from crma.baselines import make_method
 from crma.cli import main
 from crma.config import ConfigError, DomainSpec, TrainConfig
-from crma.engine.add import AddSettings, load_domain
+from crma.engine.add import AddSettings, load_spec
 from crma.engine.generate import generate
 from crma.engine.live import LiveModel
 from crma.engine.loss import mean_loss
@@ -33,7 +33,7 @@ def add(store, spec: DomainSpec, *extra) -> int:
 
 def matrix_row(store, domains, phase, backbone="latest"):
     live = LiveModel.open(Store(store))
-    data = [load_domain(s, live.tokenizer, SETTINGS.train) for s in domains]
+    data = [load_spec(s, live.tokenizer, SETTINGS.train) for s in domains]
     rows = evaluate_row(live, data, phase, backbone, SETTINGS, False, make_method(live.condition))
     return [mean_loss(cell) for cell in rows]
 
@@ -257,11 +257,12 @@ def test_generate_greedy_is_deterministic_and_streams(added_store):
 def test_demo_builds_a_store_answers_and_prints_pinned_and_latest(tmp_path, capsys):
     from crma.config import CRMAConfig, LoraSettings
     from crma.demo import DEMO_QUESTIONS, run_demo
-    train = TrainConfig(epochs=1, lr=1e-2, batch_size=8, max_len=48, max_passages=8, max_holdout=4)
+    # max_len in bytes (the byte tokenizer): the longest support answer fits
+    train = TrainConfig(epochs=1, lr=1e-2, batch_size=8, max_len=400, max_passages=8, max_holdout=4)
     results = run_demo(tmp_path / "demo", "tiny:llama", ["naive", "modular"], 0, train, LoraSettings(),
                        CRMAConfig(), max_new_tokens=4)
     out = capsys.readouterr().out
-    assert Store(tmp_path / "demo" / "modular").domains() == ["cooking", "astronomy", "contracts"]
+    assert Store(tmp_path / "demo" / "modular").domains() == ["cooking", "astronomy", "contracts", "support"]
     assert out.count("[router: ") == len(DEMO_QUESTIONS) and "modular pinned" in out and "modular latest" in out
     assert "nan" not in out and results["modular"]["drift_pct_pinned"] == 0.0
     run_demo(tmp_path / "demo", "tiny:llama", ["modular"], 0, train, LoraSettings(), CRMAConfig(),

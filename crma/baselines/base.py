@@ -8,6 +8,7 @@ from contextlib import contextmanager
 import torch
 
 from ..config import SHARED_ADAPTER_CONDITIONS, CLConfig, TrainConfig
+from ..data import Example
 from ..method.adapters import active
 
 
@@ -57,7 +58,7 @@ class Method:
     def begin_phase(self, live, adapter: str, lora_params: list) -> None:
         self.adapter_params = adapter_param_count(lora_params)
 
-    def phase_examples(self, examples: list[list[int]], cfg: TrainConfig, seed: int) -> list[list[int]] | None:
+    def phase_examples(self, examples: list[Example], cfg: TrainConfig, seed: int) -> list[Example] | None:
         return None                          # None: train_phase's own seeded order (crma.data.epoch_order)
 
     def penalty(self) -> torch.Tensor | None:

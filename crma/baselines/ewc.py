@@ -25,12 +25,12 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ..data import collate
+from ..data import Example, collate
 from ..method.adapters import adapter_of
 from .base import Baseline
 
 
-def diagonal_fisher(model, examples: list[list[int]], params: dict[str, torch.Tensor], estimate: str = "empirical",
+def diagonal_fisher(model, examples: list[Example], params: dict[str, torch.Tensor], estimate: str = "empirical",
                     seed: int = 0, pad_id: int = 0) -> dict[str, torch.Tensor]:
     """F[name] (the parameter's shape): mean over passages of the squared gradient of the passage's
     mean-token loss, on gold ("empirical") or model-sampled ("sampled") next tokens. Zero where no gradient."""
@@ -51,7 +51,8 @@ def diagonal_fisher(model, examples: list[list[int]], params: dict[str, torch.Te
                 targets = torch.multinomial(logits.softmax(-1).cpu(), 1, generator=gen)[:, 0].to(device)  # (s-1,)
         else:
             targets = batch["input_ids"][0, 1:].to(device)                                              # (s-1,)
-        loss = F.cross_entropy(logits, targets)                       # mean over the passage's tokens
+        targets = targets.masked_fill(batch["labels"][0, 1:].to(device) == -100, -100)   # the trained tokens only
+        loss = F.cross_entropy(logits, targets, ignore_index=-100)    # mean over the passage's trained tokens
         grads = torch.autograd.grad(loss, tensors, allow_unused=True)
         for name, g in zip(names, grads, strict=False):
             if g is not None:

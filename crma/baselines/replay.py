@@ -22,7 +22,7 @@ from __future__ import annotations
 import random
 from collections import Counter
 
-from ..data import epoch_order, tokenize
+from ..data import epoch_order
 from .base import Baseline
 
 
@@ -81,10 +81,9 @@ class Replay(Baseline):
         return mixed
 
     def update(self, live, dom, adapter, settings, last):
-        for text in dom.train_texts:           # the domain's passages, file order, as the run read them
-            ids = tokenize([text], live.tokenizer, settings.train.max_len)
-            if ids:
-                self.buffer.offer((dom.name, text, ids[0]))
+        texts = dom.train_texts
+        for ex, record in zip(dom.train, dom.train_origin, strict=True):   # file order, as the run read them
+            self.buffer.offer((dom.name, texts[record], ex))
 
     def storage(self):
         texts = [t for _, t, _ in self.buffer.items]

@@ -58,7 +58,7 @@ class Protocol:
     domains: tuple[str, ...]
     train_passages: int          # per domain (TrainConfig.max_passages)
     holdout_passages: int        # per domain (TrainConfig.max_holdout)
-    max_len: int                 # tokens per passage (longer ones truncated)
+    max_len: int                 # tokens per passage
     epochs: int
     lr: float                    # LoRA learning rate (CRMA rates: CRMAConfig defaults)
     batch_size: int
@@ -66,11 +66,12 @@ class Protocol:
     seeds: tuple[int, ...] = PAPER_SEEDS
     conditions: tuple[str, ...] = CONDITIONS
     default_corpus: Path | None = None     # used when --corpus is omitted
+    long_inputs: str = "truncate"  # passages longer than max_len keep their first max_len tokens (as published)
 
     def train_config(self) -> TrainConfig:
         return TrainConfig(epochs=self.epochs, lr=self.lr, batch_size=self.batch_size, max_len=self.max_len,
                            eval_batch_size=self.eval_batch_size, max_passages=self.train_passages,
-                           max_holdout=self.holdout_passages)
+                           max_holdout=self.holdout_passages, long_inputs=self.long_inputs)
 
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
@@ -120,7 +121,7 @@ def domain_specs(protocol: Protocol, corpus: Path | None) -> list[DomainSpec]:
         raise ConfigError(f"--corpus: protocol {protocol.name!r} needs a corpus folder "
                           f"(<corpus>/<domain>/train.jsonl and holdout.jsonl for {', '.join(protocol.domains)})")
     specs = [DomainSpec(d, corpus / d / "train.jsonl", corpus / d / "holdout.jsonl") for d in protocol.domains]
-    missing = [str(p) for s in specs for p in (s.train, s.holdout) if not p.is_file()]
+    missing = [p for s in specs for p in (s.train, s.holdout) if not Path(p).is_file()]
     if missing:
         raise DataError(f"corpus {corpus} lacks files of protocol {protocol.name!r}: {', '.join(missing)}")
     return specs

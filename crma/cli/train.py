@@ -15,7 +15,7 @@ from .. import runtime
 from ..baselines import make_method
 from ..config import ALL_CONDITIONS, CONDITIONS, ConfigError, CRMAConfig, DomainSpec, RunConfig
 from ..demo import DEMO_DEFAULTS, run_demo
-from ..engine.add import AddSettings, add_domain, load_domain
+from ..engine.add import AddSettings, add_domain, load_spec
 from ..engine.live import LiveModel
 from ..engine.run import continual_run
 from ..method.models import DEFAULT_MODEL
@@ -44,8 +44,11 @@ class AddArgs:
     store: Path = opt(help="store folder (created by the first add)")
     domain: str = opt(help="domain name: [a-z0-9][a-z0-9_-]{0,63}")
     data: str = opt(metavar="TRAIN[:HOLDOUT]",
-                    help=".jsonl (text field), .txt (blank-line separated) or a folder; "
-                         "without HOLDOUT 10%% is held out")
+                    help=".jsonl/.json/.csv/.parquet/.txt, a folder, a save_to_disk dataset or hf://NAME?split=S "
+                         "(docs/data.md); without HOLDOUT 10%% is held out")
+    route_examples: str | None = opt(None, metavar="FILE",
+                                     help="example queries for this domain (any data format); the router keeps "
+                                          "only their statistics")
     model: str | None = opt(None, help=f"base model of a new store (default {DEFAULT_MODEL})")
     condition: str | None = opt(None, choices=("modular", "frozen"), help="of a new store (default modular)")
     min_gain: float = opt(0.0, help="register only if the holdout loss beats the base model's by this many "
@@ -106,9 +109,11 @@ def cmd_add(args: argparse.Namespace) -> int:
         crma, router_cfg = configs["crma"], RouterConfig()
         live = LiveModel.fresh(a.model or DEFAULT_MODEL, a.condition or "modular", seed=a.seed, device=device)
     settings = AddSettings(seed=a.seed, train=configs["train"], lora=configs["lora"], crma=crma, min_gain=a.min_gain)
-    dom = load_domain(spec, live.tokenizer, settings.train)
-    say(f"crma add: {dom.name} ({len(dom.train)} train / {len(dom.holdout)} holdout passages) -> {root} "
-        f"[{live.condition}, {live.spec}{', new store' if not exists else ''}]", flush=True)
+    dom = load_spec(spec, live.tokenizer, settings.train, a.route_examples)
+    say(f"crma add: {dom.name} -> {root} [{live.condition}, {live.spec}{', new store' if not exists else ''}]\n"
+        f"  train: {dom.stats['train'].line()}\n  holdout: {dom.stats['holdout'].line()}"
+        + (f" ({dom.stats['holdout'].duplicates_removed} duplicates of train records removed)"
+           if dom.stats['holdout'].duplicates_removed else ""), flush=True)
     create = None if exists else creation_settings(live.condition, live.spec, live.base_fingerprint, seed=a.seed,
                                                    crma=crma, lora=settings.lora, router=router_cfg)
     result = add_domain(live, root, dom, settings, make_method(live.condition, seed=a.seed),

@@ -20,7 +20,7 @@ from accelerate import Accelerator
 from .. import runtime
 from ..baselines import Method
 from ..config import SHARED_ADAPTER_CONDITIONS, ConfigError, CRMAConfig, DomainSpec, LoraSettings, TrainConfig
-from ..data import read_passages, split_holdout, tokenize
+from ..data import DomainData, load_domain
 from ..method.adapters import SHARED, add_adapter, save_adapter, set_trainable
 from ..routing import RouterConfig, new_router, update_router
 from ..store import Store, sha256_texts
@@ -29,34 +29,21 @@ from .loss import mean_loss, passage_losses
 from .train import PhaseLog, train_phase
 
 
-@dataclass
-class DomainData:
-    name: str
-    train: list[list[int]]
-    holdout: list[list[int]]
-    train_texts: list[str] = field(default_factory=list)     # raw text: training and the router's statistics
-    holdout_texts: list[str] = field(default_factory=list)   # (never stored, only checksums and counts)
-
-    def data_record(self) -> dict:
-        """What the store keeps about the data: checksums and counts, never the text."""
-        return {part: {"sha256": sha256_texts(texts), "passages": len(texts), "tokens": sum(map(len, ids))}
-                for part, texts, ids in (("train", self.train_texts, self.train),
-                                         ("holdout", self.holdout_texts, self.holdout))}
+def data_record(dom: DomainData) -> dict:
+    """What the store keeps about a domain's data: checksums, counts and what tokenising made of it; never text."""
+    out = {}
+    for part, records, examples in (("train", dom.train_records, dom.train), ("holdout", dom.holdout_records,
+                                                                               dom.holdout)):
+        stats = dom.stats.get(part)
+        out[part] = {"sha256": sha256_texts([r.canonical() for r in records]), "passages": len(records),
+                     "tokens": sum(map(len, examples)), **({"stats": asdict(stats)} if stats else {})}
+    out["holdout"]["duplicates_removed"] = list(dom.duplicates)    # record keys (hashes), never text
+    return out
 
 
-def load_domain(spec: DomainSpec, tokenizer, cfg: TrainConfig) -> DomainData:
-    """Read and tokenise one domain; hold out a deterministic fraction when no holdout file is given."""
-    train = read_passages(spec.train, spec.name)
-    if spec.holdout is not None:
-        holdout = read_passages(spec.holdout, spec.name)
-    else:
-        train, holdout = split_holdout(train, cfg.holdout_fraction)
-    if cfg.max_passages:
-        train = train[: cfg.max_passages]
-    if cfg.max_holdout:
-        holdout = holdout[: cfg.max_holdout]
-    return DomainData(spec.name, tokenize(train, tokenizer, cfg.max_len), tokenize(holdout, tokenizer, cfg.max_len),
-                      train, holdout)
+def load_spec(spec: DomainSpec, tokenizer, cfg: TrainConfig, route_examples: str | None = None) -> DomainData:
+    """Read and tokenise one domain (crma.data.load_domain) from its command-line spec."""
+    return load_domain(spec.name, spec.train, spec.holdout, tokenizer, cfg, route_examples)
 
 
 @dataclass
@@ -167,10 +154,10 @@ def add_domain(live: LiveModel, root: Path, dom: DomainData, settings: AddSettin
             router = w.store.router() or new_router(live.model, router_cfg or RouterConfig(),
                                                         meta={"model": live.spec, "condition": live.condition},
                                                         tokenizer=live.tokenizer)
-            update_router(router, live.model, live.tokenizer, dom.name, adapter, dom.train_texts, dom.holdout_texts)
+            update_router(router, live.model, live.tokenizer, dom.name, adapter, dom.route_texts, dom.holdout_texts)
             router_version = w.add_router_version(router, f"add {dom.name}")
             meta = {"adapter": adapter, "backbone_version": backbone_version, "router_version": router_version,
-                    "phase": phase, "data": dom.data_record(), "base_loss": base_loss, "holdout_loss": loss,
+                    "phase": phase, "data": data_record(dom), "base_loss": base_loss, "holdout_loss": loss,
                     "gain_pct": gain, "train": {**asdict(settings.train), "seed": settings.seed},
                     "lora": asdict(settings.lora), "steps": len(log.losses), "train_tokens": log.tokens,
                     "train_seconds": round(log.seconds, 3)}

@@ -12,7 +12,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ..config import TrainConfig
-from ..data import read_passages, split_holdout, tokenize
+from ..data import Record, build_examples, read_records
+from ..data.domain import drop_keys
 from ..store import Store, StoreError, sha256_texts
 from .live import LiveModel
 from .loss import mean_loss, passage_losses
@@ -30,11 +31,12 @@ class DomainEval:
     damaged: dict[str, str]              # backbone mode -> why it could not be evaluated
 
 
-def holdout_texts(path, domain: str, train_cfg: TrainConfig, is_train_file: bool = False) -> list[str]:
-    texts = read_passages(path, domain)
-    if is_train_file:
-        texts = split_holdout(texts, train_cfg.holdout_fraction)[1]
-    return texts[: train_cfg.max_holdout] if train_cfg.max_holdout else texts
+def holdout_records(path, domain: str, cfg: TrainConfig, meta: dict) -> list[Record]:
+    """A domain's holdout records read as its adapter was registered: format, columns, the duplicates of
+    training records it removed (recorded as hashes), max_holdout."""
+    records = drop_keys(read_records(path, cfg.format, cfg.columns, domain),
+                        meta["data"]["holdout"].get("duplicates_removed", []))
+    return records[: cfg.max_holdout] if cfg.max_holdout else records
 
 
 def evaluate_store(live: LiveModel, data: dict[str, str], modes: tuple[str, ...] = ("pinned", "latest"),
@@ -45,12 +47,12 @@ def evaluate_store(live: LiveModel, data: dict[str, str], modes: tuple[str, ...]
     out = []
     for domain, path in data.items():
         meta = store.adapter_meta(domain)
-        cfg = TrainConfig(**{k: v for k, v in meta["train"].items() if k in TrainConfig.__dataclass_fields__})
-        texts = holdout_texts(path, domain, cfg)
-        if not texts:
-            raise StoreError(f"{path}: no holdout passages for {domain}")
-        ids = tokenize(texts, live.tokenizer, cfg.max_len)
-        same = sha256_texts(texts) == meta["data"]["holdout"]["sha256"]
+        cfg = TrainConfig.recorded(meta["train"])
+        records = holdout_records(path, domain, cfg, meta)
+        ids = build_examples(records, live.tokenizer, cfg.max_len, cfg.long_inputs, cfg.stride, cfg.loss_on)[0]
+        if not ids:
+            raise StoreError(f"{path}: no holdout examples for {domain}")
+        same = sha256_texts([r.canonical() for r in records]) == meta["data"]["holdout"]["sha256"]
         losses, versions, damaged = {}, {}, {}
         for mode in modes:
             versions[mode] = store.backbone_version(domain, mode)
@@ -61,7 +63,7 @@ def evaluate_store(live: LiveModel, data: dict[str, str], modes: tuple[str, ...]
                                                             desc=f"eval {domain} ({mode})", progress=progress))
             except StoreError as err:                    # a damaged or missing file: this cell only
                 losses[mode], damaged[mode] = None, str(err).replace(f"{store.root}/", "")
-        out.append(DomainEval(domain, meta["version"], meta["holdout_loss"], same, len(texts), losses, versions,
+        out.append(DomainEval(domain, meta["version"], meta["holdout_loss"], same, len(records), losses, versions,
                               damaged))
     return out
 

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import torch
 from transformers import TextStreamer
 
+from ..data import prompt_ids, text_ids
 from ..routing import BASE, route_texts
 from ..store import StoreError
 from .live import LiveModel
@@ -45,16 +46,12 @@ class _Callback(TextStreamer):
             self.on_text(text)
 
 
-def encode_prompt(tokenizer, prompt: str, raw: bool = False, messages: list[dict] | None = None) -> torch.Tensor:
-    """Prompt token ids (1, s): the tokenizer's chat template around a user turn where it has one
-    (unless `raw`), else the plain text."""
-    if not raw and getattr(tokenizer, "chat_template", None):
-        msgs = messages or [{"role": "user", "content": prompt}]
-        ids = tokenizer.apply_chat_template(msgs, add_generation_prompt=True, return_tensors="pt", return_dict=True)
-        return ids["input_ids"]
-    if messages:
-        prompt = "\n".join(f"{m['role']}: {m['content']}" for m in messages) + "\nassistant:"
-    return tokenizer(prompt, return_tensors="pt")["input_ids"]
+def encode_prompt(prompt: str, tokenizer, raw: bool = False, messages: list[dict] | None = None) -> torch.Tensor:
+    """Prompt token ids (1, s): the conversation (or one user turn) rendered as the server and training render it
+    (crma.data.render), or the plain text with `raw`."""
+    if raw:
+        return torch.tensor([text_ids(tokenizer, prompt)])
+    return torch.tensor([prompt_ids(tokenizer, messages or [{"role": "user", "content": prompt}])])
 
 
 def choose_domain(live: LiveModel, prompt: str, domain: str) -> tuple[str, float | None, str | None]:
@@ -85,7 +82,7 @@ def generate(live: LiveModel, prompt: str, *, domain: str = AUTO, backbone: str 
         raise StoreError(f"temperature must be >= 0 and top_p in (0, 1], got {temperature}, {top_p}")
     chosen, confidence, runner_up = choose_domain(live, prompt, domain)
     tok = live.tokenizer
-    ids = encode_prompt(tok, prompt, raw, messages).to(next(live.model.parameters()).device)   # (1, s)
+    ids = encode_prompt(prompt, tok, raw, messages).to(next(live.model.parameters()).device)   # (1, s)
     sampling = temperature > 0
     if sampling and seed is not None:
         torch.manual_seed(seed)

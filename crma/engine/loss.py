@@ -6,11 +6,11 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from .. import runtime
-from ..data import collate
+from ..data import Example, collate
 
 
 @torch.no_grad()
-def passage_losses(model, examples: list[list[int]], batch_size: int, pad_id: int,
+def passage_losses(model, examples: list[Example], batch_size: int, pad_id: int,
                    desc: str = "eval", progress: bool = True) -> list[tuple[float, int]]:
     """(sum of next-token cross-entropy, number of predicted tokens) for each passage, in order.
 

@@ -12,17 +12,18 @@ from __future__ import annotations
 import random
 import string
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
 
-from ..config import DeviceConfig
-from ..data import DataError, read_jsonl, read_passages, tokenize
+from ..config import DeviceConfig, TrainConfig
+from ..data import DataError, build_examples, read_queries
 from ..routing import BASE, Router, RouterError, route_texts
 from ..routing.router import quantile_summary
 from ..runtime import load_placed
 from ..store import Store
+from .evaluation import holdout_records
 from .live import LiveModel
 from .loss import mean_loss, passage_losses
 
@@ -117,7 +118,7 @@ def ood_sets(corpus: Path | None, trained: list[str], seed: int, n_random: int,
     if corpus is not None:
         for folder in sorted(p for p in corpus.iterdir() if p.is_dir()):
             if folder.name not in trained and (folder / "queries.jsonl").exists():
-                sets[f"untrained:{folder.name}"] = read_passages(folder / "queries.jsonl")
+                sets[f"untrained:{folder.name}"] = read_queries(folder / "queries.jsonl")
     if n_random:
         sets["random_strings"] = random_strings(n_random, seed)
     if builtin:
@@ -126,27 +127,6 @@ def ood_sets(corpus: Path | None, trained: list[str], seed: int, n_random: int,
         sets["domain_free_english"] = [t for topic, texts in DOMAIN_FREE.items() if topic not in trained
                                        for t in texts]
     return {k: v for k, v in sets.items() if v}
-
-
-def read_queries(path: Path) -> list[str]:
-    """Queries of a file: .jsonl records with a 'text' field, else plain UTF-8 text, one query a line
-    (blank lines skipped). DataError naming the file (and line) when it cannot be read."""
-    path = Path(path)
-    if not path.is_file():
-        raise DataError(f"{path}: no such file")
-    if path.suffix == ".jsonl":
-        texts = read_jsonl(path)
-    else:
-        raw = path.read_bytes()
-        try:
-            text = raw.decode("utf-8")
-        except UnicodeDecodeError as err:
-            line = raw[: err.start].count(b"\n") + 1
-            raise DataError(f"{path}:{line}: not UTF-8 (byte 0x{raw[err.start]:02x} at offset {err.start})") from err
-        texts = [t.strip() for t in text.splitlines() if t.strip()]
-    if not texts:
-        raise DataError(f"{path}: no queries in the file")
-    return texts
 
 
 def timed_route(src, texts: list[str]) -> tuple[list, list[float], list[float]]:
@@ -169,7 +149,7 @@ def labelled_sets(names: list[str], corpus: Path | None, queries: list[tuple[str
         for d in names:
             path = corpus / d / "queries.jsonl"
             if path.exists():
-                sets[d] = (d, read_passages(path))
+                sets[d] = (d, read_queries(path))
     for name, path in queries:
         texts = read_queries(path)
         if name == BASE:
@@ -244,9 +224,6 @@ def loss_report(live: LiveModel, router: Router, corpus: Path, max_holdout: int)
         gap_pct = 100 * (L_routed - L_oracle) / L_oracle      (token-weighted mean losses)
     """
     store = live.store
-    domains = store.domains()
-    train = store.adapter_meta(domains[-1])["train"] if domains else {}
-    max_len, ebs = int(train.get("max_len", 256)), int(train.get("eval_batch_size", 8))
     tok = live.tokenizer
     pad_id = tok.pad_token_id
 
@@ -255,13 +232,14 @@ def loss_report(live: LiveModel, router: Router, corpus: Path, max_holdout: int)
 
     per_domain, all_routed, all_oracle = {}, [], []
     for d in router.names:
-        texts = read_passages(corpus / d / "holdout.jsonl")
-        texts = texts[:max_holdout] if max_holdout else texts
-        keep = [t for t in texts if tokenize([t], tok, max_len)]     # passages of >= 2 tokens
-        ids = tokenize(keep, tok, max_len)
-        decisions = route_texts(router, live.model, tok, keep)
+        meta = store.adapter_meta(d)
+        cfg = TrainConfig.recorded(meta["train"])             # the holdout read as the adapter's was
+        records = holdout_records(corpus / d / "holdout.jsonl", d, replace(cfg, max_holdout=max_holdout), meta)
+        ids, origin, _ = build_examples(records, tok, cfg.max_len, cfg.long_inputs, cfg.stride, cfg.loss_on)
+        routed_records = route_texts(router, live.model, tok, [r.query() for r in records])
+        decisions = [routed_records[i] for i in origin]        # every example of a record goes where it goes
         with live.using(d) as model:
-            oracle = passage_losses(model, ids, ebs, pad_id, progress=False)
+            oracle = passage_losses(model, ids, cfg.eval_batch_size, pad_id, progress=False)
         routed = list(oracle)
         wrong = {}
         for i, dec in enumerate(decisions):
@@ -269,17 +247,17 @@ def loss_report(live: LiveModel, router: Router, corpus: Path, max_holdout: int)
                 wrong.setdefault(dec.domain, []).append(i)
         for dom, idx in wrong.items():                    # only misrouted passages change their loss
             with live.using(None if dom == BASE else dom) as model:
-                for i, loss in zip(idx, passage_losses(model, [ids[i] for i in idx], ebs, pad_id,
+                for i, loss in zip(idx, passage_losses(model, [ids[i] for i in idx], cfg.eval_batch_size, pad_id,
                                                        progress=False), strict=False):
                     routed[i] = loss
         lo, lr = mean_loss(oracle), mean_loss(routed)
-        per_domain[d] = {"n": len(ids), "misrouted": sum(len(v) for v in wrong.values()),
+        per_domain[d] = {"n": len(records), "examples": len(ids),
+                         "misrouted": sum(adapter_for(dec.domain) != adapter_for(d) for dec in routed_records),
                          "oracle_loss": lo, "routed_loss": lr, "gap_pct": 100 * (lr - lo) / lo}
         all_routed += routed
         all_oracle += oracle
     lo, lr = mean_loss(all_oracle), mean_loss(all_routed)
-    return {"per_domain": per_domain, "oracle_loss": lo, "routed_loss": lr, "gap_pct": 100 * (lr - lo) / lo,
-            "max_len": max_len}
+    return {"per_domain": per_domain, "oracle_loss": lo, "routed_loss": lr, "gap_pct": 100 * (lr - lo) / lo}
 
 
 def check_targets(report: dict) -> list[dict]:

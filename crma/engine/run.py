@@ -25,12 +25,13 @@ from accelerate.utils import set_seed
 from .. import runtime
 from ..baselines import Method, describe_storage, make_method
 from ..config import BASELINES, SHARED_ADAPTER_CONDITIONS, ConfigError, RunConfig
+from ..data import DomainData
 from ..io import command_line, write_json, write_text
 from ..routing import RouterConfig
 from ..store import creation_settings
 from ..version import __version__
 from . import metrics
-from .add import AddSettings, DomainData, add_domain, evaluate, load_domain
+from .add import AddSettings, add_domain, evaluate, load_spec
 from .live import LiveModel
 from .loss import mean_loss
 from .train import PhaseLog
@@ -154,8 +155,11 @@ def continual_run(cfg: RunConfig, command: str | None = None, progress: bool = T
     set_seed(cfg.seed)
     live = LiveModel.fresh(cfg.model, cfg.condition, seed=cfg.seed, device=cfg.device)
     settings = AddSettings(seed=cfg.seed, train=cfg.train, lora=cfg.lora, crma=cfg.crma, min_gain=None)
-    data = [load_domain(spec, live.tokenizer, cfg.train) for spec in cfg.domains]
+    data = [load_spec(spec, live.tokenizer, cfg.train) for spec in cfg.domains]
     names = [d.name for d in data]
+    if progress and runtime.is_main():
+        for d in data:
+            print(f"{d.name}: train {d.stats['train'].line()}; holdout {d.stats['holdout'].line()}", flush=True)
     with live.untouched():
         base = [evaluate(live, d, settings, progress) for d in data]     # the untouched base model
     method = make_method(cfg.condition, cfg.cl, cfg.seed, len(cfg.domains))
@@ -174,6 +178,7 @@ def continual_run(cfg: RunConfig, command: str | None = None, progress: bool = T
                                 pinned if modular else None, versions if modular else None,
                                 method.storage())
         results["runtime"] = placed
+        results["data"] = {d.name: {part: dataclasses.asdict(st) for part, st in d.stats.items()} for d in data}
         runtime.on_main(write_json, out / "results.json", results)
     if modular:
         runtime.on_main(write_text, out / "spectral_log.jsonl",

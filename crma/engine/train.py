@@ -13,7 +13,7 @@ from tqdm.auto import tqdm
 from .. import runtime
 from ..baselines import Method
 from ..config import TrainConfig
-from ..data import collate, epoch_order
+from ..data import Example, collate, epoch_order
 from ..method.backbone import CRMABackbone
 
 
@@ -50,7 +50,7 @@ def make_optimizer(lora_params: list, backbone: CRMABackbone | None, cfg: TrainC
     return torch.optim.AdamW([g for g in groups if g["params"]], weight_decay=0.0)
 
 
-def token_loss_sum(model, rows: list[list[int]], pad_id: int, device) -> torch.Tensor:
+def token_loss_sum(model, rows: list[Example], pad_id: int, device) -> torch.Tensor:
     """Sum over the rows' predicted tokens of -log p(x_t | x_<t) (fp32 logits), a scalar tensor."""
     batch = {k: v.to(device) for k, v in collate(rows, pad_id).items()}
     logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits   # (b, s, V)
@@ -59,7 +59,7 @@ def token_loss_sum(model, rows: list[list[int]], pad_id: int, device) -> torch.T
                            reduction="sum")
 
 
-def train_phase(model, examples: list[list[int]], cfg: TrainConfig, *, seed: int, domain: str,
+def train_phase(model, examples: list[Example], cfg: TrainConfig, *, seed: int, domain: str,
                 adapter: str, lora_params: list, backbone: CRMABackbone | None,
                 accelerator: Accelerator, pad_id: int, method: Method) -> PhaseLog:
     """Train the current adapter (and backbone, if given) on one domain's token lists. A baseline's
@@ -97,7 +97,7 @@ def train_phase(model, examples: list[list[int]], cfg: TrainConfig, *, seed: int
     start = time.perf_counter()
     bar = tqdm(batches, desc=f"train {domain}", leave=False, disable=not accelerator.is_main_process)
     for batch in bar:
-        n_tokens = sum(len(x) - 1 for x in batch)                         # predicted tokens, all processes
+        n_tokens = sum(x.predicted for x in batch)                         # predicted tokens, all processes
         share = [batch[i] for i in runtime.shard(len(batch))]
         micro = cfg.micro_batch_size or runtime.largest_share(len(batch))
         n_chunks = -(-runtime.largest_share(len(batch)) // micro)           # the same on every process

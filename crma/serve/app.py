@@ -39,7 +39,7 @@ from starlette.middleware.trustedhost import TrustedHostMiddleware
 from starlette.requests import ClientDisconnect
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
-from ..engine.generate import encode_prompt
+from ..data import prompt_ids, text_ids
 from ..routing import BASE
 from ..store import StoreError
 from .config import ServeConfig
@@ -132,7 +132,7 @@ def create_app(server: Server, manage: bool = True) -> FastAPI:
         req = parse(ChatRequest, await read_json(request, cfg.max_body_bytes, cfg.timeout_body))
         msgs = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in req.messages]
         try:
-            ids = (await run_in_threadpool(tokenize, encode_prompt, server.tokenizer, "", False, msgs))[0].tolist()
+            ids = await run_in_threadpool(tokenize, prompt_ids, server.tokenizer, msgs)
         except Exception as err:                           # e.g. a chat template that wants alternating roles
             raise APIError(400, f"the messages do not fit this model's chat template: {err}", param="messages",
                            code="invalid_value") from None
@@ -343,7 +343,7 @@ def _completion_prompt(server: Server, prompt) -> tuple[list[int], str]:
                            param="prompt", code="unsupported_parameter")
         prompt = prompt[0]
     try:
-        return server.tokenizer(prompt)["input_ids"], prompt
+        return text_ids(server.tokenizer, prompt), prompt
     except Exception as err:                               # the text, not the server: a 400, never retried
         raise APIError(400, f"the prompt could not be tokenised: {err}", param="prompt", code="invalid_value") from None
 
