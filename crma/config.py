@@ -172,6 +172,18 @@ class DeviceConfig:
 
 
 @dataclass
+class TaskConfig:
+    """How task items are scored (crma/engine/tasks.py): `crma add --tasks`, `crma eval --tasks`, the benchmark."""
+
+    max_new_tokens: int = 64    # free-form items: tokens generated per answer (greedy)
+    batch_size: int = 8         # rows per forward: answers generated together, choices scored together
+
+    def __post_init__(self) -> None:
+        _check(self.max_new_tokens >= 1, "task.max_new_tokens", f"must be >= 1, got {self.max_new_tokens}")
+        _check(self.batch_size >= 1, "task.batch_size", f"must be >= 1, got {self.batch_size}")
+
+
+@dataclass
 class CLConfig:
     """The continual-learning baselines (crma/baselines). Each field defines only its own condition's runs
     (ewc_* ewc, replay_* replay, olora_* olora), so changing one never invalidates the others' results.
@@ -213,16 +225,18 @@ class CLConfig:
 
 @dataclass
 class DomainSpec:
-    """One domain of a continual run: its name (the adapter's name) and its data paths."""
+    """One domain of a continual run or an add: its name (the adapter's name) and its data sources."""
 
     name: str
     train: str                  # a file, a folder, a saved dataset or hf://NAME?... (docs/data.md)
     holdout: str | None = None
+    route_examples: str | None = None   # example queries for the router (crma add --route-examples)
 
     def __post_init__(self) -> None:
         check_domain_name(self.name)
         self.train = str(self.train)
         self.holdout = str(self.holdout) if self.holdout else None
+        self.route_examples = str(self.route_examples) if self.route_examples else None
 
     @classmethod
     def parse(cls, arg: str) -> DomainSpec:
@@ -258,6 +272,8 @@ class RunConfig:
     crma: CRMAConfig = field(default_factory=CRMAConfig)
     cl: CLConfig = field(default_factory=CLConfig)          # used by the baseline conditions only
     device: DeviceConfig = field(default_factory=DeviceConfig)
+    tasks: dict[str, str] = field(default_factory=dict)   # task set name -> source (docs/tasks.md)
+    task: TaskConfig = field(default_factory=TaskConfig)
 
     def __post_init__(self) -> None:
         _check(self.condition in ALL_CONDITIONS, "condition",

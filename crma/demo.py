@@ -28,8 +28,11 @@ DEMO_QUESTIONS = ("How long should I knead bread dough?", "What is a red giant s
 
 
 def demo_domains() -> list[DomainSpec]:
-    return [DomainSpec(name, DEMO_DIR / name / "train.jsonl", DEMO_DIR / name / "holdout.jsonl")
-            for name in DEMO_DOMAINS]
+    """The demo domains, each with its example queries for the router (`crma add --route-examples`): a
+    document domain's passages alone do not look like questions, and a question about bread would go to the
+    conversational support domain, whose statistics are built from questions."""
+    return [DomainSpec(name, DEMO_DIR / name / "train.jsonl", DEMO_DIR / name / "holdout.jsonl",
+                       DEMO_DIR / name / "queries.jsonl") for name in DEMO_DOMAINS]
 
 
 def run_demo(out: Path, model: str, conditions: list[str], seed: int, train: TrainConfig,

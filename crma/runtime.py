@@ -25,8 +25,11 @@ to run if it was launched as several processes but Accelerate still sees one.
 """
 from __future__ import annotations
 
+import gc
 import os
 import pickle
+import sys
+import weakref
 from dataclasses import asdict
 
 import torch
@@ -82,6 +85,7 @@ def resolve_dtype(cfg: DeviceConfig, device: str | None = None) -> torch.dtype:
 
 _ACCELERATOR = None
 _SHARDED = False          # the base model of this process is sharded (--fsdp): every forward is collective
+_SHARDED_MODELS: list[weakref.ref] = []   # the models shard_base sharded (freed of FSDP state in finish)
 
 
 def accelerator(cfg: DeviceConfig | None = None):
@@ -120,7 +124,22 @@ def finish(ok: bool = True) -> None:
         return
     if ok:
         _ACCELERATOR.wait_for_everyone()
+    for ref in _SHARDED_MODELS:        # FSDP holds gathered weights and collective work after a forward:
+        model = ref()                  # released now, while the group and the interpreter are alive
+        if model is not None:
+            reshard(model)
+    gc.collect()
     dist.destroy_process_group()
+
+
+def exit_launched(code: int) -> None:
+    """End a launched process (several processes) without interpreter finalization, where gloo's worker
+    threads can still hold work that aborts a finished process (SIGABRT; pytorch/pytorch#179291). Output is
+    flushed first; a process on its own returns normally."""
+    if _ACCELERATOR is not None and _ACCELERATOR.num_processes > 1:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
 
 
 def describe(cfg: DeviceConfig) -> dict:
@@ -279,3 +298,4 @@ def shard_base(model, device: torch.device) -> None:
         fully_shard(block, mesh=mesh)
     fully_shard(model, mesh=mesh)
     _SHARDED = True
+    _SHARDED_MODELS.append(weakref.ref(model))

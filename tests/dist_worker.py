@@ -63,4 +63,7 @@ def main(data: str, out: str, busy: str) -> None:
 
 
 if __name__ == "__main__":
+    from crma import runtime
+
     main(*sys.argv[1:4])
+    runtime.exit_launched(0)              # as `python -m crma` ends a launched process

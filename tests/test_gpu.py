@@ -37,8 +37,9 @@ def test_gpu_identity_certificate_step_fingerprint(tmp_path):
 
     live = LiveModel.fresh("tiny:llama", "modular", seed=0, device=device)
     data = write_cycle_domain(tmp_path / "up.jsonl", "abcd", 8, 1)
-    cfg = TrainConfig(epochs=1, lr=1e-2, batch_size=4, max_len=48)
-    dom = load_spec(DomainSpec("up", data, data), live.tokenizer, cfg)
+    held = write_cycle_domain(tmp_path / "up-holdout.jsonl", "abcd", 2, 2)
+    cfg = TrainConfig(epochs=1, lr=1e-2, batch_size=4, max_len=48, long_inputs="truncate")   # 8 rows: 2 steps
+    dom = load_spec(DomainSpec("up", data, held), live.tokenizer, cfg)
     _, log = train_domain(live, dom, 0, AddSettings(train=cfg), runtime.accelerator(device),
                           make_method(live.condition))
     assert len(log.losses) == 2 and all(torch.isfinite(torch.tensor(log.losses)))

@@ -4,6 +4,7 @@ the demo questions, and `crma route` / `crma route-eval` (crma.routing.cli) with
 
 Router-level tests use the tiny model's hidden states on synthetic domains; the end-to-end ones use the real
 all-MiniLM-L6-v2 (small) on the bundled demo data."""
+import copy
 import json
 import random
 import string
@@ -14,7 +15,7 @@ import torch
 
 from crma.cli import main as route_main
 from crma.config import ConfigError, CRMAConfig, LoraSettings
-from crma.data import DEMO_DIR, read_texts
+from crma.data import DEMO_DIR, read_queries, read_records, read_texts
 from crma.method.adapters import add_adapter
 from crma.method.backbone import CRMABackbone
 from crma.method.models import load_model
@@ -311,6 +312,22 @@ def test_demo_questions_route_as_a_person_expects(tiny, demo_router):
     queries = {d: read_texts(DEMO_DIR / d / "queries.jsonl") for d in DEMO}
     correct = sum(x.domain == d for d in DEMO for x in route_texts(demo_router, model, tok, queries[d]))
     assert correct >= 27                                 # of 30 plain questions about the three domains
+
+
+def test_a_conversational_domain_beside_document_domains_needs_their_example_queries(tiny, demo_router):
+    """Statistics of a conversational domain come from its users' questions, a document domain's from its
+    passages: a question about bread then looks more like the support desk's questions than like cooking prose.
+    Example queries for the document domain (crma add --route-examples) put it back where a person expects."""
+    model, tok = tiny
+    support = "My espresso machine shows E1 and will not pull a shot. What should I do?"
+    router = copy.deepcopy(demo_router)
+    turns = [q for r in read_records(DEMO_DIR / "support" / "train.jsonl") for q in r.user_turns()]
+    update_router(router, model, tok, "support", "support", turns)
+    questions = [*FOUR, support]
+    got = [x.domain for x in route_texts(router, model, tok, questions)]
+    assert got == ["support", *list(FOUR.values())[1:], "support"]            # bread: misrouted
+    update_router(router, model, tok, "cooking", "cooking", read_queries(DEMO_DIR / "cooking" / "queries.jsonl"))
+    assert [x.domain for x in route_texts(router, model, tok, questions)] == [*FOUR.values(), "support"]
 
 
 def test_background_class_is_present_and_used(tiny, demo_router):

@@ -67,6 +67,7 @@ class Protocol:
     conditions: tuple[str, ...] = CONDITIONS
     default_corpus: Path | None = None     # used when --corpus is omitted
     long_inputs: str = "truncate"  # passages longer than max_len keep their first max_len tokens (as published)
+    tasks: bool = False            # score <corpus>/<domain>/tasks.jsonl (and general/tasks.jsonl) after every phase
 
     def train_config(self) -> TrainConfig:
         return TrainConfig(epochs=self.epochs, lr=self.lr, batch_size=self.batch_size, max_len=self.max_len,
@@ -85,7 +86,7 @@ class Protocol:
 # public: max_len 512 keeps all but the longest code passages whole (code p90: 565 tokens); 3 epochs at batch 8
 # give 3 x 63 = 189 optimizer steps per domain, 945 per run, the scale of the paper's 867 logged steps.
 PAPER = Protocol("paper", model="smollm2-135m", domains=CL5_DOMAINS, train_passages=500, holdout_passages=100,
-                 max_len=512, epochs=3, lr=2e-4, batch_size=8, default_corpus=CL5)
+                 max_len=512, epochs=3, lr=2e-4, batch_size=8, default_corpus=CL5, tasks=True)
 
 # Same domains, order, seeds and conditions, sized for about 2.5 h for all 9 runs on 2 CPU cores with
 # smollm2-135m in fp32 (benchmarks/README.md has the measurements). Measured here at max_len 128:
@@ -99,7 +100,7 @@ PAPER = Protocol("paper", model="smollm2-135m", domains=CL5_DOMAINS, train_passa
 #   grid = 3 seeds x (2 x 1,042 + 1,118) = 9,606 s = 2.7 h   (2.2 h at the measured rates).
 # lr 1e-3 (not the 2e-4 default): 40 steps per domain must move a LoRA adapter measurably.
 CPU = Protocol("cpu", model="smollm2-135m", domains=CL5_DOMAINS, train_passages=160, holdout_passages=20,
-               max_len=128, epochs=1, lr=1e-3, batch_size=4, default_corpus=CL5)
+               max_len=128, epochs=1, lr=1e-3, batch_size=4, default_corpus=CL5, tasks=True)
 
 # The test-suite protocol: a random 2-layer tiny:llama, two bundled demo domains, two seeds; seconds.
 # It runs every condition, the continual-learning baselines (ewc, replay, olora) included.
@@ -127,6 +128,25 @@ def domain_specs(protocol: Protocol, corpus: Path | None) -> list[DomainSpec]:
     return specs
 
 
+GENERAL = "general"           # <corpus>/general/tasks.jsonl: the off-domain task set
+
+
+def task_sources(protocol: Protocol, corpus: Path | None) -> dict[str, str]:
+    """<corpus>/<domain>/tasks.jsonl for every protocol domain (benchmarks/build_tasks.py writes them) and
+    <corpus>/general/tasks.jsonl when there is one; {} for a protocol without tasks. Missing files named."""
+    if not protocol.tasks:
+        return {}
+    corpus = Path(corpus) if corpus else protocol.default_corpus
+    sources = {d: corpus / d / "tasks.jsonl" for d in protocol.domains}
+    missing = [str(p) for p in sources.values() if not p.is_file()]
+    if missing:
+        raise DataError(f"corpus {corpus} lacks the task files of protocol {protocol.name!r}: {', '.join(missing)} "
+                        f"(python benchmarks/build_tasks.py --corpus {corpus} writes them)")
+    if (corpus / GENERAL / "tasks.jsonl").is_file():
+        sources[GENERAL] = corpus / GENERAL / "tasks.jsonl"
+    return {name: str(path) for name, path in sources.items()}
+
+
 def _identity(cfg: dict) -> dict:
     """The settings that define a run, without paths (a grid may move between machines). CRMA settings
     only define modular runs: naive and frozen have no backbone, so they are shared across CRMA ablations.
@@ -137,7 +157,8 @@ def _identity(cfg: dict) -> dict:
             "domains": [d["name"] for d in cfg["domains"]], "train": train, "lora": cfg["lora"],
             "crma": cfg["crma"] if cfg["condition"] == "modular" else None,
             "cl": CLConfig(**cfg.get("cl", {})).for_condition(cfg["condition"]),
-            "load_in_4bit": cfg.get("device", {}).get("load_in_4bit", False)}   # NF4 weights change the model
+            "load_in_4bit": cfg.get("device", {}).get("load_in_4bit", False),   # NF4 weights change the model
+            "tasks": sorted(cfg.get("tasks", {}))}
 
 
 def _read_json(path: Path) -> dict | None:
@@ -156,6 +177,7 @@ def plan_grid(protocol: Protocol, out: Path, corpus: Path | None = None, model: 
     early. Fails before any training if a finished run would be overwritten (no --resume) or was
     made with other settings."""
     specs = domain_specs(protocol, corpus)
+    tasks = task_sources(protocol, corpus)
     conditions = list(conditions or protocol.conditions)
     bad = [c for c in conditions if c not in ALL_CONDITIONS]
     if bad:
@@ -166,7 +188,7 @@ def plan_grid(protocol: Protocol, out: Path, corpus: Path | None = None, model: 
             cfg = RunConfig(domains=specs, out=run_dir(out, cond, seed), model=model or protocol.model,
                             condition=cond, seed=seed, crma=crma or CRMAConfig(), cl=cl or CLConfig(),
                             train=dataclasses.replace(protocol.train_config(), micro_batch_size=micro_batch_size),
-                            device=device or DeviceConfig())
+                            device=device or DeviceConfig(), tasks=tasks)
             old = _read_json(cfg.out / "results.json")
             done = bool(old and old.get("finished"))
             if done and not resume:

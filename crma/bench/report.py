@@ -15,6 +15,7 @@ from ..baselines import describe_storage, fmt_bytes
 from ..config import BASELINES, CRMAConfig
 from ..io import atomic_path, write_json
 from .summary import PAPER, PINNED, fmt_range, fmt_stats, load_results, summarize
+from .tasks import task_lines, task_plot
 
 COLORS = {"naive": "tab:red", "frozen": "tab:blue", "modular": "tab:green", "modular-pinned": "tab:olive",
           "ewc": "tab:orange", "replay": "tab:purple", "olora": "tab:brown"}
@@ -132,6 +133,7 @@ def write_plots(out: Path, summary: dict, results: list[dict]) -> list[str]:
     ax.legend(fontsize=7, ncol=3, loc="upper left")
     files.append(_save(fig, out / "loss_curves.png"))
     plt.close(fig)
+    files += task_plot(out, summary.get("tasks") or {}, names, _save)
     return files
 
 
@@ -210,6 +212,7 @@ def render(summary: dict, protocol: dict | None, plots: list[str]) -> str:
     lines += _table(["domain"] + list(conds),
                     [[n] + [fmt_stats(c["gain"].get(n)) for c in conds.values()] for n in names]
                     + [["mean over domains"] + [fmt_stats(c["gain_mean"]) for c in conds.values()]]) + [""]
+    lines += task_lines(summary.get("tasks") or {}, names)
     advs = [(label, comp[key]) for key, label in (("advantage_modular_over_frozen", "modular (latest backbone)"),
                                                   ("advantage_pinned_over_frozen", "modular pinned"))
             if comp.get(key)]

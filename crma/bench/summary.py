@@ -16,6 +16,7 @@ from pathlib import Path
 
 from ..config import BASELINES, CONDITIONS
 from ..engine import metrics
+from .tasks import task_summary
 
 # docs/method.md section 5: the paper's headline numbers (Mistral-7B, 5 domains, 500/100 passages, 3 seeds).
 PAPER = {
@@ -171,6 +172,7 @@ def summarize(results: list[dict]) -> dict:
         out["conditions"][cond] = _condition_summary([m for k, m in sorted(per.items()) if k[0] == cond], names)
     out["comparisons"] = _comparisons(per)
     out["paper_comparison"] = paper_rows(out)
+    out["tasks"] = task_summary(results)
     return out
 
 

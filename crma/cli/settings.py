@@ -6,17 +6,19 @@
     cl      CLConfig        --cl-ewc-lambda, ... (the baselines)
     device  DeviceConfig    --device, --dtype, --gradient-checkpointing, --load-in-4bit, --fsdp
     router  RouterConfig    --router-encoder, --router-strategy, ...
+    task    TaskConfig      --task-max-new-tokens, --task-batch-size (scoring task items)
 """
 from __future__ import annotations
 
 import argparse
 
-from ..config import CLConfig, CRMAConfig, DeviceConfig, LoraSettings, TrainConfig
+from ..config import CLConfig, CRMAConfig, DeviceConfig, LoraSettings, TaskConfig, TrainConfig
 from ..routing import RouterConfig
 from .options import add_options, build
 
 SECTIONS = {"train": (TrainConfig, ""), "lora": (LoraSettings, "lora-"), "crma": (CRMAConfig, "crma-"),
-            "cl": (CLConfig, "cl-"), "device": (DeviceConfig, ""), "router": (RouterConfig, "router-")}
+            "cl": (CLConfig, "cl-"), "device": (DeviceConfig, ""), "router": (RouterConfig, "router-"),
+            "task": (TaskConfig, "task-")}
 
 
 def add_sections(parser: argparse.ArgumentParser, names: tuple[str, ...], defaults: dict | None = None,

@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from .. import runtime
@@ -17,6 +17,7 @@ from ..config import ConfigError
 from ..engine.evaluation import evaluate_store, format_eval
 from ..engine.generate import AUTO, choose_domain, generate
 from ..engine.live import LiveModel
+from ..engine.task_eval import OWN, evaluate_store_tasks, format_task_eval
 from ..store import Store, StoreError
 from ..store.repair import repair
 from ..store.verify import damaged_parts
@@ -53,9 +54,13 @@ class VerifyArgs(StoreArgs):
 @dataclass
 class EvalArgs:
     store: Path = opt(help="the model store folder")
-    data: list[str] = opt(metavar="NAME=HOLDOUT", help="each domain's holdout file")
+    data: list[str] = opt([], metavar="NAME=HOLDOUT", help="each domain's holdout data: its loss now")
+    tasks: list[str] = opt([], metavar="NAME=FILE", help="task items per domain (docs/tasks.md): their score now")
     backbone: str = opt("both", choices=("pinned", "latest", "both"),
                         help="backbone version: the adapter's own (pinned), the newest (latest), or both")
+    domain: str = opt(OWN, help="what serves each task set: own (the domain it is named after), auto (the router "
+                                "picks per item), base (no adapter) or a domain")
+    json: bool = opt(False, help="print the results as JSON")
 
 
 @dataclass(kw_only=True)
@@ -154,24 +159,39 @@ def _verify(args: argparse.Namespace) -> int:
     return 1 if found else 0
 
 
-def cmd_eval(args: argparse.Namespace) -> int:
-    a, device = build(args, EvalArgs), sections(args, ("device",))["device"]
-    runtime.accelerator(device)
-    store = Store(a.store)
-    data = {}
-    for item in a.data:
+def _named(items: list[str], option: str, what: str) -> dict[str, str]:
+    out = {}
+    for item in items:
         name, sep, path = item.partition("=")
         if not sep or not name or not path:
-            raise ConfigError(f"--data: expected NAME=HOLDOUT, got {item!r}")
-        data[name] = path
+            raise ConfigError(f"{option}: expected NAME={what}, got {item!r}")
+        out[name] = path
+    return out
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    a, configs = build(args, EvalArgs), sections(args, ("device", "task"))
+    device = configs["device"]
+    runtime.accelerator(device)
+    store = Store(a.store)
+    data, tasks = _named(a.data, "--data", "HOLDOUT"), _named(a.tasks, "--tasks", "FILE")
+    if not data and not tasks:
+        raise ConfigError("crma eval: give --data NAME=HOLDOUT (holdout loss) and/or --tasks NAME=FILE (task scores)")
     if a.backbone == "both":
         modes = ("pinned", "latest") if store.manifest["backbone"]["current"] else ("pinned",)
     else:
         modes = (a.backbone,)
-    rows = evaluate_store(LiveModel.open(store, device=device, damaged_ok=True), data, modes)
+    live = LiveModel.open(store, device=device, damaged_ok=True)
+    rows = evaluate_store(live, data, modes) if data else []
+    task_rows = evaluate_store_tasks(live, tasks, modes, a.domain, configs["task"]) if tasks else []
     if runtime.is_main():
-        print(format_eval(rows, store))
-    return 1 if any(r.damaged for r in rows) else 0
+        if a.json:
+            print(json.dumps({"store": str(store.root), "loss": [asdict(r) for r in rows],
+                              "tasks": [r.record() for r in task_rows]}, indent=2))
+        else:
+            print("\n\n".join(([format_eval(rows, store)] if rows else [])
+                              + ([format_task_eval(task_rows, store)] if task_rows else [])))
+    return 1 if any(r.damaged for r in rows) or any(r.damaged for r in task_rows) else 0
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
@@ -205,9 +225,10 @@ def register(sub) -> None:
         add_options(p, cls)
         p.set_defaults(func=cmd_store)
 
-    ev = sub.add_parser("eval", help="per-domain holdout loss now, beside the loss recorded at registration")
+    ev = sub.add_parser("eval", help="per-domain holdout loss and task scores now, beside those recorded at "
+                                     "registration")
     add_options(ev, EvalArgs)
-    add_sections(ev, ("device",), hidden=("gradient_checkpointing",))   # --fsdp: a launched eval
+    add_sections(ev, ("device", "task"), hidden=("gradient_checkpointing",))   # --fsdp: a launched eval
     ev.set_defaults(func=cmd_eval)
 
     gen = sub.add_parser("generate", help="generate text from a store, routed to a domain adapter")

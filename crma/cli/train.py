@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,14 +19,15 @@ from ..demo import DEMO_DEFAULTS, run_demo
 from ..engine.add import AddSettings, add_domain, load_spec
 from ..engine.live import LiveModel
 from ..engine.run import continual_run
+from ..engine.tasks import TaskSet, parse_min_score
 from ..method.models import DEFAULT_MODEL
 from ..routing import RouterConfig
 from ..store import MANIFEST, Store, StoreError, creation_blockers, creation_settings
 from .options import add_options, build, opt
 from .settings import add_sections, sections
 
-RUN_SECTIONS = ("train", "lora", "crma", "cl", "device")   # crma run: every section (cl: the baseline conditions)
-ADD_SECTIONS = ("train", "lora", "crma", "device")
+RUN_SECTIONS = ("train", "lora", "crma", "cl", "device", "task")   # crma run: every section (cl: the baselines)
+ADD_SECTIONS = ("train", "lora", "crma", "device", "task")
 
 
 @dataclass
@@ -36,6 +38,9 @@ class RunArgs:
     condition: str = opt("modular", choices=ALL_CONDITIONS,
                          help="naive, frozen, modular; or a continual-learning baseline: ewc, replay, olora (--cl-*)")
     seed: int = opt(0)
+    tasks: list[str] = opt([], metavar="NAME=FILE",
+                           help="task items scored after every phase (docs/tasks.md): NAME a domain of the run (an "
+                                "accuracy matrix), or any other name (an off-domain set, scored as routed traffic)")
     overwrite: bool = opt(False, help="replace whatever --out holds")
 
 
@@ -53,6 +58,11 @@ class AddArgs:
     condition: str | None = opt(None, choices=("modular", "frozen"), help="of a new store (default modular)")
     min_gain: float = opt(0.0, help="register only if the holdout loss beats the base model's by this many "
                                     "percent (default 0)")
+    tasks: str | None = opt(None, metavar="FILE", help="task items (docs/tasks.md) scored for the new adapter and "
+                                                       "the base model, recorded in the store")
+    min_task_score: str | None = opt(None, metavar="X|base",
+                                     help="with --tasks: register only if the task score is at least X (0 to 1), "
+                                          "or at least the base model's (base)")
     seed: int = opt(0)
 
 
@@ -66,8 +76,14 @@ class DemoArgs:
 
 def cmd_run(args: argparse.Namespace) -> int:
     a = build(args, RunArgs)
+    tasks = {}
+    for item in a.tasks:
+        name, sep, path = item.partition("=")
+        if not sep or not name or not path:
+            raise ConfigError(f"--tasks: expected NAME=FILE, got {item!r}")
+        tasks[name] = path
     cfg = RunConfig(domains=[DomainSpec.parse(d) for d in a.domains], out=a.out, model=a.model,
-                    condition=a.condition, seed=a.seed, **sections(args, RUN_SECTIONS))
+                    condition=a.condition, seed=a.seed, tasks=tasks, **sections(args, RUN_SECTIONS))
     continual_run(cfg, command=args.command_line, router_cfg=sections(args, ("router",))["router"],
                   overwrite=a.overwrite)
     return 0
@@ -79,7 +95,11 @@ def cmd_add(args: argparse.Namespace) -> int:
     runtime.accelerator(device)                  # first: under a launcher, join the process group
     say = print if runtime.is_main() else (lambda *a, **k: None)
     root = Path(a.store)
-    spec = DomainSpec.parse(f"{a.domain}={a.data}")
+    spec = dataclasses.replace(DomainSpec.parse(f"{a.domain}={a.data}"), route_examples=a.route_examples)
+    if a.min_task_score is not None and a.tasks is None:
+        raise ConfigError("--min-task-score gates on a task score: give the task items with --tasks FILE")
+    gate = parse_min_score(a.min_task_score)
+    tasks = TaskSet.load(spec.name, a.tasks) if a.tasks else None      # read before the model loads
     store = Store(root) if os.path.lexists(root / MANIFEST) else None
     if store is not None:
         for name, given, have in (("--model", a.model, store.model_spec),
@@ -108,8 +128,9 @@ def cmd_add(args: argparse.Namespace) -> int:
     else:
         crma, router_cfg = configs["crma"], RouterConfig()
         live = LiveModel.fresh(a.model or DEFAULT_MODEL, a.condition or "modular", seed=a.seed, device=device)
-    settings = AddSettings(seed=a.seed, train=configs["train"], lora=configs["lora"], crma=crma, min_gain=a.min_gain)
-    dom = load_spec(spec, live.tokenizer, settings.train, a.route_examples)
+    settings = AddSettings(seed=a.seed, train=configs["train"], lora=configs["lora"], crma=crma, min_gain=a.min_gain,
+                           tasks=tasks, task=configs["task"], min_task_score=gate)
+    dom = load_spec(spec, live.tokenizer, settings.train)
     say(f"crma add: {dom.name} -> {root} [{live.condition}, {live.spec}{', new store' if not exists else ''}]\n"
         f"  train: {dom.stats['train'].line()}\n  holdout: {dom.stats['holdout'].line()}"
         + (f" ({dom.stats['holdout'].duplicates_removed} duplicates of train records removed)"

@@ -23,6 +23,8 @@ SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistan
                   "model": "assistant"}
 FIELDS = {"text": ("text",), "messages": ("messages",), "prompt-completion": ("prompt", "completion"),
           "alpaca": ("instruction", "output"), "sharegpt": ("conversations",)}
+QUESTION_FIELDS = {**FIELDS, "prompt-completion": ("prompt",), "alpaca": ("instruction",)}  # no answer needed
+TASK_FIELDS = ("choices", "answer", "references")    # task files (crma/tasks/items.py)
 ACCEPTED = ("text (a 'text' string), messages (a list of {role, content}), prompt-completion ('prompt' and "
             "'completion'), alpaca ('instruction', optional 'input', 'output'), sharegpt ('conversations': a list "
             "of {from, value}); map other column names with --columns FIELD=COLUMN,...")
@@ -60,7 +62,7 @@ def parse_columns(spec: str) -> dict[str, str]:
     mapping = {}
     for part in filter(None, (p.strip() for p in spec.split(","))):
         field, sep, column = part.partition("=")
-        known = {f for fs in FIELDS.values() for f in fs} | {"input", "system"}
+        known = {f for fs in FIELDS.values() for f in fs} | {"input", "system", *TASK_FIELDS}
         if not sep or not field or not column:
             raise DataError(f"--columns: expected FIELD=COLUMN[,FIELD=COLUMN...], got {part!r}")
         if field not in known:
@@ -69,15 +71,17 @@ def parse_columns(spec: str) -> dict[str, str]:
     return mapping
 
 
-def detect(row, mapping: dict[str, str]) -> str | None:
-    """The format a row's fields fit, or None."""
+def detect(row, mapping: dict[str, str], need_answer: bool = True) -> str | None:
+    """The format a row's fields fit, or None. Without need_answer (queries, task questions), a prompt or an
+    instruction alone fits."""
     if isinstance(row, str):
         return "text"
     if not isinstance(row, dict):
         return None
     keys = {mapping.get(k, k) for k in row}
+    fields = FIELDS if need_answer else QUESTION_FIELDS
     for fmt in ("messages", "prompt-completion", "alpaca", "sharegpt", "text"):
-        if all(f in keys for f in FIELDS[fmt]):
+        if all(f in keys for f in fields[fmt]):
             return fmt
     return None
 
@@ -128,7 +132,7 @@ def to_record(row, fmt: str, origin: str, mapping: dict[str, str], need_answer: 
     if not isinstance(row, dict):
         raise DataError(f"{origin}: expected an object, got {type(row).__name__}; formats: {ACCEPTED}")
     rec = {mapping.get(k, k): v for k, v in row.items()}
-    missing = [f for f in FIELDS[fmt] if rec.get(f) is None]
+    missing = [f for f in (FIELDS if need_answer else QUESTION_FIELDS)[fmt] if rec.get(f) is None]
     if missing:
         raise DataError(f"{origin}: record has no {' or '.join(repr(f) for f in missing)} field for format {fmt} "
                         f"(fields found: {', '.join(sorted(row)) or 'none'}); formats: {ACCEPTED}")
@@ -144,19 +148,24 @@ def to_record(row, fmt: str, origin: str, mapping: dict[str, str], need_answer: 
     if fmt == "alpaca":
         extra = _string(rec.get("input") or "", origin, "'input'", allow_empty=True)
         user = _string(rec["instruction"], origin, "'instruction'") + (f"\n\n{extra}" if extra.strip() else "")
-        answer = _string(rec["output"], origin, "'output'")
+        answer = rec.get("output")
     else:
-        prompt, answer = rec["prompt"], rec["completion"]
+        prompt, answer = rec["prompt"], rec.get("completion")
         if isinstance(prompt, list):         # TRL's conversational prompt/completion
             turns = list(_turns(prompt, origin, "role", "content", {r: r for r in ROLES}, need_answer=False))
+            if answer is None and not need_answer:
+                return Record(origin, messages=tuple(turns))
             if isinstance(answer, list):
                 answer = answer[-1].get("content") if answer and isinstance(answer[-1], dict) else None
             msgs = turns + [{"role": "assistant", "content": _string(answer, origin, "'completion'")}]
             check_order(msgs, origin)
             return Record(origin, messages=tuple(msgs))
-        user, answer = _string(prompt, origin, "'prompt'"), _string(answer, origin, "'completion'")
-    return Record(origin, messages=tuple(system + [{"role": "user", "content": user},
-                                                   {"role": "assistant", "content": answer}]))
+        user = _string(prompt, origin, "'prompt'")
+    turns = system + [{"role": "user", "content": user}]
+    if answer is None and not need_answer:          # a question without its answer (a query, a task item)
+        return Record(origin, messages=tuple(turns))
+    name = "'output'" if fmt == "alpaca" else "'completion'"
+    return Record(origin, messages=tuple(turns + [{"role": "assistant", "content": _string(answer, origin, name)}]))
 
 
 def table_records(table: Table, fmt: str = "auto", columns: str | dict = "", domain: str | None = None,
@@ -169,7 +178,7 @@ def table_records(table: Table, fmt: str = "auto", columns: str | dict = "", dom
     if table.rows and isinstance(table.rows[0], str):
         fmt = "text"
     elif fmt == "auto" and table.rows:
-        fmt = detect(table.rows[0], mapping)
+        fmt = detect(table.rows[0], mapping, need_answer)
         if fmt is None:
             row = table.rows[0]
             found = ", ".join(sorted(row)) if isinstance(row, dict) else type(row).__name__

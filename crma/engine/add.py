@@ -19,13 +19,22 @@ from accelerate import Accelerator
 
 from .. import runtime
 from ..baselines import Method
-from ..config import SHARED_ADAPTER_CONDITIONS, ConfigError, CRMAConfig, DomainSpec, LoraSettings, TrainConfig
+from ..config import (
+    SHARED_ADAPTER_CONDITIONS,
+    ConfigError,
+    CRMAConfig,
+    DomainSpec,
+    LoraSettings,
+    TaskConfig,
+    TrainConfig,
+)
 from ..data import DomainData, load_domain
 from ..method.adapters import SHARED, add_adapter, save_adapter, set_trainable
 from ..routing import RouterConfig, new_router, update_router
 from ..store import Store, sha256_texts
 from .live import LiveModel
 from .loss import mean_loss, passage_losses
+from .tasks import TaskSet, score_model
 from .train import PhaseLog, train_phase
 
 
@@ -41,9 +50,9 @@ def data_record(dom: DomainData) -> dict:
     return out
 
 
-def load_spec(spec: DomainSpec, tokenizer, cfg: TrainConfig, route_examples: str | None = None) -> DomainData:
+def load_spec(spec: DomainSpec, tokenizer, cfg: TrainConfig) -> DomainData:
     """Read and tokenise one domain (crma.data.load_domain) from its command-line spec."""
-    return load_domain(spec.name, spec.train, spec.holdout, tokenizer, cfg, route_examples)
+    return load_domain(spec.name, spec.train, spec.holdout, tokenizer, cfg, spec.route_examples)
 
 
 @dataclass
@@ -55,6 +64,9 @@ class AddSettings:
     lora: LoraSettings = field(default_factory=LoraSettings)
     crma: CRMAConfig = field(default_factory=CRMAConfig)
     min_gain: float | None = 0.0        # percent over the base model's holdout loss; None: no gate (runs)
+    tasks: TaskSet | None = None        # scored for the new adapter and the base model, recorded
+    task: TaskConfig = field(default_factory=TaskConfig)
+    min_task_score: float | str | None = None   # the task gate: a score in [0, 1], "base" or None (no gate)
 
 
 @dataclass
@@ -71,6 +83,30 @@ class AddResult:
     version: int | None = None
     backbone_version: int | None = None
     router_version: int | None = None
+    tasks: dict | None = None           # meta["tasks"]: the task set, the new adapter's and the base's scores
+
+
+def score_add_tasks(live: LiveModel, adapter: str, settings: AddSettings, method: Method, progress: bool) -> dict:
+    """The task set scored with the new adapter (as it will be served) and on the untouched base model."""
+    ts, cfg = settings.tasks, settings.task
+    base = score_model(live.model, live.tokenizer, ts.items, task=ts.name, label="base", cfg=cfg,
+                       progress=progress, serving=live.untouched)
+    with method.serving(live, adapter):
+        new = score_model(live.model, live.tokenizer, ts.items, task=ts.name, label=adapter, cfg=cfg,
+                          progress=progress)
+    return {**ts.record(), "score": new.score, "base_score": base.score, "metrics": new.metrics,
+            "base_metrics": base.metrics, "min_task_score": settings.min_task_score}
+
+
+def task_gate(tasks: dict, threshold: float | str | None) -> str | None:
+    """Why the task gate refuses (None: it passes)."""
+    if threshold is None:
+        return None
+    floor, what = (tasks["base_score"], "the base model's") if threshold == "base" else (threshold, "--min-task-score")
+    if tasks["score"] < floor:
+        return (f"not registered: task score {tasks['score']:.4f} on {tasks['name']} ({tasks['items']} items) is "
+                f"below {what} {floor:.4f}; the store is unchanged")
+    return None
 
 
 def evaluate(live: LiveModel, dom: DomainData, settings: AddSettings, progress: bool = False) -> list:
@@ -142,6 +178,11 @@ def add_domain(live: LiveModel, root: Path, dom: DomainData, settings: AddSettin
         result.reason = (f"not registered: holdout loss {loss:.4f} vs base model {base_loss:.4f} is a gain of "
                          f"{gain:+.2f}%, below --min-gain {settings.min_gain:g}%; the store is unchanged")
         return result
+    if settings.tasks is not None:
+        result.tasks = score_add_tasks(live, adapter, settings, method, progress)
+        if refused := task_gate(result.tasks, settings.min_task_score):
+            result.reason = refused
+            return result
 
     def register() -> tuple[int, int | None, int, dict]:     # the main process writes; the others wait
         backbone_version = None
@@ -158,7 +199,8 @@ def add_domain(live: LiveModel, root: Path, dom: DomainData, settings: AddSettin
             router_version = w.add_router_version(router, f"add {dom.name}")
             meta = {"adapter": adapter, "backbone_version": backbone_version, "router_version": router_version,
                     "phase": phase, "data": data_record(dom), "base_loss": base_loss, "holdout_loss": loss,
-                    "gain_pct": gain, "train": {**asdict(settings.train), "seed": settings.seed},
+                    "gain_pct": gain, **({"tasks": result.tasks} if result.tasks else {}),
+                    "train": {**asdict(settings.train), "seed": settings.seed},
                     "lora": asdict(settings.lora), "steps": len(log.losses), "train_tokens": log.tokens,
                     "train_seconds": round(log.seconds, 3)}
 
@@ -184,4 +226,7 @@ def add_domain(live: LiveModel, root: Path, dom: DomainData, settings: AddSettin
     result.registered = True
     result.reason = (f"registered {dom.name} v{result.version}: holdout loss {loss:.4f} "
                      f"(base model {base_loss:.4f}, gain {gain:+.2f}%)")
+    if result.tasks:
+        result.reason += (f"; task score {result.tasks['score']:.4f} on {result.tasks['name']} "
+                          f"(base model {result.tasks['base_score']:.4f})")
     return result

@@ -34,6 +34,7 @@ from . import metrics
 from .add import AddSettings, add_domain, evaluate, load_spec
 from .live import LiveModel
 from .loss import mean_loss
+from .run_tasks import RunTasks
 from .train import PhaseLog
 
 
@@ -152,16 +153,19 @@ def continual_run(cfg: RunConfig, command: str | None = None, progress: bool = T
         write_json(out / "config.json", {**cfg.to_dict(), "runtime": placed})
 
     runtime.on_main(start)
+    names = [spec.name for spec in cfg.domains]
+    tasks = RunTasks(cfg.tasks, names, cfg.task, progress) if cfg.tasks else None     # read before training
     set_seed(cfg.seed)
     live = LiveModel.fresh(cfg.model, cfg.condition, seed=cfg.seed, device=cfg.device)
     settings = AddSettings(seed=cfg.seed, train=cfg.train, lora=cfg.lora, crma=cfg.crma, min_gain=None)
     data = [load_spec(spec, live.tokenizer, cfg.train) for spec in cfg.domains]
-    names = [d.name for d in data]
     if progress and runtime.is_main():
         for d in data:
             print(f"{d.name}: train {d.stats['train'].line()}; holdout {d.stats['holdout'].line()}", flush=True)
     with live.untouched():
         base = [evaluate(live, d, settings, progress) for d in data]     # the untouched base model
+    if tasks is not None:
+        tasks.score_base(live)
     method = make_method(cfg.condition, cfg.cl, cfg.seed, len(cfg.domains))
     create = store_creation(cfg, live.base_fingerprint, router_cfg)
     modular = cfg.condition == "modular"
@@ -174,10 +178,16 @@ def continual_run(cfg: RunConfig, command: str | None = None, progress: bool = T
         latest.append(evaluate_row(live, data, i, "latest", settings, progress, method))
         if modular:
             pinned.append(evaluate_row(live, data, i, "pinned", settings, progress, method))
+        if tasks is not None:
+            tasks.score_phase(live, i, method)
+            if i == len(data) - 1:
+                tasks.score_routed(live)
         results = build_results(cfg, command, base, latest, logs, names, i == len(data) - 1,
                                 pinned if modular else None, versions if modular else None,
                                 method.storage())
         results["runtime"] = placed
+        if tasks is not None:
+            results.update(tasks.results(i == len(data) - 1, modular))
         results["data"] = {d.name: {part: dataclasses.asdict(st) for part, st in d.stats.items()} for d in data}
         runtime.on_main(write_json, out / "results.json", results)
     if modular:
@@ -226,8 +236,34 @@ def format_table(res: dict) -> str:
             lines.append(f"spectral: max | ||M||_2 - 1 | = {s['max_norm_dev']:.2e}, max sum dev = "
                          f"{s['max_sum_dev']:.2e}, certificate {'held' if s['certificate_ok'] else 'FAILED'} "
                          f"over {s['steps']} steps x {s['layers']} layers")
+    if res.get("task_matrix"):
+        lines += _task_lines(res, names, w)
     if res.get("storage"):
         lines.append(f"stores: {describe_storage(res['storage'])}")
     lines.append(f"train: {res['train_tokens']} tokens in {res['train_seconds']:.1f}s "
                  f"({res['tokens_per_s']:.1f} tokens/s)")
     return "\n".join(lines)
+
+
+def _task_lines(res: dict, names: list[str], w: int) -> list[str]:
+    """The accuracy matrix (pinned where there is one: how the store serves), ACC/BWT/FWT, off-domain sets."""
+    key = "task_matrix_pinned" if res.get("task_matrix_pinned") else "task_matrix"
+
+    def cells(values) -> str:
+        return "".join(f"{v:{w}.4f}" if v is not None else "-".rjust(w) for v in values)
+
+    lines = [f"task score ({'pinned' if key.endswith('pinned') else 'latest'})".ljust(14)
+             + "".join(n.rjust(w) for n in names),
+             "base".ljust(14) + cells(res["task_base"].get(n) for n in names)]
+    lines += [f"after {names[i]}"[:14].ljust(14) + cells(row) for i, row in enumerate(res[key])]
+    suffix = "_pinned" if key.endswith("pinned") else ""
+    if res.get(f"task_acc{suffix}") is not None:
+        lines.append("tasks: " + ", ".join(f"{label} {res[f'task_{m}{suffix}']:+.4f}" if res[f"task_{m}{suffix}"]
+                                           is not None else f"{label} -"
+                                           for m, label in (("acc", "ACC"), ("bwt", "BWT"), ("fwt", "FWT"))))
+    for name, g in res.get("task_general", {}).items():
+        last = g["routed"][-1] if g["routed"] else None
+        if last:
+            lines.append(f"off-domain {name}: base {g['base']:.4f}, routed {last['score']:.4f} "
+                         f"(served: {', '.join(f'{d} {n}' for d, n in last['served'].items())})")
+    return lines
