@@ -12,9 +12,10 @@ how many items of each kind each set holds. Deterministic for a seed.
 - qa (medical, free-form): a MedQuAD question from `queries.jsonl` whose document is a holdout passage,
   with that passage's first sentences as the reference answer. The other domains' sources hold no
   question/answer pairs in this repository (CUAD's questions and answer spans are not part of cl5).
-- general (multiple choice and free-form): the trivia questions of chatterbot-corpus (BSD-3-Clause,
-  (c) Gunther Cox and contributors; a category the router's background leaves out), each with its answer
-  and, as a multiple-choice item, three answers to other trivia questions as distractors.
+- general (multiple choice): the trivia questions of chatterbot-corpus (BSD-3-Clause, (c) Gunther Cox
+  and contributors; a category the router's background leaves out), each with its answer and three answers
+  to other trivia questions as distractors. Not free-form: SmolLM2-135M's greedy answers to them scored
+  exact match 0.00 and token F1 0.02 (it answers in sentences), a figure that cannot move.
 """
 from __future__ import annotations
 
@@ -114,15 +115,13 @@ def general_items(rng: random.Random) -> list[dict]:
             unique.append((q, a))
     meta = {"domain": "general", "source": "chatterbot-corpus english/trivia.yml", "license": "BSD-3-Clause"}
     items = []
-    for i, (q, a) in enumerate(unique):
+    for q, a in unique:
         others = sorted({b for _, b in unique if b.lower() != a.lower()})
         choices = [a] + rng.sample(others, DISTRACTORS)
         order = list(range(len(choices)))
         rng.shuffle(order)
         items.append({"prompt": q, "choices": [choices[k] for k in order], "answer": order.index(0),
                       "task": "trivia-choice", **meta})
-        if i % 2 == 0:
-            items.append({"prompt": q, "completion": a, "task": "trivia-qa", **meta})
     return items
 
 
@@ -146,8 +145,7 @@ def main() -> None:
         print(f"{folder.name}: {len(items)} items ({kinds['continuation']} continuation, {kinds['qa']} qa)")
     general = general_items(random.Random(f"{args.seed}-general"))
     write(args.corpus / "general" / "tasks.jsonl", general)
-    print(f"general: {len(general)} items ({sum(it['task'] == 'trivia-choice' for it in general)} multiple choice, "
-          f"{sum(it['task'] == 'trivia-qa' for it in general)} free-form)")
+    print(f"general: {len(general)} items (multiple choice)")
 
 
 if __name__ == "__main__":
