@@ -13,11 +13,13 @@ import torch
 from crma.bench.report import _save
 from crma.bench.tasks import task_lines, task_plot, task_summary
 from crma.cli import main
+from crma.config import ConfigError
 from crma.data import DataError, Example, prompt_ids
+from crma.engine.add import task_gate
 from crma.engine.generate import generate
 from crma.engine.live import LiveModel
 from crma.engine.loss import passage_losses
-from crma.engine.tasks import TaskSet, _one_item, greedy_answers, score_tasks
+from crma.engine.tasks import TaskSet, _one_item, greedy_answers, parse_min_score, score_tasks
 from crma.method.models import load_model
 from crma.store import Store
 from crma.tasks import (
@@ -308,3 +310,15 @@ def test_choices_scored_with_the_question_encoded_once_equal_whole_rows(family):
     rows = [Example(q + c, ((len(q), len(q) + len(c)),)) for c in conts]
     whole = [-s for s, _ in passage_losses(model, rows, 8, tok.pad_token_id, progress=False)]
     assert shared == pytest.approx(whole, rel=1e-4, abs=1e-4)
+
+
+def test_task_gate_thresholds():
+    rec = {"name": "cyc", "items": 16, "score": 0.4, "base_score": 0.5}
+    assert "below the base model's 0.5000" in task_gate(rec, "base")
+    assert task_gate({**rec, "score": 0.5}, "base") is None                  # equal to the base model passes
+    assert task_gate(rec, 0.4) is None and "below --min-task-score 0.4500" in task_gate(rec, 0.45)
+    assert task_gate(rec, None) is None
+    assert parse_min_score("base") == "base" and parse_min_score("0.25") == 0.25 and parse_min_score(None) is None
+    for bad in ("1.5", "-0.1", "half"):
+        with pytest.raises(ConfigError, match="--min-task-score"):
+            parse_min_score(bad)
