@@ -19,7 +19,7 @@ from crma.engine.add import task_gate
 from crma.engine.generate import generate
 from crma.engine.live import LiveModel
 from crma.engine.loss import passage_losses
-from crma.engine.tasks import TaskSet, _one_item, greedy_answers, parse_min_score, score_tasks
+from crma.engine.tasks import TaskSet, _one_item, check_sharding, greedy_answers, parse_min_score, score_tasks
 from crma.method.models import load_model
 from crma.store import Store
 from crma.tasks import (
@@ -322,3 +322,15 @@ def test_task_gate_thresholds():
     for bad in ("1.5", "-0.1", "half"):
         with pytest.raises(ConfigError, match="--min-task-score"):
             parse_min_score(bad)
+
+
+def test_free_form_items_are_refused_on_a_sharded_base_before_anything_trains(tmp_path, capsys):
+    src = jsonl(tmp_path / "t.jsonl", [{"prompt": "q", "choices": ["a", "b"], "answer": 0},
+                                       {"prompt": "2+2?", "completion": "4"}])
+    items = read_tasks(src)
+    check_sharding(items[:1], True)                                   # choices only: scored in lockstep
+    with pytest.raises(ConfigError, match="sharded base"):
+        check_sharding(items, True)
+    assert main(["add", "--store", str(tmp_path / "s"), "--domain", "x", "--data", str(src), "--tasks", str(src),
+                 "--fsdp"]) == 2
+    assert "sharded base (--fsdp)" in capsys.readouterr().err and not (tmp_path / "s").exists()

@@ -19,7 +19,7 @@ from ..demo import DEMO_DEFAULTS, run_demo
 from ..engine.add import AddSettings, add_domain, load_spec
 from ..engine.live import LiveModel
 from ..engine.run import continual_run
-from ..engine.tasks import TaskSet, parse_min_score
+from ..engine.tasks import TaskSet, check_sharding, parse_min_score
 from ..method.models import DEFAULT_MODEL
 from ..routing import RouterConfig
 from ..store import MANIFEST, Store, StoreError, creation_blockers, creation_settings
@@ -100,6 +100,8 @@ def cmd_add(args: argparse.Namespace) -> int:
         raise ConfigError("--min-task-score gates on a task score: give the task items with --tasks FILE")
     gate = parse_min_score(a.min_task_score)
     tasks = TaskSet.load(spec.name, a.tasks) if a.tasks else None      # read before the model loads
+    if tasks is not None:
+        check_sharding(tasks.items, device.fsdp)
     store = Store(root) if os.path.lexists(root / MANIFEST) else None
     if store is not None:
         for name, given, have in (("--model", a.model, store.model_spec),

@@ -154,7 +154,7 @@ def continual_run(cfg: RunConfig, command: str | None = None, progress: bool = T
 
     runtime.on_main(start)
     names = [spec.name for spec in cfg.domains]
-    tasks = RunTasks(cfg.tasks, names, cfg.task, progress) if cfg.tasks else None     # read before training
+    tasks = RunTasks(cfg.tasks, names, cfg.task, progress, cfg.device.fsdp) if cfg.tasks else None  # read first
     set_seed(cfg.seed)
     live = LiveModel.fresh(cfg.model, cfg.condition, seed=cfg.seed, device=cfg.device)
     settings = AddSettings(seed=cfg.seed, train=cfg.train, lora=cfg.lora, crma=cfg.crma, min_gain=None)

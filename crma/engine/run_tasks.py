@@ -21,7 +21,7 @@ from ..config import TaskConfig
 from ..tasks import average_accuracy, backward_transfer, forward_transfer
 from .generate import AUTO
 from .live import LiveModel
-from .tasks import TaskSet, score_model, score_tasks
+from .tasks import TaskSet, check_sharding, score_model, score_tasks
 
 
 @contextmanager
@@ -34,8 +34,12 @@ def _model_in(live: LiveModel, context):
 class RunTasks:
     """The task sets of one run and their scores so far."""
 
-    def __init__(self, sources: dict[str, str], names: list[str], cfg: TaskConfig, progress: bool):
+    def __init__(self, sources: dict[str, str], names: list[str], cfg: TaskConfig, progress: bool,
+                 sharded: bool = False):
         self.sets = {name: TaskSet.load(name, src) for name, src in sources.items()}   # read before training
+        if sharded:                                   # refused now, not after the first phase has trained
+            for ts in self.sets.values():
+                check_sharding(ts.items, True)
         self.names, self.cfg, self.progress = names, cfg, progress
         self.domain_sets = [n for n in names if n in self.sets]
         self.general = [n for n in self.sets if n not in names]

@@ -205,8 +205,10 @@ def summarise(task: str, domain: str, backbone: str, items: list[TaskItem], per_
     return TaskScore(task, domain, backbone, len(items), score, metrics, served, round(seconds, 3))
 
 
-def _check_sharding(items: list[TaskItem]) -> None:
-    if runtime.base_sharded() and any(it.kind == FREE for it in items):
+def check_sharding(items: list[TaskItem], sharded: bool | None = None) -> None:
+    """Free-form items cannot be scored on a sharded base (--fsdp): ConfigError."""
+    sharded = runtime.base_sharded() if sharded is None else sharded
+    if sharded and any(it.kind == FREE for it in items):
         raise ConfigError("free-form task items generate on each process apart, which a sharded base (--fsdp) "
                           "cannot do; score them without --fsdp")
 
@@ -214,7 +216,7 @@ def _check_sharding(items: list[TaskItem]) -> None:
 def score_model(model, tokenizer, items: list[TaskItem], *, task: str = "", label: str = "", cfg: TaskConfig | None
                 = None, progress: bool = True, serving=None) -> TaskScore:
     """Score `items` on the model as it stands (`serving()`: a context yielding it; default: `model` itself)."""
-    _check_sharding(items)
+    check_sharding(items)
     started = time.perf_counter()
     per_item = score_with(serving or (lambda: nullcontext(model)), tokenizer, items, cfg or TaskConfig(), progress)
     return summarise(task, label, "", items, per_item, {label: len(items)}, time.perf_counter() - started)
@@ -225,7 +227,7 @@ def score_tasks(live: LiveModel, items: list[TaskItem], *, task: str = "", domai
     """Score `items` as a store serves them: by `domain` (a domain; 'auto': the router's pick per item, from
     its question; 'base': no adapter) on the backbone version `backbone` says."""
     cfg = cfg or TaskConfig()
-    _check_sharding(items)
+    check_sharding(items)
     started = time.perf_counter()
     if domain == AUTO:
         router = live.store.router() if live.store is not None else None
