@@ -20,6 +20,7 @@ from ..config import DeviceConfig
 from ..engine.route_eval import format_report, open_source, route_eval
 from ..io import write_json
 from ..routing import BASE, RouterError, route_texts
+from ..serve.route_log import format_summary, read_records, summarise
 from .options import add_options, build, opt
 
 REASONS_TEXT = {"characters": "too few characters per token (character noise)",
@@ -123,6 +124,20 @@ def cmd_route_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+@dataclass
+class RouteLogArgs:
+    log: Path = opt(positional=True, help="the routing log of crma serve --route-log")
+    low_confidence: float = opt(0.6, help="router confidence below which an auto request counts as doubtful")
+    json: bool = opt(False, help="print the summary as JSON")
+
+
+def cmd_route_log(args: argparse.Namespace) -> int:
+    a = build(args, RouteLogArgs)
+    summary = summarise(read_records(a.log), a.low_confidence)
+    print(json.dumps(summary, indent=2) if a.json else format_summary(summary))
+    return 0
+
+
 def register(sub) -> None:
     route = sub.add_parser("route", help="route queries: domain, confidence, runner-up (or base, and why)")
     add_options(route, RouteArgs)
@@ -132,3 +147,8 @@ def register(sub) -> None:
                                            "and (--loss) routed vs oracle holdout loss")
     add_options(ev, RouteEvalArgs)
     ev.set_defaults(func=cmd_route_eval)
+
+    rl = sub.add_parser("route-log", help="summarise crma serve's routing log: share per domain, abstentions, "
+                                          "low-confidence requests")
+    add_options(rl, RouteLogArgs)
+    rl.set_defaults(func=cmd_route_log)

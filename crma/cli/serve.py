@@ -13,7 +13,7 @@ import os
 import sys
 from dataclasses import dataclass
 
-from ..serve.config import ServeConfig
+from ..serve.config import LOOPBACK_NAMES, ServeConfig
 from .options import add_options, build, opt
 from .settings import add_sections, sections
 
@@ -36,6 +36,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     for warning in transport_warnings(cfg):
         print(f"crma serve: warning: {warning}", file=sys.stderr, flush=True)
     server = Server.open(cfg)
+    for warning in access_warnings(cfg, len(server.keys)):
+        print(f"crma serve: {warning}", file=sys.stderr, flush=True)
     print(f"crma serve: {cfg.store} on http://{cfg.host}:{cfg.port}/v1  "
           f"models: {', '.join(server.registry.current.models())}"
           f"  (batch {cfg.max_batch}, {cfg.batching}{', watching the manifest' if cfg.watch else ''}"
@@ -64,6 +66,18 @@ def transport_warnings(cfg: ServeConfig) -> list[str]:
         out.append(f"--max-connections {cfg.max_connections} is close to this process's file limit ({soft}, "
                    "`ulimit -n`): lower it, or raise the limit")
     return out
+
+
+def access_warnings(cfg: ServeConfig, keys: int) -> list[str]:
+    """Who can use /v1: with keys, only their holders; without, whoever reaches the address (loopback: this
+    machine's users; any other address: a warning)."""
+    if keys:
+        return [f"{keys} API key(s): /v1 and /metrics need one"]
+    if cfg.host in LOOPBACK_NAMES:
+        return [f"no API keys: /v1 is open to every user of this machine (listening on {cfg.host} only; add "
+                "--api-key-file FILE before listening on another address)"]
+    return [f"warning: no API keys and listening on {cfg.host}: anyone who can reach this address can use every "
+            "domain; give keys with --api-key-file FILE or $CRMA_API_KEY"]
 
 
 def admin_token(cfg: ServeConfig, environ=os.environ) -> ServeConfig:

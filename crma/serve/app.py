@@ -2,7 +2,11 @@
 
     POST /v1/completions, /v1/chat/completions   (stream: true -> server-sent events, then [DONE])
     GET  /v1/models, /v1/models/{id}, /health
+    GET  /metrics                                Prometheus (crma/serve/telemetry.py)
     POST /admin/reload                           only with an admin token (Bearer), else absent
+
+With API keys (crma/serve/auth.py) every /v1 request needs one (401), and a key limited to some domains
+gets 403 for another domain and sees only its own in /v1/models; /metrics needs a key or --metrics-token.
 
 Every failure a request causes is an OpenAI-style error object with a 4xx status (a full queue: 503 +
 Retry-After; 5xx only for the server's own faults, which the `openai` client retries); the handlers only
@@ -21,7 +25,6 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import secrets
 import threading
 import time
 from contextlib import asynccontextmanager
@@ -30,7 +33,7 @@ from urllib.parse import urlsplit
 import h11
 import uvicorn
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 from sse_starlette.sse import EventSourceResponse
 from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import Headers
@@ -42,6 +45,7 @@ from uvicorn.protocols.http.h11_impl import H11Protocol
 from ..data import prompt_ids, text_ids
 from ..routing import BASE
 from ..store import StoreError
+from .auth import ApiKey, authorize, check_model, check_token, match
 from .config import ServeConfig
 from .decoding import SamplingParams
 from .protocol import (
@@ -61,6 +65,7 @@ from .registry import AUTO
 from .scheduler import QueueFull
 from .scheduler import Request as Job
 from .server import Server
+from .telemetry import CONTENT_TYPE
 
 log = logging.getLogger("crma.serve")
 
@@ -91,7 +96,12 @@ def create_app(server: Server, manage: bool = True) -> FastAPI:
 
     @app.exception_handler(APIError)
     async def _api_error(request, err: APIError):
+        if request.url.path.startswith("/v1/") and request.method == "POST":
+            server.telemetry.refused(getattr(request.state, "model", "-"), err.status)
         return JSONResponse(err.body(), status_code=err.status, headers=err.headers)
+
+    def caller(request: Request) -> ApiKey | None:
+        return authorize(server.keys, request.headers.get("authorization"))
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request, err):
@@ -111,25 +121,44 @@ def create_app(server: Server, manage: bool = True) -> FastAPI:
             return full
         return public_health(full)
 
+    @app.get("/metrics")
+    async def metrics(request: Request):
+        auth = request.headers.get("authorization")
+        if (cfg.metrics_token or server.keys) and not (cfg.metrics_token and check_token(cfg.metrics_token, auth)):
+            if match(server.keys, auth) is None:
+                raise APIError(401, "/metrics needs 'Authorization: Bearer <API key or --metrics-token>'",
+                               code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
+        return Response(server.telemetry.exposition(), media_type=CONTENT_TYPE)
+
     @app.get("/v1/models")
-    async def models():
-        return {"object": "list", "data": [_model_card(server, m) for m in server.registry.current.models()]}
+    async def models(request: Request):
+        key = caller(request)
+        return {"object": "list", "data": [_model_card(server, m) for m in server.registry.current.models()
+                                           if key is None or key.allows(m, (AUTO, BASE))]}
 
     @app.get("/v1/models/{name}")
-    async def model(name: str):
+    async def model(name: str, request: Request):
+        key = caller(request)
         if name not in server.registry.current.models():
             raise _unknown_model(server, name)
+        check_model(key, name, (AUTO, BASE))
         return _model_card(server, name)
 
     @app.post("/v1/completions")
     async def completions(request: Request):
+        key = caller(request)
         req = parse(CompletionRequest, await read_json(request, cfg.max_body_bytes, cfg.timeout_body))
+        request.state.model = req.model
+        check_model(key, req.model, (AUTO, BASE))
         ids, text = await run_in_threadpool(tokenize, _completion_prompt, server, req.prompt)
-        return await _serve(server, request, req, ids, text, chat=False)
+        return await _serve(server, request, req, ids, text, chat=False, key=key)
 
     @app.post("/v1/chat/completions")
     async def chat(request: Request):
+        key = caller(request)
         req = parse(ChatRequest, await read_json(request, cfg.max_body_bytes, cfg.timeout_body))
+        request.state.model = req.model
+        check_model(key, req.model, (AUTO, BASE))
         msgs = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in req.messages]
         try:
             ids = await run_in_threadpool(tokenize, prompt_ids, server.tokenizer, msgs)
@@ -137,7 +166,8 @@ def create_app(server: Server, manage: bool = True) -> FastAPI:
             raise APIError(400, f"the messages do not fit this model's chat template: {err}", param="messages",
                            code="invalid_value") from None
         users = [m["content"] for m in msgs if m["role"] == "user"]
-        return await _serve(server, request, req, ids, users[-1] if users else msgs[-1]["content"], chat=True)
+        return await _serve(server, request, req, ids, users[-1] if users else msgs[-1]["content"], chat=True,
+                            key=key)
 
     if cfg.admin_token:
         @app.post("/admin/reload")
@@ -306,9 +336,7 @@ def protocol(cfg: ServeConfig) -> type[H11Protocol]:
 
 
 def _check_token(request: Request, token: str) -> None:
-    got = request.headers.get("authorization", "")
-    scheme, _, value = got.partition(" ")
-    if scheme.lower() != "bearer" or not secrets.compare_digest(value.strip().encode(), token.encode()):
+    if not check_token(token, request.headers.get("authorization")):
         raise APIError(401, "admin endpoints need 'Authorization: Bearer <admin token>'", "authentication_error",
                        code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
 
@@ -348,10 +376,13 @@ def _completion_prompt(server: Server, prompt) -> tuple[list[int], str]:
         raise APIError(400, f"the prompt could not be tokenised: {err}", param="prompt", code="invalid_value") from None
 
 
-async def _serve(server: Server, request: Request, req, ids: list[int], route_text: str, chat: bool):
+async def _serve(server: Server, request: Request, req, ids: list[int], route_text: str, chat: bool,
+                 key: ApiKey | None = None):
     snap = server.registry.acquire()            # bound to the manifest current now, to its end
     try:
         job = _job(server, snap, req, ids, route_text, chat)
+        if key is not None:
+            job.key_id, job.allowed = key.id, key.domains
         server.scheduler.submit(job)
     except QueueFull as err:
         server.registry.release(snap)

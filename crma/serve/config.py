@@ -23,6 +23,17 @@ class ServeConfig:
                                              "list: prefer --admin-token-file or $CRMA_ADMIN_TOKEN (without a "
                                              "token the admin endpoints do not exist)")
     admin_token_file: Path | None = opt(None, help="read the admin token from this file (its first line)")
+    api_key: list[str] = opt([], metavar="KEY[=DOMAIN,...]",
+                             help="inference API key (repeatable), optionally limited to some domains; visible in "
+                                  "the process list: prefer --api-key-file or $CRMA_API_KEY (without keys /v1 is "
+                                  "open to whoever can reach the address)")
+    api_key_file: Path | None = opt(None, help="API keys, one a line: KEY [DOMAIN,...] (# comments); mode 600")
+    metrics_token: str | None = opt(None, help="bearer token for GET /metrics (default: any API key; without keys "
+                                               "and token /metrics is open)")
+    route_log: Path | None = opt(None, help="routing log: one JSON line per request (no text unless --log-text)")
+    route_log_bytes: int = opt(10 << 20, help="rotate the routing log at this size")
+    route_log_backups: int = opt(5, help="rotated routing logs kept")
+    log_text: bool = opt(False, help="also write each request's prompt and answer to the routing log")
     allowed_hosts: tuple[str, ...] | None = opt(None, help="comma list of names the Host header may carry, besides "
                                                   "localhost, 127.0.0.1, ::1 and --host ('*' allows any; "
                                                   "'*.example.com' a domain's subdomains); also the origins "
@@ -54,8 +65,10 @@ class ServeConfig:
 
     def __post_init__(self) -> None:
         self.store = Path(self.store)
+        self.api_key = list(self.api_key or [])
+        self.route_log = Path(self.route_log) if self.route_log else None
         for name in ("max_batch", "max_queue", "max_prompt_tokens", "max_tokens", "default_max_tokens",
-                     "max_body_bytes", "max_header_bytes", "max_connections"):
+                     "max_body_bytes", "max_header_bytes", "max_connections", "route_log_bytes"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
         for name in ("timeout_keep_alive", "timeout_headers", "timeout_body"):

@@ -13,6 +13,7 @@ unavailable, with the reason, and serves the rest.
 """
 from __future__ import annotations
 
+import copy
 import logging
 import threading
 import time
@@ -50,9 +51,26 @@ class Snapshot:
     loaded_at: float = field(default_factory=time.time)
     refs: int = 0                    # requests bound to it that have not finished
     unavailable: dict[str, str] = field(default_factory=dict)   # model name -> why it cannot be served
+    _subsets: dict = field(default_factory=dict)                  # domains -> router restricted to them
 
     def models(self) -> list[str]:
         return [d for d in self.routes if d != BASE] + [m for m in (AUTO, BASE) if m not in self.unavailable]
+
+    def router_for(self, domains: frozenset[str] | None):
+        """The router, or a copy that knows only `domains` (an API key's); None when it knows none of them."""
+        if domains is None or self.router is None:
+            return self.router
+        keep = frozenset(d for d in self.router.names if d in domains)
+        if keep == frozenset(self.router.names):
+            return self.router
+        if not keep:
+            return None
+        if keep not in self._subsets:
+            sub = copy.deepcopy(self.router)
+            for name in [n for n in sub.names if n not in keep]:
+                sub.remove_domain(name)
+            self._subsets[keep] = sub
+        return self._subsets[keep]
 
     def adapters(self) -> dict[str, tuple[str, int]]:
         """{in-memory name: (store adapter, version)} this snapshot may use."""

@@ -67,6 +67,9 @@ class Request:
     sampler: Sampler | None = None
     stream: TextStream | None = None
     errored: bool = False
+    key_id: str | None = None          # the API key's id (logs and metrics; never the key)
+    allowed: frozenset[str] | None = None   # domains the key may use: `auto` routes among them only
+    reason: str = ""                   # why the router abstained (auto -> base)
 
     def emit(self, kind: str, **data) -> None:
         if self.loop is not None and self.queue is not None:
@@ -74,6 +77,17 @@ class Request:
                 self.loop.call_soon_threadsafe(self.queue.put_nowait, (kind, data))
             except RuntimeError:                       # the server's event loop is already closed
                 pass
+
+    def record(self, status: str) -> dict:
+        """The routing log's line and the metrics' labels for this request as it ends."""
+        r, now = self.route, time.perf_counter()
+        return {"id": self.id, "key": self.key_id, "model": self.model, "domain": r.domain if r else None,
+                "confidence": self.confidence, "runner_up": self.runner_up, "reason": self.reason or None,
+                "adapter_version": r.adapter_version if r else None,
+                "backbone_version": r.backbone_version if r else None, "prompt_tokens": len(self.prompt_ids),
+                "completion_tokens": self.generated,
+                "ttft_s": None if self.first_token_at is None else round(self.first_token_at - self.arrived, 6),
+                "total_s": round(now - self.arrived, 6), "status": status}
 
     def info(self) -> dict:
         """Which domain served it, with what (the response's `crma` field)."""
@@ -86,10 +100,10 @@ class Request:
 
 class Scheduler:
     def __init__(self, live, registry: Registry, max_batch: int = 16, max_queue: int = 64, mode: str = "mixed",
-                 lora_mixing: str = "peft"):
+                 lora_mixing: str = "peft", telemetry=None):
         if mode not in ("mixed", "per-adapter"):
             raise ValueError(f"mode must be mixed or per-adapter, got {mode!r}")
-        self.live, self.registry = live, registry
+        self.live, self.registry, self.telemetry = live, registry, telemetry
         self.max_batch, self.max_queue, self.mode = max_batch, max_queue, mode
         self.forward = MixedForward(live, registry, lora_mixing)
         self.batch = BatchCache()
@@ -158,6 +172,9 @@ class Scheduler:
                     self._admit()
                     if self.rows:
                         self._step()
+                if self.telemetry is not None:
+                    self.telemetry.queue.set(len(self.waiting))
+                    self.telemetry.running.set(len(self.rows))
             except Exception as err:                      # the shared forward failed: never let the thread die
                 log.exception("decoding step failed")
                 rows, self.rows, self.batch = self.rows, [], BatchCache()
@@ -200,7 +217,11 @@ class Scheduler:
                 req.route = snap.routes[BASE if req.model == AUTO else req.model]
                 continue
             try:
-                dec = route_texts(snap.router, self.live.model, self.live.tokenizer, [req.route_text])[0]
+                router = snap.router_for(req.allowed)
+                if router is None:                     # a key none of whose domains this store serves
+                    req.route = snap.routes[BASE]
+                    continue
+                dec = route_texts(router, self.live.model, self.live.tokenizer, [req.route_text])[0]
             except Exception as err:
                 log.exception("routing failed")
                 with self.cv:
@@ -208,7 +229,9 @@ class Scheduler:
                 self._finish(req, None, error=f"internal error while routing: {err}")
                 continue
             req.route = snap.routes.get(dec.domain) or snap.routes.get(BASE)
-            req.confidence, req.runner_up = float(dec.confidence), dec.runner_up
+            req.confidence, req.runner_up, req.reason = float(dec.confidence), dec.runner_up, dec.reason
+            if self.telemetry is not None:
+                self.telemetry.decided(dec.domain, dec.reason)
             if req.route is None:                      # routed to a model a damaged file took out
                 with self.cv:
                     self.waiting.remove(req)
@@ -312,6 +335,12 @@ class Scheduler:
             self.stats["finished"] += 1
             req.emit("done", finish_reason=reason, prompt_tokens=len(req.prompt_ids),
                      completion_tokens=req.generated, text=req.stream.text if req.stream else "")
+        if self.telemetry is not None:
+            status = "500" if error is not None else "cancelled" if cancelled else "200"
+            try:
+                self.telemetry.finished(req.record(status), req.route_text, req.stream.text if req.stream else "")
+            except Exception:                              # noqa: BLE001 - never the request's failure
+                log.exception("could not record request %s", req.id)
         self.registry.release(req.snapshot)
         if req.snapshot is not self.registry.current and req.snapshot.refs == 0:
             self.registry.collect()                    # the last request of an old manifest: unload

@@ -17,18 +17,24 @@ import torch
 
 from ..engine.live import LiveModel
 from ..store import Store, StoreError
+from .auth import load_keys
 from .batch import new_cache
 from .config import ServeConfig
 from .registry import Registry
 from .scheduler import Scheduler
+from .telemetry import Telemetry
 from .watch import ManifestWatcher
 
 log = logging.getLogger("crma.serve")
 
 
 class Server:
-    def __init__(self, cfg: ServeConfig, live: LiveModel, registry: Registry, scheduler: Scheduler):
+    def __init__(self, cfg: ServeConfig, live: LiveModel, registry: Registry, scheduler: Scheduler,
+                 telemetry: Telemetry | None = None, keys: tuple = ()):
         self.cfg, self.live, self.registry, self.scheduler = cfg, live, registry, scheduler
+        self.telemetry = telemetry or Telemetry()
+        self.keys = keys                                      # API keys (crma/serve/auth.py); () = open
+        self.telemetry.manifest_served(registry.current.updated if registry.current else None)
         self.tokenizer = copy.deepcopy(live.tokenizer)        # the HTTP side's own (HF tokenizers are not
         self.started = time.time()                            # safe to share with the router's thread)
         self.max_positions = int(getattr(live.model.config, "max_position_embeddings", 0) or 1 << 30)
@@ -40,6 +46,7 @@ class Server:
         """Load the store's base model, backbone and every current adapter (checksums verified)."""
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
+        keys = load_keys(list(cfg.api_key), cfg.api_key_file)        # bad keys: refused before the model loads
         store = Store(cfg.store)
         live = LiveModel.open(store, device=cfg.device, damaged_ok=True)   # damaged parts: see Registry.prepare
         try:
@@ -48,9 +55,10 @@ class Server:
             raise StoreError(f"{cfg.store}: {err}") from None
         registry = Registry(live, cfg.store, cfg.backbone)
         registry.install(registry.prepare(force=True))
+        telemetry = Telemetry(cfg.route_log, cfg.route_log_bytes, cfg.route_log_backups, cfg.log_text)
         scheduler = Scheduler(live, registry, max_batch=cfg.max_batch, max_queue=cfg.max_queue, mode=cfg.batching,
-                              lora_mixing=cfg.lora_mixing)
-        return cls(cfg, live, registry, scheduler)
+                              lora_mixing=cfg.lora_mixing, telemetry=telemetry)
+        return cls(cfg, live, registry, scheduler, telemetry, keys)
 
     def start(self) -> Server:
         self.scheduler.start()
@@ -62,6 +70,7 @@ class Server:
         if self._watcher is not None:
             self._watcher.stop()
         self.scheduler.stop()
+        self.telemetry.close()
 
     def reload(self, force: bool = False, timeout: float = 600.0) -> dict:
         """Serve the store's current manifest from now on (blocking; not on the event loop).
@@ -82,12 +91,15 @@ class Server:
                     result = {"status": "reloaded"}
             except StoreError as err:
                 self.last_reload = {"status": "refused", "error": str(err), "at": time.time()}
+                self.telemetry.reloads.labels(result="refused").inc()
                 log.error("reload refused, still serving the previous manifest: %s", err)
                 raise
             cur = self.registry.current
             result.update(seconds=round(time.perf_counter() - started, 4), models=cur.models(),
                           manifest_updated=cur.updated, snapshot=cur.serial)
             self.last_reload = {**result, "at": time.time()}
+            self.telemetry.reloads.labels(result="ok").inc()
+            self.telemetry.manifest_served(cur.updated)
             if snap is not None:
                 log.info("reloaded %s in %.3fs: %s", self.cfg.store, result["seconds"], ", ".join(cur.models()))
             return result
