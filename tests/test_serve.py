@@ -407,7 +407,7 @@ BAD = [  # (path, body, status, param or None)
     ("/v1/completions", {"model": "up", "prompt": "x", "logprobs": 2}, 400, "logprobs"),
     ("/v1/completions", {"model": "up", "prompt": "x", "best_of": 3}, 400, "best_of"),
     ("/v1/completions", {"model": "up", "prompt": "x", "presence_penalty": 0.5}, 400, "presence_penalty"),
-    ("/v1/completions", {"model": "up", "prompt": "x", "frobnicate": 1}, 400, "frobnicate"),
+    ("/v1/completions", {"model": "up", "prompt": "x", "top_k": 5}, 400, "top_k"),   # would change the output
     ("/v1/completions", {"model": "up", "prompt": "x", "stop": ["a", "b", "c", "d", "e"]}, 400, "stop"),
     ("/v1/completions", {"model": "up", "prompt": "x" * 100}, 400, "prompt"),
     ("/v1/completions", {"model": "up", "prompt": ""}, 400, "prompt"),

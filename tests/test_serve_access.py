@@ -16,6 +16,7 @@ from crma.cli.serve import access_warnings
 from crma.config import ConfigError
 from crma.serve.auth import load_keys, match
 from crma.serve.config import ServeConfig
+from crma.serve.protocol import IGNORED_HEADER
 from tests.conftest import write_cycle_domain
 from tests.test_serve import TRAIN, client, serving
 
@@ -131,3 +132,40 @@ def test_start_up_says_who_can_use_the_server():
     wide = ServeConfig(store="s", host="0.0.0.0")
     assert access_warnings(wide, 0)[0].startswith("warning: no API keys and listening on 0.0.0.0")
     assert access_warnings(wide, 2) == ["2 API key(s): /v1 and /metrics need one"]
+
+
+def test_what_real_clients_send_is_accepted(store, monkeypatch):
+    """The `openai` client with fields this server does not know, langchain-openai and litellm: a chat completion
+    each, streamed and not; unknown fields are ignored and named in a header, output-changing ones refused."""
+    monkeypatch.delenv("CRMA_API_KEY", raising=False)
+    monkeypatch.setenv("LITELLM_LOCAL_MODEL_COST_MAP", "True")        # litellm: no download at import
+    import litellm  # heavy: only for this test
+    from langchain_openai import ChatOpenAI  # heavy: only for this test
+
+    with serving(store) as (url, _):
+        raw = client(url).chat.completions.with_raw_response.create(
+            model="up", messages=[{"role": "user", "content": "abcd"}], max_tokens=3, temperature=0,
+            extra_body={"store": False, "metadata": {"team": "x"}, "service_tier": "auto", "top_k": -1})
+        assert raw.headers[IGNORED_HEADER] == "store, metadata, service_tier, top_k"
+        assert raw.parse().crma["domain"] == "up"
+        with pytest.raises(openai.BadRequestError, match="'min_p' is not supported") as err:
+            chat(url, "x" * 8, "up", extra_body={"min_p": 0.1})
+        assert err.value.body["param"] == "min_p"
+        with pytest.raises(openai.BadRequestError, match="messages.0.tool_calls"):
+            client(url).chat.completions.create(model="up", max_tokens=2, messages=[
+                {"role": "assistant", "content": "", "tool_calls": [{"id": "1", "type": "function", "function": {
+                    "name": "f", "arguments": "{}"}}]}, {"role": "user", "content": "x"}])
+
+        lc = ChatOpenAI(base_url=url + "/v1", api_key="unused", model="up", max_tokens=4, temperature=0,
+                        max_retries=0)
+        whole = lc.invoke("abcdabcd")
+        assert isinstance(whole.content, str) and whole.response_metadata["model_name"] == "up"
+        streamed = "".join(chunk.content for chunk in lc.stream("abcdabcd"))
+        assert streamed == whole.content
+
+        kw = dict(model="openai/up", api_base=url + "/v1", api_key="unused", max_tokens=4, temperature=0,
+                  messages=[{"role": "user", "content": "abcdabcd"}])
+        lite = litellm.completion(**kw)
+        assert lite.choices[0].message.content == whole.content
+        pieces = [c.choices[0].delta.content or "" for c in litellm.completion(stream=True, **kw)]
+        assert "".join(pieces) == whole.content

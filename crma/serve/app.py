@@ -49,6 +49,7 @@ from .auth import ApiKey, authorize, check_model, check_token, match
 from .config import ServeConfig
 from .decoding import SamplingParams
 from .protocol import (
+    IGNORED_HEADER,
     APIError,
     ChatRequest,
     CompletionRequest,
@@ -392,10 +393,13 @@ async def _serve(server: Server, request: Request, req, ids: list[int], route_te
         server.registry.release(snap)
         raise
     rid = new_id("chatcmpl" if chat else "cmpl")
+    headers = {IGNORED_HEADER: ", ".join(req._ignored)} if req._ignored else None
     if req.stream:
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
-        return EventSourceResponse(_stream(job, rid, req.model, chat, include_usage), ping=15, sep="\n")
-    return await _collect(job, request, rid, req.model, chat)
+        return EventSourceResponse(_stream(job, rid, req.model, chat, include_usage), ping=15, sep="\n",
+                                   headers=headers)
+    body = await _collect(job, request, rid, req.model, chat)
+    return JSONResponse(body, headers=headers) if isinstance(body, dict) else body
 
 
 def _job(server: Server, snap, req, ids: list[int], route_text: str, chat: bool) -> Job:

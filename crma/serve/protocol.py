@@ -1,19 +1,82 @@
 """The OpenAI wire format: request models (pydantic), error objects, response and chunk bodies.
 
 Requests accept OpenAI's parameters; those the server cannot honour are accepted only at their
-neutral value (n=1, logprobs off, no penalties, ...) and refused otherwise with a clear 400, and an
-unknown parameter is refused the way OpenAI does ("Unrecognized request argument supplied").
+neutral value (n=1, logprobs off, no penalties, ...) and refused otherwise with a clear 400 naming the
+parameter. Fields it does not know are accepted and ignored, as clients send many (`store`,
+`metadata`, `service_tier`, a message's `refusal`, ...): each name is logged once and listed in the
+response's `X-Crma-Ignored-Params` header. Known parameters of other servers whose value would change the
+output (`top_k`, `min_p`, `repetition_penalty`, `functions`, a message's `tool_calls`, ...) are refused
+unless neutral, since ignoring them would silently change what the client asked for.
 Every response carries an extra `crma` object (served domain, router confidence, adapter and
 backbone versions), which OpenAI clients keep as an extra field.
 """
 from __future__ import annotations
 
+import logging
 import re
+import threading
 import time
 import uuid
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
+
+log = logging.getLogger("crma.serve")
+IGNORED_HEADER = "X-Crma-Ignored-Params"
+
+# parameters other servers know whose value changes the output: refused unless at their neutral value
+REFUSED_UNLESS_NEUTRAL = {
+    "top_k": lambda v: v in (None, 0, -1), "min_p": lambda v: v in (None, 0), "min_tokens": lambda v: v in (None, 0),
+    "repetition_penalty": lambda v: v in (None, 1), "functions": lambda v: not v,
+    "function_call": lambda v: v in (None, "none"), "modalities": lambda v: v in (None, ["text"]),
+    "audio": lambda v: v is None, "prediction": lambda v: v is None, "web_search_options": lambda v: v is None,
+    "guided_json": lambda v: v is None, "guided_regex": lambda v: v is None, "guided_choice": lambda v: v is None,
+    "tool_calls": lambda v: not v,
+}
+_logged: set[str] = set()
+_logged_lock = threading.Lock()
+
+
+def _ignore(name: str, ignored: list[str]) -> None:
+    ignored.append(name)
+    with _logged_lock:
+        if name not in _logged:
+            _logged.add(name)
+            log.info("ignoring the request field %r (unknown to this server; logged once)", name)
+
+
+def _tolerate(cls, body: dict) -> tuple[dict, list[str]]:
+    """The body without the fields `cls` does not know (and without unknown fields of chat messages), and
+    their names; APIError 400 for a field whose non-neutral value would change the output."""
+    ignored: list[str] = []
+    kept = {}
+    for key, value in body.items():
+        if key in cls.model_fields:
+            kept[key] = value
+            continue
+        neutral = REFUSED_UNLESS_NEUTRAL.get(key)
+        if neutral is not None and not neutral(value):
+            raise APIError(400, f"'{key}' is not supported by this server (only its neutral value is accepted)",
+                           param=key, code="unsupported_parameter")
+        _ignore(key, ignored)
+    messages = kept.get("messages")
+    if isinstance(messages, list):
+        clean = []
+        for i, m in enumerate(messages):
+            if not isinstance(m, dict):
+                clean.append(m)
+                continue
+            extra = [k for k in m if k not in Message.model_fields]
+            for k in extra:
+                neutral = REFUSED_UNLESS_NEUTRAL.get(k)
+                if neutral is not None and not neutral(m[k]):
+                    raise APIError(400, f"'messages.{i}.{k}' is not supported by this server (tool calls are not)",
+                                   param=f"messages.{i}.{k}", code="unsupported_parameter")
+                if f"messages.*.{k}" not in ignored:
+                    _ignore(f"messages.*.{k}", ignored)
+            clean.append({k: v for k, v in m.items() if k not in extra})
+        kept["messages"] = clean
+    return kept, ignored
 
 
 class APIError(Exception):
@@ -45,6 +108,7 @@ class StreamOptions(BaseModel):
 
 class _Common(BaseModel):
     model_config = ConfigDict(extra="forbid")
+    _ignored: list[str] = PrivateAttr(default_factory=list)   # unknown fields the request carried (ignored)
 
     model: str = Field(min_length=1)
     max_tokens: int | None = Field(None, ge=1)
@@ -182,8 +246,10 @@ def parse(cls, body) -> _Common:
         param = _safe(".".join(str(p) for p in bad_text)) or None
         raise APIError(400, f"Invalid value for '{param}': not valid Unicode text (a lone surrogate)",
                        param=param, code="invalid_value")
+    body, ignored = _tolerate(cls, body)
     try:
         req = cls.model_validate(body, strict=True)
+        req._ignored = ignored
     except ValidationError as err:
         first = err.errors()[0]
         param = _param(first["loc"])
