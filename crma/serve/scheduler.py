@@ -19,8 +19,11 @@ adapter and backbone version, i.e. serves one adapter at a time.
 from __future__ import annotations
 
 import asyncio
+import ctypes
+import ctypes.util
 import itertools
 import logging
+import sys
 import threading
 import time
 from collections import deque
@@ -37,6 +40,23 @@ from .registry import AUTO, Registry, Route, Snapshot
 
 log = logging.getLogger("crma.serve")
 _ids = itertools.count(1)
+
+
+def _libc():
+    try:
+        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+    except OSError:
+        return None
+
+
+_LIBC = _libc() if sys.platform.startswith("linux") else None
+
+
+def release_free_memory() -> None:
+    """Return the heap memory a finished batch freed to the OS (glibc's malloc_trim), so that the server's
+    resident memory falls back after a burst instead of keeping its high-water mark."""
+    if _LIBC is not None and hasattr(_LIBC, "malloc_trim"):
+        _LIBC.malloc_trim(0)
 
 
 class QueueFull(Exception):
@@ -119,6 +139,7 @@ class Scheduler:
                       "max_rows": 0, "max_adapters_in_step": 0, "max_backbones_in_step": 0,
                       "prefill_seconds": 0.0, "step_seconds": 0.0, "step_tokens": 0}
         self.thread = threading.Thread(target=self._run, name="crma-scheduler", daemon=True)
+        self._busy = False
 
     # ---- any thread -------------------------------------------------------------------------
     def start(self) -> Scheduler:
@@ -155,8 +176,12 @@ class Scheduler:
     def _run(self) -> None:
         while True:
             with self.cv:
+                if not (self.stopping or self.calls or self.waiting or self.rows) and self._busy:
+                    self._busy = False
+                    release_free_memory()              # idle again: give the batch's freed memory back
                 while not (self.stopping or self.calls or self.waiting or self.rows):
                     self.cv.wait(timeout=1.0)
+                self._busy = True
                 if self.stopping:
                     break
                 calls = list(self.calls)
