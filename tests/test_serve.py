@@ -404,14 +404,14 @@ BAD = [  # (path, body, status, param or None)
     ("/v1/completions", b'{"model": "up", "prompt": "x", "temperature": NaN}', 400, "temperature"),
     ("/v1/completions", b"[" * 1020 + b"]" * 1020, 400, None),
     ("/v1/completions", {"model": "up", "prompt": "x", "n": 2}, 400, "n"),
-    ("/v1/completions", {"model": "up", "prompt": "x", "logprobs": 2}, 400, "logprobs"),
+    ("/v1/completions", {"model": "up", "prompt": "x", "logprobs": 6}, 400, "logprobs"),        # OpenAI's max: 5
     ("/v1/completions", {"model": "up", "prompt": "x", "best_of": 3}, 400, "best_of"),
     ("/v1/completions", {"model": "up", "prompt": "x", "presence_penalty": 0.5}, 400, "presence_penalty"),
     ("/v1/completions", {"model": "up", "prompt": "x", "top_k": 5}, 400, "top_k"),   # would change the output
     ("/v1/completions", {"model": "up", "prompt": "x", "stop": ["a", "b", "c", "d", "e"]}, 400, "stop"),
     ("/v1/completions", {"model": "up", "prompt": "x" * 100}, 400, "prompt"),
     ("/v1/completions", {"model": "up", "prompt": ""}, 400, "prompt"),
-    ("/v1/completions", {"model": "up", "prompt": ["a", "b"]}, 400, "prompt"),
+    ("/v1/completions", {"model": "up", "prompt": ["a", "b"], "stream": True}, 400, "prompt"),  # several: not streamed
     ("/v1/completions", {"model": "up", "prompt": [1, 99999]}, 400, "prompt"),
     ("/v1/completions", {"model": "up", "prompt": "x" * 3000}, 413, None),
     ("/v1/chat/completions", {"model": "up", "messages": []}, 400, "messages"),
@@ -420,8 +420,8 @@ BAD = [  # (path, body, status, param or None)
         {"type": "image_url", "image_url": {"url": "http://x"}}]}]}, 400, None),
     ("/v1/chat/completions", {"model": "up", "messages": [{"role": "user", "content": "x"}], "tools": [{}]},
      400, "tools"),
-    ("/v1/chat/completions", {"model": "up", "messages": [{"role": "user", "content": "x"}], "logprobs": True}, 400,
-     "logprobs"),
+    ("/v1/chat/completions", {"model": "up", "messages": [{"role": "user", "content": "x"}], "top_logprobs": 2}, 400,
+     "top_logprobs"),                                                                    # without logprobs=true
     ("/v1/chat/completions", {"model": "auto", "messages": "hi"}, 400, "messages"),
 ]
 

@@ -14,9 +14,13 @@ from prometheus_client.parser import text_string_to_metric_families
 from crma.cli import main
 from crma.cli.serve import access_warnings
 from crma.config import ConfigError
+from crma.data import Example, text_ids
+from crma.engine.live import LiveModel
+from crma.engine.loss import passage_losses
 from crma.serve.auth import load_keys, match
 from crma.serve.config import ServeConfig
 from crma.serve.protocol import IGNORED_HEADER
+from crma.store import Store
 from tests.conftest import write_cycle_domain
 from tests.test_serve import TRAIN, client, serving
 
@@ -134,14 +138,10 @@ def test_start_up_says_who_can_use_the_server():
     assert access_warnings(wide, 2) == ["2 API key(s): /v1 and /metrics need one"]
 
 
-def test_what_real_clients_send_is_accepted(store, monkeypatch):
-    """The `openai` client with fields this server does not know, langchain-openai and litellm: a chat completion
-    each, streamed and not; unknown fields are ignored and named in a header, output-changing ones refused."""
+def test_unknown_fields_are_ignored_and_output_changing_ones_refused(store, monkeypatch):
+    """Through the `openai` client: fields this server does not know are ignored and named in a header;
+    parameters of other servers that would change the output are refused with a 400 naming them."""
     monkeypatch.delenv("CRMA_API_KEY", raising=False)
-    monkeypatch.setenv("LITELLM_LOCAL_MODEL_COST_MAP", "True")        # litellm: no download at import
-    import litellm  # heavy: only for this test
-    from langchain_openai import ChatOpenAI  # heavy: only for this test
-
     with serving(store) as (url, _):
         raw = client(url).chat.completions.with_raw_response.create(
             model="up", messages=[{"role": "user", "content": "abcd"}], max_tokens=3, temperature=0,
@@ -156,6 +156,17 @@ def test_what_real_clients_send_is_accepted(store, monkeypatch):
                 {"role": "assistant", "content": "", "tool_calls": [{"id": "1", "type": "function", "function": {
                     "name": "f", "arguments": "{}"}}]}, {"role": "user", "content": "x"}])
 
+
+@pytest.mark.slow
+def test_langchain_and_litellm_chat_streamed_and_not(store, monkeypatch):
+    """langchain-openai's ChatOpenAI and litellm (slow: importing them takes most of the time) against a live
+    server: the same greedy answer whole and streamed, and from both clients."""
+    monkeypatch.delenv("CRMA_API_KEY", raising=False)
+    monkeypatch.setenv("LITELLM_LOCAL_MODEL_COST_MAP", "True")        # litellm: no download at import
+    import litellm  # heavy: only for this test
+    from langchain_openai import ChatOpenAI  # heavy: only for this test
+
+    with serving(store) as (url, _):
         lc = ChatOpenAI(base_url=url + "/v1", api_key="unused", model="up", max_tokens=4, temperature=0,
                         max_retries=0)
         whole = lc.invoke("abcdabcd")
@@ -169,3 +180,74 @@ def test_what_real_clients_send_is_accepted(store, monkeypatch):
         assert lite.choices[0].message.content == whole.content
         pieces = [c.choices[0].delta.content or "" for c in litellm.completion(stream=True, **kw)]
         assert "".join(pieces) == whole.content
+
+
+def test_logprobs_echo_and_prompt_lists_as_openai_shapes_them(store, monkeypatch):
+    """Echoed prompt log-probabilities equal what `crma eval` computes for the same tokens with the same adapter;
+    greedy chat tokens carry their log-probability (the top alternative's), streamed and not; several prompts
+    give one choice each, equal to asking one at a time."""
+    monkeypatch.delenv("CRMA_API_KEY", raising=False)
+    live = LiveModel.open(Store(store))
+    ids = text_ids(live.tokenizer, "abcdabcdab")
+    with live.using("up") as model:
+        loss_sum, n = passage_losses(model, [Example(ids, ((0, len(ids)),))], 8, live.tokenizer.pad_token_id,
+                                     progress=False)[0]
+    with serving(store) as (url, _):
+        c = client(url)
+        scored = c.completions.create(model="up", prompt="abcdabcdab", max_tokens=0, echo=True, logprobs=2)
+        lp = scored.choices[0].logprobs
+        assert scored.choices[0].text == "abcdabcdab" and lp.token_logprobs[0] is None and len(lp.tokens) == len(ids)
+        assert sum(lp.token_logprobs[1:]) == pytest.approx(-loss_sum, rel=1e-4, abs=1e-3) and n == len(ids) - 1
+        assert all(len(t) == 2 and max(t.values()) >= v - 1e-9 for t, v in zip(lp.top_logprobs[1:],
+                                                                              lp.token_logprobs[1:]))
+        assert lp.text_offset == [sum(len(t) for t in lp.tokens[:k]) for k in range(len(lp.tokens))]
+
+        kw = dict(model="up", messages=[{"role": "user", "content": "abcd"}], max_tokens=5, temperature=0,
+                  logprobs=True, top_logprobs=3)
+        whole = c.chat.completions.create(**kw)
+        content = whole.choices[0].logprobs.content
+        assert "".join(t.token for t in content) == whole.choices[0].message.content
+        for t in content:                                  # greedy: the chosen token is the most likely one
+            assert len(t.top_logprobs) == 3 and t.logprob == pytest.approx(t.top_logprobs[0].logprob)
+            assert t.bytes == list(t.token.encode("utf-8"))
+        streamed = [e for ch in c.chat.completions.create(stream=True, **kw) if ch.choices and ch.choices[0].logprobs
+                    for e in ch.choices[0].logprobs.content]
+        assert [(e.token, round(e.logprob, 6)) for e in streamed] == [(e.token, round(e.logprob, 6)) for e in content]
+
+        both = c.completions.create(model="auto", prompt=["abcdabcd", "dcbadcba"], max_tokens=4, temperature=0)
+        assert [ch.index for ch in both.choices] == [0, 1]
+        for ch, p in zip(both.choices, ["abcdabcd", "dcbadcba"]):
+            assert ch.text == c.completions.create(model="auto", prompt=p, max_tokens=4, temperature=0).choices[0].text
+
+
+@pytest.mark.slow
+def test_lm_evaluation_harness_scores_a_local_task_against_crma_serve(store, tmp_path, monkeypatch):
+    """lm-evaluation-harness's `local-completions` model (echo + logprobs, batched token-id prompts) on a
+    multiple-choice task over a local file: the adapter that learned the a->b->c->d cycle picks its
+    continuations."""
+    lm_eval = pytest.importorskip("lm_eval")
+    from lm_eval.tasks import TaskManager  # heavy: only for this test
+
+    monkeypatch.delenv("CRMA_API_KEY", raising=False)
+    monkeypatch.setenv("OPENAI_API_KEY", "unused")
+    rows = []
+    for k in range(8):
+        context = ("abcd" * 8)[k % 4:][:20]
+        right = "".join("abcd"[("abcd".index(context[-1]) + 1 + j) % 4] for j in range(6))
+        choices = [right, "dddddd", "cacaca"]
+        rows.append({"context": context, "choices": choices, "answer": 0})
+    (tmp_path / "items.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (tmp_path / "crma_cycle.yaml").write_text(
+        "task: crma_cycle\ndataset_path: json\ndataset_kwargs:\n  data_files:\n"
+        f"    test: {tmp_path / 'items.jsonl'}\ntest_split: test\noutput_type: multiple_choice\n"
+        "doc_to_text: '{{context}}'\ndoc_to_choice: '{{choices}}'\ndoc_to_target: '{{answer}}'\n"
+        "target_delimiter: ''\nmetric_list:\n  - metric: acc\n")
+    tok_dir = tmp_path / "tokenizer"
+    LiveModel.open(Store(store)).tokenizer.save_pretrained(tok_dir)
+    with serving(store) as (url, _):
+        out = lm_eval.simple_evaluate(
+            model="local-completions", tasks=["crma_cycle"], task_manager=TaskManager(include_path=str(tmp_path)),
+            model_args=f"model=up,base_url={url}/v1/completions,tokenizer={tok_dir},tokenizer_backend=huggingface,"
+                       "num_concurrent=1,max_retries=1,batch_size=4")
+    acc = out["results"]["crma_cycle"]["acc,none"]
+    assert acc >= 0.75, out["results"]

@@ -24,12 +24,35 @@ class SamplingParams:
     top_p: float = 1.0
     seed: int | None = None           # None: a fresh random seed
     stop: tuple[str, ...] = ()
+    logprobs: int | None = None       # report each generated token's log-probability and this many alternatives
+    echo: bool = False                # report the prompt tokens' log-probabilities too (completions' echo)
 
     def __post_init__(self) -> None:
         if not (math.isfinite(self.temperature) and self.temperature >= 0):
             raise ValueError(f"temperature must be a finite number >= 0, got {self.temperature}")
         if not (math.isfinite(self.top_p) and 0 <= self.top_p <= 1):
             raise ValueError(f"top_p must be in [0, 1], got {self.top_p}")
+
+
+def logprob_entry(logits: torch.Tensor, token: int, top: int) -> tuple[int, float, list[tuple[int, float]]]:
+    """(token, log p(token), the `top` most likely tokens with their log p) under the model's distribution
+    (the raw scores, before temperature or top-p, as OpenAI and vLLM report them).
+
+        log p(t) = logits[t] - logsumexp(logits)"""
+    lp = torch.log_softmax(logits.detach().to("cpu", torch.float64), dim=-1)            # (vocab,)
+    alts = torch.topk(lp, top) if top else None
+    return token, float(lp[token]), ([(int(i), float(v)) for v, i in zip(alts.values, alts.indices)] if top else [])
+
+
+def prompt_logprobs(logits: torch.Tensor, ids: list[int], top: int) -> list[tuple]:
+    """Entries for every prompt token from the prefill's logits (s, vocab): the first has no log-probability."""
+    out = [(ids[0], None, [])]
+    lp = torch.log_softmax(logits.detach().to("cpu", torch.float64), dim=-1)            # (s, vocab)
+    for t in range(1, len(ids)):
+        alts = torch.topk(lp[t - 1], top) if top else None
+        out.append((ids[t], float(lp[t - 1, ids[t]]),
+                    [(int(i), float(v)) for v, i in zip(alts.values, alts.indices)] if top else []))
+    return out
 
 
 class Sampler:

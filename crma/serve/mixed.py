@@ -52,8 +52,9 @@ class MixedForward:
         return args, kwargs
 
     def __call__(self, input_ids: torch.Tensor, routes: list, cache, attention_mask=None,
-                 position_ids=None) -> torch.Tensor:
-        """Logits of the last position, (rows, vocab); `cache` is updated in place."""
+                 position_ids=None, all_positions: bool = False) -> torch.Tensor:
+        """Logits of the last position, (rows, vocab), or of every position, (rows, s, vocab); `cache` is
+        updated in place."""
         model = self.live.model
         peft = isinstance(model, PeftModel)
         missing = {r.adapter for r in routes if r.adapter is not None} - set(self.live.adapters)
@@ -78,11 +79,11 @@ class MixedForward:
         try:
             with rows:
                 out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                            cache=cache, use_cache=True, logits_to_keep=1)
+                            cache=cache, use_cache=True, logits_to_keep=0 if all_positions else 1)
         finally:
             self._names = None
             self.stacked.set_rows(None)
-        return out.logits[:, -1, :]
+        return out.logits if all_positions else out.logits[:, -1, :]
 
     def close(self) -> None:
         self.stacked.close()

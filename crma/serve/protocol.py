@@ -111,7 +111,7 @@ class _Common(BaseModel):
     _ignored: list[str] = PrivateAttr(default_factory=list)   # unknown fields the request carried (ignored)
 
     model: str = Field(min_length=1)
-    max_tokens: int | None = Field(None, ge=1)
+    max_tokens: int | None = Field(None, ge=0)                 # 0: only with echo (completions: scoring a prompt)
     temperature: float | None = Field(None, ge=0, le=2, allow_inf_nan=False)   # < 1e-5: greedy (decoding.py)
     top_p: float | None = Field(None, ge=0, le=1, allow_inf_nan=False)
     seed: int | None = Field(None, ge=-(2**63), lt=2**64)
@@ -134,6 +134,10 @@ class _Common(BaseModel):
             raise ValueError("stop sequences must be non-empty strings")
         return stops
 
+    def conflict(self) -> tuple[str, str] | None:
+        """(parameter, why) when parameters contradict each other."""
+        return None
+
     def unsupported(self) -> list[str]:
         """Parameters given at a value this server cannot honour."""
         bad = []
@@ -148,16 +152,20 @@ class _Common(BaseModel):
 
 
 class CompletionRequest(_Common):
-    prompt: str | list[str] | list[int]
-    echo: bool | None = None
+    prompt: str | list[str] | list[int] | list[list[int]]
+    echo: bool | None = None                              # the prompt in the text, and its tokens' logprobs
     best_of: int | None = None
-    logprobs: int | None = None
+    logprobs: int | None = Field(None, ge=0, le=5)        # OpenAI's legacy: this many alternatives per token
     suffix: str | None = None
+
+    def conflict(self) -> tuple[str, str] | None:
+        if self.max_tokens == 0 and not self.echo:
+            return "max_tokens", "max_tokens=0 is only for scoring a prompt with echo=true"
+        return None
 
     def unsupported(self) -> list[str]:
         bad = super().unsupported()
-        bad += [k for k, ok in (("echo", _neutral(self.echo, False)), ("best_of", _neutral(self.best_of, 1)),
-                                ("logprobs", self.logprobs is None), ("suffix", _neutral(self.suffix, "")))
+        bad += [k for k, ok in (("best_of", _neutral(self.best_of, 1)), ("suffix", _neutral(self.suffix, "")))
                 if not ok]
         return bad
 
@@ -181,8 +189,8 @@ class Message(BaseModel):
 class ChatRequest(_Common):
     messages: list[Message] = Field(min_length=1)
     max_completion_tokens: int | None = Field(None, ge=1)
-    logprobs: bool | None = None
-    top_logprobs: int | None = None
+    logprobs: bool | None = None                          # each generated token's log-probability
+    top_logprobs: int | None = Field(None, ge=0, le=20)   # and this many alternatives (needs logprobs)
     tools: list[Any] | None = None
     tool_choice: Any = None
     response_format: dict | None = None
@@ -194,11 +202,16 @@ class ChatRequest(_Common):
             self.max_tokens = self.max_completion_tokens
         return self
 
+    def conflict(self) -> tuple[str, str] | None:
+        if self.max_tokens == 0:
+            return "max_tokens", "max_tokens must be >= 1"
+        if self.top_logprobs and not self.logprobs:
+            return "top_logprobs", "top_logprobs needs logprobs=true"
+        return None
+
     def unsupported(self) -> list[str]:
         bad = super().unsupported()
-        bad += [k for k, ok in (("logprobs", _neutral(self.logprobs, False)),
-                                ("top_logprobs", self.top_logprobs is None),
-                                ("tools", not self.tools), ("tool_choice", _neutral(self.tool_choice, "none")),
+        bad += [k for k, ok in (("tools", not self.tools), ("tool_choice", _neutral(self.tool_choice, "none")),
                                 ("response_format", _neutral(self.response_format, {"type": "text"})))
                 if not ok]
         return bad
@@ -259,10 +272,14 @@ def parse(cls, body) -> _Common:
             raise APIError(400, f"Missing required parameter: '{param}'", param=param,
                            code="missing_required_parameter") from None
         raise APIError(400, f"Invalid value for '{param}': {first['msg']}", param=param, code="invalid_value") from None
+    clash = req.conflict()
+    if clash is not None:
+        raise APIError(400, f"Invalid value for '{clash[0]}': {clash[1]}", param=clash[0], code="invalid_value")
     bad = req.unsupported()
     if bad:
         raise APIError(400, f"'{bad[0]}' is not supported by this server at that value (supported: max_tokens, "
-                            "temperature, top_p, seed, stop, n=1, stream)", param=bad[0], code="unsupported_parameter")
+                            "temperature, top_p, seed, stop, n=1, stream, logprobs, top_logprobs, echo)",
+                       param=bad[0], code="unsupported_parameter")
     return req
 
 
@@ -276,24 +293,47 @@ def usage(prompt_tokens: int, completion_tokens: int) -> dict:
             "total_tokens": prompt_tokens + completion_tokens}
 
 
+def completion_logprobs(entries: list[tuple], token_text, offset: int) -> dict:
+    """OpenAI's legacy completions `logprobs` object from (token, logprob, [(alt, logprob)...]) entries:
+    tokens, token_logprobs, top_logprobs ({token text: logprob}; None for a prompt's first token) and the
+    character offset of each token in the returned text, from `offset`."""
+    tokens, offsets = [], []
+    for tok, _, _ in entries:
+        offsets.append(offset)
+        tokens.append(token_text(tok))
+        offset += len(tokens[-1])
+    tops = [None if lp is None else {token_text(a): v for a, v in alts} for _, lp, alts in entries]
+    return {"tokens": tokens, "token_logprobs": [lp for _, lp, _ in entries], "top_logprobs": tops,
+            "text_offset": offsets}
+
+
+def chat_logprobs(entries: list[tuple], token_text) -> dict:
+    """The chat `logprobs` object: {"content": [{token, logprob, bytes, top_logprobs: [...]}, ...]}."""
+    def one(tok: int, lp: float) -> dict:
+        text = token_text(tok)
+        return {"token": text, "logprob": lp, "bytes": list(text.encode("utf-8"))}
+    return {"content": [{**one(tok, lp), "top_logprobs": [one(a, v) for a, v in alts]} for tok, lp, alts in entries]}
+
+
 def completion_body(rid: str, model: str, text: str, finish: str | None, info: dict, use: dict | None,
-                    chunk: bool = False) -> dict:
+                    logprobs: dict | None = None, index: int = 0) -> dict:
     body = {"id": rid, "object": "text_completion", "created": int(time.time()), "model": model,
-            "choices": [{"index": 0, "text": text, "finish_reason": finish, "logprobs": None}], "crma": info}
+            "choices": [{"index": index, "text": text, "finish_reason": finish, "logprobs": logprobs}], "crma": info}
     if use is not None:
         body["usage"] = use
     return body
 
 
-def chat_body(rid: str, model: str, text: str, finish: str | None, info: dict, use: dict | None) -> dict:
+def chat_body(rid: str, model: str, text: str, finish: str | None, info: dict, use: dict | None,
+              logprobs: dict | None = None) -> dict:
     return {"id": rid, "object": "chat.completion", "created": int(time.time()), "model": model,
             "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": finish,
-                         "logprobs": None}], "usage": use, "crma": info}
+                         "logprobs": logprobs}], "usage": use, "crma": info}
 
 
-def chat_chunk(rid: str, model: str, delta: dict, finish: str | None, info: dict) -> dict:
+def chat_chunk(rid: str, model: str, delta: dict, finish: str | None, info: dict, logprobs: dict | None = None) -> dict:
     return {"id": rid, "object": "chat.completion.chunk", "created": int(time.time()), "model": model,
-            "choices": [{"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}], "crma": info}
+            "choices": [{"index": 0, "delta": delta, "finish_reason": finish, "logprobs": logprobs}], "crma": info}
 
 
 def usage_chunk(rid: str, model: str, obj: str, use: dict) -> dict:

@@ -34,7 +34,7 @@ import torch
 
 from ..routing import BASE, route_texts
 from .batch import BatchCache, new_cache
-from .decoding import Sampler, SamplingParams, TextStream
+from .decoding import Sampler, SamplingParams, TextStream, logprob_entry, prompt_logprobs
 from .mixed import MixedForward
 from .registry import AUTO, Registry, Route, Snapshot
 
@@ -90,6 +90,15 @@ class Request:
     key_id: str | None = None          # the API key's id (logs and metrics; never the key)
     allowed: frozenset[str] | None = None   # domains the key may use: `auto` routes among them only
     reason: str = ""                   # why the router abstained (auto -> base)
+    pending_logprobs: list = field(default_factory=list)   # entries of tokens whose text is not sent yet
+
+    def emit_text(self, piece: str) -> None:
+        """A piece of text, with the log-probability entries of the tokens it completes (when asked)."""
+        if self.params.logprobs is None:
+            self.emit("text", text=piece)
+        else:
+            entries, self.pending_logprobs = self.pending_logprobs, []
+            self.emit("text", text=piece, logprobs=entries)
 
     def emit(self, kind: str, **data) -> None:
         if self.loop is not None and self.queue is not None:
@@ -269,10 +278,19 @@ class Scheduler:
         ids = torch.tensor([req.prompt_ids], dtype=torch.long, device=self.live.model.device)
         cache = new_cache(self.live.model.config)
         started = time.perf_counter()
-        logits = self.forward(ids, [req.route], cache)                            # (1, vocab)
+        echo = req.params.echo and req.params.logprobs is not None
+        logits = self.forward(ids, [req.route], cache, all_positions=echo)          # (1, vocab) / (1, s, vocab)
         self.stats["prefill_seconds"] += time.perf_counter() - started
         self.stats["prefills"] += 1
-        req.emit("route", info=req.info())
+        if echo:
+            req.emit("route", info=req.info(),
+                     prompt_logprobs=prompt_logprobs(logits[0], req.prompt_ids, req.params.logprobs))
+            logits = logits[:, -1, :]
+        else:
+            req.emit("route", info=req.info())
+        if req.params.max_tokens == 0:                 # echo only: the prompt scored, nothing generated
+            self._finish(req, "length")
+            return
         if self._take(req, logits[0]):
             self.batch.add(cache, len(req.prompt_ids))
             self.rows.append(req)
@@ -309,7 +327,10 @@ class Scheduler:
         """Sample and accept one row's next token; False when the request is finished. A failure here
         (its sampler, its text stream) is the request's own: it ends with an error, the other rows go on."""
         try:
-            return self._accept(req, req.sampler(logits))
+            token = req.sampler(logits)
+            if req.params.logprobs is not None and token not in self.eos:
+                req.pending_logprobs.append(logprob_entry(logits, token, req.params.logprobs))
+            return self._accept(req, token)
         except Exception as err:
             log.exception("sampling failed for request %s", req.id)
             self._fail(req, f"could not choose the next token: {err}")
@@ -343,14 +364,14 @@ class Scheduler:
             self._finish(req, "length", piece + req.stream.finish())
             return False
         if piece:
-            req.emit("text", text=piece)
+            req.emit_text(piece)
         return True
 
     def _finish(self, req: Request, reason: str | None, piece: str = "", error: str | None = None,
                 cancelled: bool = False) -> None:
         req.finish_reason = reason
-        if piece:
-            req.emit("text", text=piece)
+        if piece or req.pending_logprobs:
+            req.emit_text(piece)
         if error is not None:
             self.stats["errors"] += 1
             req.emit("error", message=error)
