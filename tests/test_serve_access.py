@@ -251,3 +251,23 @@ def test_lm_evaluation_harness_scores_a_local_task_against_crma_serve(store, tmp
                        "num_concurrent=1,max_retries=1,batch_size=4")
     acc = out["results"]["crma_cycle"]["acc,none"]
     assert acc >= 0.75, out["results"]
+
+
+def test_an_oversize_body_is_a_413_the_openai_client_reads_every_time(store, monkeypatch):
+    """Refused from Content-Length (the openai client sends one) and while reading a chunked body: the client
+    gets the status and the message, 10 times out of 10, and the server goes on."""
+    monkeypatch.delenv("CRMA_API_KEY", raising=False)
+    with serving(store, max_body_bytes=64 << 10) as (url, _):
+        c = client(url)
+        for _ in range(10):
+            with pytest.raises(openai.APIStatusError, match="exceeds the limit") as err:
+                c.completions.create(model="up", prompt="a" * (100 << 10), max_tokens=1)
+            assert err.value.status_code == 413
+
+        def chunked():
+            for _ in range(4):
+                yield b'{"model": "up", "prompt": "' + b"a" * (30 << 10)
+        for _ in range(10):
+            r = httpx.post(url + "/v1/completions", content=chunked(), headers={"content-type": "application/json"})
+            assert r.status_code == 413 and "exceeds the limit" in r.json()["error"]["message"]
+        assert chat(url, "unused-key", "up").choices[0].finish_reason in ("stop", "length")
