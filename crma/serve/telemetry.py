@@ -24,7 +24,6 @@ from __future__ import annotations
 import json
 import logging
 import logging.handlers
-import time
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -106,6 +105,3 @@ class Telemetry:
                 h.close()
                 self.log.removeHandler(h)
 
-
-def now() -> float:
-    return time.perf_counter()
