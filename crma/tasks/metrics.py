@@ -27,13 +27,6 @@ import sys
 import unicodedata
 from collections import Counter
 
-from absl import logging as absl_logging
-from rouge_score import rouge_scorer
-
-# rouge-score imports absl, whose log handler keeps the sys.stderr of that moment; where that is a stand-in
-# (pytest's capture, a notebook) it is closed later and flushing it at exit fails. The process's own stderr:
-absl_logging.get_absl_handler().python_handler.setStream(sys.__stderr__)
-
 ARTICLES = {"a", "an", "the"}
 
 
@@ -73,13 +66,27 @@ class _Tokenizer:
         return tokens(text)
 
 
-_ROUGE = rouge_scorer.RougeScorer(["rougeL"], tokenizer=_Tokenizer())
+_ROUGE = []
+
+
+def _rouge():
+    """Google's rouge-score ROUGE-L scorer on crma's tokens, made on first use (importing rouge-score and its
+    nltk takes about 1.2 s, which every crma process would otherwise pay)."""
+    if not _ROUGE:
+        from absl import logging as absl_logging  # heavy: with rouge-score, on first use only
+        from rouge_score import rouge_scorer  # heavy: as above
+
+        # absl's log handler keeps the sys.stderr of its import; where that is a stand-in (pytest's capture,
+        # a notebook) it is closed later and flushing it at exit fails. The process's own stderr instead:
+        absl_logging.get_absl_handler().python_handler.setStream(sys.__stderr__)
+        _ROUGE.append(rouge_scorer.RougeScorer(["rougeL"], tokenizer=_Tokenizer()))
+    return _ROUGE[0]
 
 
 def rouge_l(answer: str, references: list[str] | tuple[str, ...]) -> float:
     if not tokens(answer) and any(not tokens(r) for r in references):
         return 1.0
-    return max(_ROUGE.score(r, answer)["rougeL"].fmeasure for r in references)
+    return max(_rouge().score(r, answer)["rougeL"].fmeasure for r in references)
 
 
 def free_form_scores(answer: str, references) -> dict[str, float]:
