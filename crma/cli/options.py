@@ -25,7 +25,7 @@ import types
 import typing
 from pathlib import Path
 
-from ..config import REQUIRED, opt
+from ..config import REQUIRED, ConfigError, opt
 
 
 def _unwrap(tp) -> tuple[type, bool]:
@@ -115,3 +115,14 @@ def build(args: argparse.Namespace, cls, section: str | None = None, **extra):
     return cls(**values(args, cls, section, skip=tuple(extra)), **extra)
 
 __all__ = ["REQUIRED", "add_options", "build", "opt", "values"]
+
+
+def named(items: list[str], option: str, what: str = "FILE") -> dict[str, str]:
+    """NAME=VALUE command-line values -> {NAME: VALUE}; ConfigError naming the option for a malformed one."""
+    out = {}
+    for item in items:
+        name, sep, value = item.partition("=")
+        if not sep or not name or not value:
+            raise ConfigError(f"{option}: expected NAME={what}, got {item!r}")
+        out[name] = value
+    return out

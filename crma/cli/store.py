@@ -21,7 +21,7 @@ from ..engine.task_eval import OWN, evaluate_store_tasks, format_task_eval
 from ..store import Store, StoreError
 from ..store.repair import repair
 from ..store.verify import damaged_parts
-from .options import add_options, build, opt
+from .options import add_options, build, named, opt
 from .settings import add_sections, sections
 
 
@@ -159,22 +159,12 @@ def _verify(args: argparse.Namespace) -> int:
     return 1 if found else 0
 
 
-def _named(items: list[str], option: str, what: str) -> dict[str, str]:
-    out = {}
-    for item in items:
-        name, sep, path = item.partition("=")
-        if not sep or not name or not path:
-            raise ConfigError(f"{option}: expected NAME={what}, got {item!r}")
-        out[name] = path
-    return out
-
-
 def cmd_eval(args: argparse.Namespace) -> int:
     a, configs = build(args, EvalArgs), sections(args, ("device", "task"))
     device = configs["device"]
     runtime.accelerator(device)
     store = Store(a.store)
-    data, tasks = _named(a.data, "--data", "HOLDOUT"), _named(a.tasks, "--tasks", "FILE")
+    data, tasks = named(a.data, "--data", "HOLDOUT"), named(a.tasks, "--tasks")
     if not data and not tasks:
         raise ConfigError("crma eval: give --data NAME=HOLDOUT (holdout loss) and/or --tasks NAME=FILE (task scores)")
     if a.backbone == "both":

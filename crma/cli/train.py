@@ -23,7 +23,7 @@ from ..engine.tasks import TaskSet, check_sharding, parse_min_score
 from ..method.models import DEFAULT_MODEL
 from ..routing import RouterConfig
 from ..store import MANIFEST, Store, StoreError, creation_blockers, creation_settings
-from .options import add_options, build, opt
+from .options import add_options, build, named, opt
 from .settings import add_sections, sections
 
 RUN_SECTIONS = ("train", "lora", "crma", "cl", "device", "task")   # crma run: every section (cl: the baselines)
@@ -76,14 +76,9 @@ class DemoArgs:
 
 def cmd_run(args: argparse.Namespace) -> int:
     a = build(args, RunArgs)
-    tasks = {}
-    for item in a.tasks:
-        name, sep, path = item.partition("=")
-        if not sep or not name or not path:
-            raise ConfigError(f"--tasks: expected NAME=FILE, got {item!r}")
-        tasks[name] = path
     cfg = RunConfig(domains=[DomainSpec.parse(d) for d in a.domains], out=a.out, model=a.model,
-                    condition=a.condition, seed=a.seed, tasks=tasks, **sections(args, RUN_SECTIONS))
+                    condition=a.condition, seed=a.seed, tasks=named(a.tasks, "--tasks"),
+                    **sections(args, RUN_SECTIONS))
     continual_run(cfg, command=args.command_line, router_cfg=sections(args, ("router",))["router"],
                   overwrite=a.overwrite)
     return 0

@@ -8,7 +8,7 @@
 """
 from pathlib import Path
 
-from .domain import DomainData, load_domain, read_queries, read_records, read_texts, split_holdout
+from .domain import DomainData, examples_for, load_domain, read_queries, read_records, read_texts, split_holdout
 from .examples import DataStats, Example, build_examples, collate, epoch_order, text_example, windows
 from .formats import Record, table_records
 from .render import prompt_ids, render, text_ids
@@ -17,5 +17,6 @@ from .sources import DataError, Table, read_tables
 DEMO_DIR = Path(__file__).parent.parent / "demo_data"    # the bundled demo domains (crma demo, smoke benchmark)
 
 __all__ = ["DEMO_DIR", "DataError", "DataStats", "DomainData", "Example", "Record", "Table", "build_examples",
-           "collate", "epoch_order", "load_domain", "prompt_ids", "read_queries", "read_records", "read_tables",
-           "read_texts", "render", "split_holdout", "table_records", "text_example", "text_ids", "windows"]
+           "collate", "epoch_order", "examples_for", "load_domain", "prompt_ids", "read_queries", "read_records",
+           "read_tables", "read_texts", "render", "split_holdout", "table_records", "text_example", "text_ids",
+           "windows"]

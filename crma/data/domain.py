@@ -101,6 +101,7 @@ class DomainData:
 
 
 def examples_for(records: list[Record], tokenizer, cfg: TrainConfig):
+    """build_examples with a TrainConfig's (or an adapter's recorded) length and loss settings."""
     return build_examples(records, tokenizer, cfg.max_len, cfg.long_inputs, cfg.stride, cfg.loss_on)
 
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ..config import TrainConfig
-from ..data import Record, build_examples, read_records
+from ..data import Record, examples_for, read_records
 from ..data.domain import drop_keys
 from ..store import Store, StoreError, sha256_texts
 from .live import LiveModel
@@ -49,7 +49,7 @@ def evaluate_store(live: LiveModel, data: dict[str, str], modes: tuple[str, ...]
         meta = store.adapter_meta(domain)
         cfg = TrainConfig.recorded(meta["train"])
         records = holdout_records(path, domain, cfg, meta)
-        ids = build_examples(records, live.tokenizer, cfg.max_len, cfg.long_inputs, cfg.stride, cfg.loss_on)[0]
+        ids = examples_for(records, live.tokenizer, cfg)[0]
         if not ids:
             raise StoreError(f"{path}: no holdout examples for {domain}")
         same = sha256_texts([r.canonical() for r in records]) == meta["data"]["holdout"]["sha256"]

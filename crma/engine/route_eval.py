@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from ..config import DeviceConfig, TrainConfig
-from ..data import DataError, build_examples, read_queries
+from ..data import DataError, examples_for, read_queries
 from ..routing import BASE, Router, RouterError, route_texts
 from ..routing.router import quantile_summary
 from ..runtime import load_placed
@@ -235,7 +235,7 @@ def loss_report(live: LiveModel, router: Router, corpus: Path, max_holdout: int)
         meta = store.adapter_meta(d)
         cfg = TrainConfig.recorded(meta["train"])             # the holdout read as the adapter's was
         records = holdout_records(corpus / d / "holdout.jsonl", d, replace(cfg, max_holdout=max_holdout), meta)
-        ids, origin, _ = build_examples(records, tok, cfg.max_len, cfg.long_inputs, cfg.stride, cfg.loss_on)
+        ids, origin, _ = examples_for(records, tok, cfg)
         routed_records = route_texts(router, live.model, tok, [r.query() for r in records])
         decisions = [routed_records[i] for i in origin]        # every example of a record goes where it goes
         with live.using(d) as model:
