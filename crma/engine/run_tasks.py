@@ -59,8 +59,7 @@ class RunTasks:
     def score_phase(self, live: LiveModel, phase: int, method: Method) -> None:
         """Row `phase` of the matrix (latest backbone)."""
         row: list[float | None] = []
-        for name in self.names:
-            j = self.names.index(name)
+        for j, name in enumerate(self.names):
             if name not in self.sets or j > phase + 1:
                 row.append(None)
                 continue
