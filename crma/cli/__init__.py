@@ -12,6 +12,7 @@
     crma report --out DIR                        recompute summary.json / report.md from the run folders
     crma route --store DIR "query text" ...      which domain adapter the store's router picks
     crma route-eval --store DIR [--corpus DIR] [--queries NAME=FILE] [--ood FILE] [--loss]
+    crma export --store DIR --to vllm --out DIR2 [--backbone pinned|latest]   files vLLM serves the store from
 """
 from __future__ import annotations
 
@@ -21,21 +22,22 @@ import sys
 from .. import runtime
 from ..config import ConfigError
 from ..data import DataError
+from ..export import ExportError
 from ..io import command_line
 from ..method.backbone import FingerprintError
 from ..method.models import ModelError
 from ..routing import RouterError
 from ..store import StoreError
-from . import bench, route, serve, store, train
+from . import bench, export, route, serve, store, train
 
-ERRORS = (ConfigError, DataError, ModelError, RouterError, FingerprintError, StoreError, FileNotFoundError)
+ERRORS = (ConfigError, DataError, ExportError, ModelError, RouterError, FingerprintError, StoreError, FileNotFoundError)
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="crma", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
-    for module in (train, store, serve, bench, route):
+    for module in (train, store, serve, bench, route, export):
         module.register(sub)
     return parser
 
