@@ -13,6 +13,7 @@
     crma route --store DIR "query text" ...      which domain adapter the store's router picks
     crma route-eval --store DIR [--corpus DIR] [--queries NAME=FILE] [--ood FILE] [--loss]
     crma export --store DIR --to vllm --out DIR2 [--backbone pinned|latest]   files vLLM serves the store from
+    crma route-proxy --store DIR --upstream URL   the store's router in front of vLLM (OpenAI API)
 """
 from __future__ import annotations
 
@@ -28,7 +29,7 @@ from ..method.backbone import FingerprintError
 from ..method.models import ModelError
 from ..routing import RouterError
 from ..store import StoreError
-from . import bench, export, route, serve, store, train
+from . import bench, export, proxy, route, serve, store, train
 
 ERRORS = (ConfigError, DataError, ExportError, ModelError, RouterError, FingerprintError, StoreError, FileNotFoundError)
 
@@ -37,7 +38,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="crma", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
-    for module in (train, store, serve, bench, route, export):
+    for module in (train, store, serve, bench, route, export, proxy):
         module.register(sub)
     return parser
 
