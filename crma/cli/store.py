@@ -20,6 +20,7 @@ from ..engine.live import LiveModel
 from ..engine.task_eval import OWN, evaluate_store_tasks, format_task_eval
 from ..store import Store, StoreError
 from ..store.repair import repair
+from ..store.summary import describe
 from ..store.verify import damaged_parts
 from .options import add_options, build, named, opt
 from .settings import add_sections, sections
@@ -33,6 +34,7 @@ class StoreArgs:
 @dataclass
 class ShowArgs(StoreArgs):
     name: str | None = opt(None, positional=True, help="a domain (default: the whole store)")
+    json: bool = opt(False, help="the whole store as JSON (what the web console shows)")
 
 
 @dataclass
@@ -77,10 +79,8 @@ class GenerateArgs:
 
 
 def _versions_line(store: Store, domain: str) -> str:
-    entry = store.manifest["domains"][domain]
-    versions = store.manifest["adapters"][entry["adapter"]]
-    return ", ".join(("*" if int(v) == entry["current"] else "") + f"v{v}" for v in versions
-                     if versions[v]["domain"] == domain or entry["adapter"] != domain)
+    current = store.manifest["domains"][domain]["current"]
+    return ", ".join(("*" if v == current else "") + f"v{v}" for v in store.versions(domain))
 
 
 def cmd_store(args: argparse.Namespace) -> int:
@@ -98,6 +98,9 @@ def cmd_store(args: argparse.Namespace) -> int:
         print(msg)
         return 0
     store = Store(args.dir)
+    if args.action == "show" and args.json:
+        print(json.dumps(describe(store), indent=2))
+        return 0
     if args.action == "list" or (args.action == "show" and not args.name):
         m = store.manifest
         bb = m["backbone"]

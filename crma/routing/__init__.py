@@ -129,5 +129,35 @@ def route_texts(router: Router, model, tokenizer, texts: list[str], batch_size: 
     return out
 
 
-__all__ = ["BASE", "Decision", "Features", "Router", "RouterConfig", "RouterError", "calibration_split",
-           "check_encoder", "new_router", "update_router", "route_texts"]
+REASONS = {"characters": "too few characters per token: noise or another script, not a domain's text",
+           "background": "closer to everyday English (the background class) than to any domain",
+           "distance": "too far from the nearest domain (beyond its calibrated distance threshold)",
+           "empty": "nothing to route on (an empty text, or a router without domains)"}
+
+
+def explain_text(router: Router, model, tokenizer, text: str) -> dict:
+    """Everything the router weighs for one text: each domain's probability p_d = softmax(s / T)_d over
+    the domains' scores s, the background class's probability, the decision and, when it abstains, why.
+    Domains are listed most probable first."""
+    feats = None
+    if text.strip() and router.names:
+        check_encoder(router, model)
+        feats = encode(router.cfg, [text], model, tokenizer)
+        dec = router.route_batch(feats)[0]
+    else:
+        dec = Decision(BASE, 0.0, None, 0.0, None, 0.0, "empty", 0.0)
+    out = {"decision": dec.domain, "best": dec.best, "confidence": dec.confidence, "runner_up": dec.runner_up,
+           "runner_up_confidence": dec.runner_up_confidence, "background": dec.background_confidence,
+           "ood_ratio": dec.ood_ratio, "reason": dec.reason or None,
+           "why": REASONS.get(dec.reason, f"{dec.domain} scored highest and is within its distance threshold"),
+           "domains": []}
+    if feats is not None:
+        scores = router.scores(feats)[0]                                                     # (D,)
+        probs = (scores / router.cfg.temperature).softmax(-1)                                # (D,)
+        out["domains"] = sorted(({"domain": d, "score": float(scores[i]), "probability": float(probs[i])}
+                                 for i, d in enumerate(router.names)), key=lambda r: -r["probability"])
+    return out
+
+
+__all__ = ["BASE", "REASONS", "Decision", "Features", "Router", "RouterConfig", "RouterError", "calibration_split",
+           "check_encoder", "explain_text", "new_router", "update_router", "route_texts"]

@@ -4,6 +4,9 @@
     GET  /v1/models, /v1/models/{id}, /health
     GET  /metrics                                Prometheus (crma/serve/telemetry.py)
     POST /admin/reload                           only with an admin token (Bearer), else absent
+    POST /admin/rollback {"domain", "to"?}       the same: `crma store rollback|remove` on the served store,
+    POST /admin/remove {"domain"}                then a reload
+    GET  /ui/, /ui/api/...                       the web console (crma/serve/console.py; --no-ui: absent)
 
 With API keys (crma/serve/auth.py) every /v1 request needs one (401), and a key limited to some domains
 gets 403 for another domain and sees only its own in /v1/models; /metrics needs a key or --metrics-token.
@@ -46,6 +49,7 @@ from ..store import StoreError
 from .auth import ApiKey, authorize, check_model, check_token, match
 from .completions import completion_prompts, serve, unknown_model
 from .config import ServeConfig
+from .console import add_console
 from .protocol import (
     APIError,
     ChatRequest,
@@ -172,6 +176,27 @@ def create_app(server: Server, manage: bool = True) -> FastAPI:
             except StoreError as err:
                 raise APIError(409, f"store refused, still serving the previous manifest: {err}",
                                "store_error", code="store_verification_failed") from None
+
+        @app.post("/admin/{action}")
+        async def change(action: str, request: Request):
+            _check_token(request, cfg.admin_token)
+            if action not in ("rollback", "remove"):
+                raise APIError(404, f"no admin endpoint /admin/{action}", code="not_found")
+            body = await read_json(request, cfg.max_body_bytes, cfg.timeout_body)
+            domain = body.get("domain") if isinstance(body, dict) else None
+            to = body.get("to") if isinstance(body, dict) else None
+            if not isinstance(domain, str) or not domain:
+                raise APIError(400, "send {\"domain\": NAME}", param="domain", code="invalid_value")
+            if to is not None and not isinstance(to, int | str):
+                raise APIError(400, "'to' is a version: 2 or \"v2\"", param="to", code="invalid_value")
+            try:
+                return await run_in_threadpool(server.change, action, domain, None if to is None else str(to))
+            except StoreError as err:
+                raise APIError(409, f"{action} refused, nothing changed: {err}", "store_error",
+                               code="store_refused") from None
+
+    if cfg.ui:
+        add_console(app, server, read_json)
 
     return app
 

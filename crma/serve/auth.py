@@ -32,7 +32,7 @@ class ApiKey:
     domains: frozenset[str] | None = None    # None: every domain
 
     def allows(self, model: str, specials: tuple[str, ...]) -> bool:
-        return self.domains is None or model in specials or model in self.domains
+        return self.domains is None or model in specials or model.split("@")[0] in self.domains   # DOMAIN@vK
 
 
 def parse_key(spec: str, where: str) -> ApiKey:

@@ -51,10 +51,15 @@ class ServeConfig:
     timeout_headers: float = opt(10.0, help="seconds a client has to send a request's line and headers "
                                             "(else 408 and the connection is closed)")
     timeout_body: float = opt(30.0, help="seconds a client has to send a request's body (else 408)")
+    ui: bool = opt(True, help="the web console at /ui (its data needs an API key when keys are set)")
+    results: Path | None = opt(None, help="a benchmark results folder (crma bench/report --out) the console shows")
     watch: bool = opt(False, help="reload by itself when the store's manifest changes")
     watch_interval: float = opt(1.0, help="seconds between manifest checks")
     backbone: str = opt("pinned", choices=("pinned", "latest"),
                         help="backbone version for each domain: the one its adapter was trained with, or the newest")
+    versions: bool = opt(False, help="also serve every registered version of each domain as DOMAIN@vK (on the "
+                                      "backbone version it was trained with), for comparing versions; each holds "
+                                      "its adapter weights in memory")
     batching: str = opt("mixed", choices=("mixed", "per-adapter"),
                         help="per-adapter: one adapter at a time (a baseline for benchmarks)")
     lora_mixing: str = opt("peft", choices=("peft", "gather"),
@@ -67,6 +72,9 @@ class ServeConfig:
         self.store = Path(self.store)
         self.api_key = list(self.api_key or [])
         self.route_log = Path(self.route_log) if self.route_log else None
+        self.results = Path(self.results) if self.results else None
+        if self.results is not None and not (self.results / "report.md").is_file():
+            raise ConfigError(f"--results {self.results}: no report.md there (make one with crma report --out DIR)")
         for name in ("max_batch", "max_queue", "max_prompt_tokens", "max_tokens", "default_max_tokens",
                      "max_body_bytes", "max_header_bytes", "max_connections", "route_log_bytes"):
             if getattr(self, name) < 1:

@@ -5,6 +5,9 @@
 
 A `Snapshot` maps every servable model name to a `Route`: the in-memory adapter (`<adapter>@v<k>`,
 so two versions of one domain can be loaded side by side) and the backbone version it is pinned to.
+Besides each domain (its current version), every registered version is servable as `DOMAIN@vK`, on
+the backbone version it was trained with (pinned) or the newest (latest), so two versions can be
+compared side by side (ServeConfig.versions; off by default: current versions only).
 A request is bound to the snapshot that was current when it arrived and keeps it to the end, so a
 reload never changes a request in flight; a snapshot's adapters and backbone versions stay loaded
 until no request holds it any more. A file that fails verification takes out only what needs it (a
@@ -23,6 +26,7 @@ from dataclasses import dataclass, field
 from ..engine.live import LiveModel
 from ..routing import BASE
 from ..store import Store, StoreError
+from ..store.paths import verify_files
 from ..store.verify import damaged_parts
 
 AUTO = "auto"
@@ -75,9 +79,9 @@ class Snapshot:
     def adapters(self) -> dict[str, tuple[str, int]]:
         """{in-memory name: (store adapter, version)} this snapshot may use."""
         out = {}
-        for domain, r in self.routes.items():
+        for r in self.routes.values():
             if r.adapter is not None:
-                out[r.adapter] = (self.store.adapter_name(domain), r.adapter_version)
+                out[r.adapter] = (self.store.adapter_name(r.domain), r.adapter_version)
         return out
 
     def backbones(self) -> set[int]:
@@ -87,8 +91,8 @@ class Snapshot:
 class Registry:
     """The current snapshot, every snapshot still held by a request, and what they keep loaded."""
 
-    def __init__(self, live: LiveModel, root, backbone_mode: str = "pinned"):
-        self.live, self.root, self.backbone_mode = live, root, backbone_mode
+    def __init__(self, live: LiveModel, root, backbone_mode: str = "pinned", versions: bool = False):
+        self.live, self.root, self.backbone_mode, self.versions = live, root, backbone_mode, versions
         self.current: Snapshot | None = None
         self.stack = None                      # VersionStack of the needed backbone versions
         self._held: list[Snapshot] = []        # older snapshots with requests in flight
@@ -124,12 +128,31 @@ class Registry:
             meta = store.adapter_meta(domain)
             routes[domain] = Route(domain, f"{meta['adapter']}@v{meta['version']}", meta["version"],
                                    store.backbone_version(domain, self.backbone_mode))
+        if self.versions:
+            for domain in list(routes):
+                self._version_routes(store, domain, routes, unavailable)
         if BASE not in unavailable:
             routes[BASE] = Route(BASE, None, None, store.backbone_version(None))
         router = None if damage.router else store.router()
         self._serial += 1
         return Snapshot(store, router, routes, self._serial, store.manifest.get("updated", ""),
                         unavailable=unavailable)
+
+    def _version_routes(self, store: Store, domain: str, routes: dict, unavailable: dict) -> None:
+        """`DOMAIN@vK` for every registered version of `domain` whose files are whole."""
+        newest = store.backbone_version(None)
+        for version in store.versions(domain):
+            meta = store.adapter_meta(domain, version)
+            backbone = newest if newest is None or self.backbone_mode == "latest" else meta["backbone_version"]
+            files = dict(meta["files"])
+            if backbone is not None:
+                files.update(store.backbone_meta(backbone)["files"])
+            try:
+                verify_files(store.root, files)
+            except StoreError as err:
+                unavailable[f"{domain}@v{version}"] = str(err).replace(f"{store.root}/", "")
+                continue
+            routes[f"{domain}@v{version}"] = Route(domain, f"{meta['adapter']}@v{version}", version, backbone)
 
     def acquire(self) -> Snapshot:
         """The current snapshot, held for one request until release(): what it needs stays loaded."""

@@ -122,7 +122,7 @@ class Request:
         """Which domain served it, with what (the response's `crma` field)."""
         r = self.route
         return {"domain": r.domain, "confidence": self.confidence, "runner_up": self.runner_up,
-                "adapter": r.adapter, "adapter_version": r.adapter_version,
+                "reason": self.reason or None, "adapter": r.adapter, "adapter_version": r.adapter_version,
                 "backbone_version": r.backbone_version, "requested": self.model,
                 "manifest_updated": self.snapshot.updated}
 

@@ -53,7 +53,7 @@ class Server:
             new_cache(live.model.config)                       # refuse models the batch cache cannot hold
         except ValueError as err:
             raise StoreError(f"{cfg.store}: {err}") from None
-        registry = Registry(live, cfg.store, cfg.backbone)
+        registry = Registry(live, cfg.store, cfg.backbone, cfg.versions)
         registry.install(registry.prepare(force=True))
         telemetry = Telemetry(cfg.route_log, cfg.route_log_bytes, cfg.route_log_backups, cfg.log_text)
         scheduler = Scheduler(live, registry, max_batch=cfg.max_batch, max_queue=cfg.max_queue, mode=cfg.batching,
@@ -103,6 +103,22 @@ class Server:
             if snap is not None:
                 log.info("reloaded %s in %.3fs: %s", self.cfg.store, result["seconds"], ", ".join(cur.models()))
             return result
+
+    def change(self, action: str, domain: str, to: str | None = None) -> dict:
+        """Roll `domain` back (to version `to`, default the one before) or remove it, in the store as
+        `crma store rollback|remove` would (its lock, a new manifest written atomically), then serve the
+        new manifest. StoreError (nothing changed) for an unknown domain or version, or a busy store."""
+        with Store.writer(self.cfg.store, f"crma serve: {action} {domain} (admin endpoint)") as w:
+            if action == "rollback":
+                version = w.rollback(domain, to)
+            elif action == "remove":
+                w.remove(domain)
+                version = None
+            else:
+                raise ValueError(f"unknown store change {action!r}")
+            w.commit()
+        log.info("%s %s%s by the admin endpoint", action, domain, f" to v{version}" if version else "")
+        return {"action": action, "domain": domain, "version": version, "reload": self.reload()}
 
     def health(self) -> dict:
         cur = self.registry.current

@@ -70,6 +70,35 @@ class Telemetry:
     def exposition(self) -> bytes:
         return generate_latest(self.registry)
 
+    def snapshot(self) -> dict:
+        """The counters above as one dictionary (what the console's live view polls): totals, requests
+        per domain and per status, the gauges, and time to first token (count, mean, p50 and p90 estimated
+        from the histogram's buckets as Prometheus' histogram_quantile does)."""
+        samples = {}
+        for metric in self.registry.collect():
+            for s in metric.samples:
+                samples.setdefault(s.name, []).append(s)
+
+        def total(name: str) -> float:
+            return sum(s.value for s in samples.get(name, []))
+
+        def by(name: str, label: str) -> dict[str, float]:
+            return _sum_by(samples.get(name, []), label)
+
+        buckets = sorted(((float(s.labels["le"]), s.value) for s in samples.get(
+            "crma_time_to_first_token_seconds_bucket", [])), key=lambda b: b[0])
+        count = total("crma_time_to_first_token_seconds_count")
+        mean = total("crma_time_to_first_token_seconds_sum") / count if count else None
+        return {"requests": total("crma_requests_total"), "by_domain": by("crma_requests_total", "domain"),
+                "by_status": by("crma_requests_total", "status"), "by_model": by("crma_requests_total", "model"),
+                "router": by("crma_router_decisions_total", "domain"),
+                "prompt_tokens": total("crma_prompt_tokens_total"),
+                "generated_tokens": total("crma_generated_tokens_total"),
+                "queue_depth": total("crma_queue_depth"), "running_rows": total("crma_running_rows"),
+                "reloads": by("crma_reloads_total", "result"),
+                "ttft": {"count": count, "mean": mean,
+                         "p50": bucket_quantile(buckets, 0.5), "p90": bucket_quantile(buckets, 0.9)}}
+
     def manifest_served(self, updated: str | None) -> None:
         if updated:
             try:
@@ -105,3 +134,28 @@ class Telemetry:
                 h.close()
                 self.log.removeHandler(h)
 
+
+
+def _sum_by(samples, label: str) -> dict[str, float]:
+    out: dict[str, float] = {}
+    for s in samples:
+        out[s.labels.get(label, "-")] = out.get(s.labels.get(label, "-"), 0.0) + s.value
+    return out
+
+
+def bucket_quantile(buckets: list[tuple[float, float]], q: float) -> float | None:
+    """The q-quantile of a histogram from its cumulative buckets [(upper bound, count <= bound), ...]:
+    linear interpolation inside the bucket the rank r = q * total falls in,
+    x = lo + (hi - lo) * (r - c_lo) / (c_hi - c_lo), as Prometheus' histogram_quantile; the last finite
+    bound when r falls in the +Inf bucket; None without observations."""
+    if not buckets or buckets[-1][1] <= 0:
+        return None
+    rank = q * buckets[-1][1]
+    lo, c_lo = 0.0, 0.0
+    for hi, c_hi in buckets:
+        if c_hi >= rank:
+            if hi == float("inf"):
+                return lo
+            return lo + (hi - lo) * ((rank - c_lo) / (c_hi - c_lo) if c_hi > c_lo else 0.0)
+        lo, c_lo = hi, c_hi
+    return lo

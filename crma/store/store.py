@@ -109,6 +109,12 @@ class Store:
                              f"(versions: {', '.join('v' + v for v in versions)})")
         return {"version": int(version), **versions[str(version)]}
 
+    def versions(self, domain: str) -> list[int]:
+        """Every registered adapter version of `domain`, oldest first."""
+        entry = self._domain(domain)
+        return sorted(int(v) for v, meta in self.manifest["adapters"][entry["adapter"]].items()
+                      if meta["domain"] == domain or entry["adapter"] != domain)
+
     def backbone_version(self, domain: str | None, mode: str = "pinned") -> int | None:
         """Backbone version a domain is served with: the one its adapter was trained with (pinned) or
         the newest (latest); for no domain (base) the newest. None when the store has no backbone."""

@@ -1,0 +1,65 @@
+// The live view (the /metrics counters, polled) and the results view (crma report's tables and plots).
+import { api, fmt, h } from "./util.js";
+
+const history = [];           // [{t, generated}] of the last polls
+const KEEP = 60;
+
+function card(label, value, note) {
+  return h("div", {class: "card"}, h("div", {class: "label"}, label), h("div", {class: "value"}, value),
+    note ? h("div", {class: "muted"}, note) : null);
+}
+
+function rate() {
+  if (history.length < 2) return 0;
+  const a = history[history.length - 2], b = history[history.length - 1];
+  return Math.max(0, (b.generated - a.generated) / Math.max(1e-3, (b.t - a.t) / 1000));
+}
+
+function sparkline() {
+  const rates = history.slice(1).map((b, i) => Math.max(0, (b.generated - history[i].generated)
+    / Math.max(1e-3, (b.t - history[i].t) / 1000)));
+  const w = 600, ht = 80, top = Math.max(1, ...rates);
+  const pts = rates.map((r, i) => `${(i / Math.max(1, KEEP - 2)) * w},${ht - (r / top) * (ht - 8) - 4}`).join(" ");
+  return h("svg", {viewBox: `0 0 ${w} ${ht}`, width: "100%", height: ht, role: "img",
+    "aria-label": `tokens per second, peak ${top.toFixed(1)}`},
+  h("polyline", {points: pts, class: "spark"}), h("text", {x: 4, y: 12, class: "axis"}, `${top.toFixed(1)} tok/s`));
+}
+
+export function renderLive(data) {
+  const m = data.metrics;
+  history.push({t: performance.now(), generated: m.generated_tokens});
+  if (history.length > KEEP) history.shift();
+  const ok = Object.entries(m.by_status).filter(([s]) => s === "200").reduce((a, [, n]) => a + n, 0);
+  document.getElementById("live-cards").replaceChildren(
+    card("Requests", fmt.int(m.requests), `${fmt.int(ok)} answered`),
+    card("Tokens / s", rate().toFixed(1), `${fmt.int(m.generated_tokens)} generated in all`),
+    card("Queue", fmt.int(data.queued), `${fmt.int(data.active)} rows decoding`),
+    card("First token p50", fmt.secs(m.ttft.p50), `p90 ${fmt.secs(m.ttft.p90)} · mean ${fmt.secs(m.ttft.mean)}`),
+    card("Reloads", fmt.int((m.reloads.ok || 0) + (m.reloads.refused || 0)), `${fmt.int(m.reloads.refused || 0)} refused`
+      + ` · snapshot ${data.serving.snapshot}`),
+  );
+  document.getElementById("live-spark").replaceChildren(sparkline());
+  const domains = Object.entries(m.by_domain).filter(([d]) => d !== "-").sort((a, b) => b[1] - a[1]);
+  const top = Math.max(1, ...domains.map(([, n]) => n));
+  document.getElementById("live-domains").replaceChildren(domains.length
+    ? h("div", {class: "bars"}, ...domains.map(([d, n]) => {
+      const fill = h("div", {class: "fill"});
+      fill.style.width = `${(n / top) * 100}%`;
+      return h("div", {class: "bar-row"}, h("span", {class: "bar-label"}, d),
+        h("div", {class: "bar", role: "meter", "aria-label": `${d} requests`, "aria-valuemin": 0,
+          "aria-valuemax": top, "aria-valuenow": n}, fill), h("span", {class: "num"}, fmt.int(n)));
+    }))
+    : h("p", {class: "muted"}, "No requests yet."));
+}
+
+export async function loadResults() {
+  const box = document.getElementById("results");
+  try {
+    const r = await api("/ui/api/results");
+    const doc = new DOMParser().parseFromString(r.html, "text/html");   // markdown-it's HTML, raw HTML off
+    box.replaceChildren(h("p", {class: "muted"}, `results folder ${r.folder}`), ...doc.body.childNodes);
+    for (const table of box.querySelectorAll("table")) table.replaceWith(h("div", {class: "table-wrap"}, table.cloneNode(true)));
+  } catch (err) {
+    box.replaceChildren(h("p", {class: "error"}, err.message));
+  }
+}
