@@ -91,11 +91,11 @@ class FaultySampler(Sampler):
         super().__init__(params)
         self.faulty, self.calls = params.seed == 4242, 0
 
-    def __call__(self, logits):
+    def draw(self, probs, ids, whole):
         self.calls += 1
         if self.faulty and self.calls == 3:
             raise RuntimeError("injected sampling fault")
-        return super().__call__(logits)
+        return super().draw(probs, ids, whole)
 
 
 def test_hostile_requests_fail_alone_and_8_streams_complete(live, monkeypatch):

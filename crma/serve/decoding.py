@@ -56,9 +56,8 @@ def prompt_logprobs(logits: torch.Tensor, ids: list[int], top: int) -> list[tupl
 
 
 class Sampler:
-    """Next-token choice for one request, with its own torch.Generator (seeded: reproducible whatever
-    else is in the batch). The softmax runs in float64 on max-subtracted scores, so no temperature the
-    request validation lets through can overflow it."""
+    """One request's sampling settings and its own torch.Generator (seeded: reproducible whatever else
+    is in the batch); greedy when the temperature is below GREEDY_BELOW (no generator, no draw)."""
 
     def __init__(self, params: SamplingParams):
         self.temperature, self.top_p = params.temperature, params.top_p
@@ -67,24 +66,89 @@ class Sampler:
             seed = params.seed if params.seed is not None else random.SystemRandom().randrange(2**63)
             self.generator = torch.Generator().manual_seed(seed)
 
-    def __call__(self, logits: torch.Tensor) -> int:
-        """logits (vocab,) of the last position -> token id."""
-        if self.generator is None:
-            return int(torch.argmax(logits))
-        scores = logits.detach().to("cpu", torch.float64)
-        top = scores.max()
-        if not torch.isfinite(top):
-            raise SamplingError(f"the model's scores for this request are not finite (max {top.item()})")
-        probs = torch.softmax((scores - top) / self.temperature, dim=-1)               # (vocab,), every exponent <= 0
-        if not torch.isfinite(probs).all():
-            raise SamplingError("the model's scores for this request are not finite")
-        if self.top_p < 1.0:
-            sorted_p, order = torch.sort(probs, descending=True)
-            before = torch.cumsum(sorted_p, 0) - sorted_p                              # mass ranked above each
-            sorted_p = torch.where(before < self.top_p, sorted_p, torch.zeros_like(sorted_p))
-            sorted_p[0] = sorted_p[0] if sorted_p[0] > 0 else 1.0                       # always keep the best
-            probs = torch.zeros_like(probs).scatter_(0, order, sorted_p)
-        return int(torch.multinomial(probs, 1, generator=self.generator))
+    @property
+    def greedy(self) -> bool:
+        return self.generator is None
+
+    def draw(self, probs: torch.Tensor, ids: torch.Tensor, whole: bool) -> int:
+        """One token from candidates `ids` (m,) with probabilities `probs` (m,) float64, sorted by descending
+        probability unless `whole` (the whole vocabulary, any order, no nucleus cut). Inverse CDF with one
+        uniform u from the request's generator over the nucleus (top-p: the smallest prefix whose mass
+        reaches top_p; the most likely token always):
+
+            c_i = sum_{j<=i} p_j,   keep_i = [c_{i-1} < top_p] (keep_0 = 1),
+            token = ids[min{i : sum_{j<=i} keep_j p_j > u sum_j keep_j p_j}]"""
+        cdf = torch.cumsum(probs, 0)                                                   # (m,)
+        if not whole:
+            keep = torch.ones_like(probs, dtype=torch.bool)
+            keep[1:] = cdf[:-1] < self.top_p
+            cdf = torch.cumsum(torch.where(keep, probs, torch.zeros_like(probs)), 0)
+        u = torch.rand((), dtype=torch.float64, generator=self.generator)
+        i = int(torch.searchsorted(cdf, u * cdf[-1], right=True))
+        return int(ids[min(i, len(ids) - 1)])
+
+
+PREFILTER = (64, 1024)     # candidates tried before the full sort: the nucleus usually lies in the first few
+
+
+def next_tokens(logits: torch.Tensor, samplers: list[Sampler]) -> list[int | Exception]:
+    """Each row's next token (or the exception that row's choice raised: that request alone fails).
+
+    logits (b, vocab) of the last position. Greedy rows: one argmax over all of them. Sampled rows, in
+    float64 on max-subtracted scores (no temperature the validation lets through can overflow):
+
+        p_v = exp(z_v - logsumexp(z)),   z_v = (logits_v - max logits) / T
+
+    then a top-k prefilter instead of a full sort: when the k most likely tokens (k in PREFILTER, batched
+    over rows) have mass c_{k-1} >= top_p, no token ranked lower is kept (c never decreases), and the
+    draw over them equals the draw over the fully sorted vocabulary (the same prefix of the same ranking,
+    the same cumulative sums, the same u); rows whose nucleus is wider try the next k, then the full sort.
+    top_p = 1 draws over the vocabulary unsorted."""
+    out: list[int | Exception] = [0] * len(samplers)
+    greedy = [i for i, s in enumerate(samplers) if s.greedy]
+    if greedy:
+        for i, token in zip(greedy, logits[greedy].argmax(-1).tolist(), strict=True):
+            out[i] = token
+    rows = [i for i, s in enumerate(samplers) if not s.greedy]
+    if not rows:
+        return out
+    scores = logits[rows].detach().to("cpu", torch.float64)                           # (n, vocab)
+    top = scores.max(-1, keepdim=True).values                                         # (n, 1)
+    temps = torch.tensor([[samplers[i].temperature] for i in rows], dtype=torch.float64)
+    z = (scores - top) / temps                                                         # (n, vocab), <= 0
+    lse = torch.logsumexp(z, -1, keepdim=True)                                         # (n, 1)
+    bad = ~(torch.isfinite(top[:, 0]) & torch.isfinite(lse[:, 0]))
+    todo = []
+    for j, i in enumerate(rows):
+        if bad[j]:
+            out[i] = SamplingError(f"the model's scores for this request are not finite (max {top[j, 0].item()})")
+        elif samplers[i].top_p >= 1.0:
+            out[i] = _draw(samplers[i], torch.exp(z[j] - lse[j]), torch.arange(z.shape[1]), True)
+        else:
+            todo.append(j)
+    vocab = z.shape[1]
+    for k in (*(k for k in PREFILTER if k < vocab), vocab):
+        if not todo:
+            break
+        vals, ids = torch.topk(z[todo], k, dim=-1)                                     # (m, k), descending
+        probs = torch.exp(vals - lse[todo])                                            # (m, k)
+        mass = torch.cumsum(probs, -1)[:, -1].tolist()                                 # (m,) c_{k-1}
+        left = []
+        for r, j in enumerate(todo):
+            sampler = samplers[rows[j]]
+            if k < vocab and not mass[r] >= sampler.top_p:
+                left.append(j)                                                         # nucleus wider than k
+                continue
+            out[rows[j]] = _draw(sampler, probs[r], ids[r], False)
+        todo = left
+    return out
+
+
+def _draw(sampler: Sampler, probs: torch.Tensor, ids: torch.Tensor, whole: bool) -> int | Exception:
+    try:
+        return sampler.draw(probs, ids, whole)
+    except Exception as err:                           # noqa: BLE001 - this row's failure, handed back
+        return err
 
 
 class TextStream:

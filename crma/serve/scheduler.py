@@ -34,7 +34,7 @@ import torch
 
 from ..routing import BASE, route_texts
 from .batch import BatchCache, new_cache
-from .decoding import Sampler, SamplingParams, TextStream, logprob_entry, prompt_logprobs
+from .decoding import Sampler, SamplingParams, TextStream, logprob_entry, next_tokens, prompt_logprobs
 from .mixed import MixedForward
 from .registry import AUTO, Registry, Route, Snapshot
 
@@ -129,7 +129,7 @@ class Request:
 
 class Scheduler:
     def __init__(self, live, registry: Registry, max_batch: int = 16, max_queue: int = 64, mode: str = "mixed",
-                 lora_mixing: str = "peft", telemetry=None):
+                 lora_mixing: str = "gather", telemetry=None):
         if mode not in ("mixed", "per-adapter"):
             raise ValueError(f"mode must be mixed or per-adapter, got {mode!r}")
         self.live, self.registry, self.telemetry = live, registry, telemetry
@@ -291,7 +291,7 @@ class Scheduler:
         if req.params.max_tokens == 0:                 # echo only: the prompt scored, nothing generated
             self._finish(req, "length")
             return
-        if self._take(req, logits[0]):
+        if self._take(req, logits[0], next_tokens(logits, [req.sampler])[0]):
             self.batch.add(cache, len(req.prompt_ids))
             self.rows.append(req)
 
@@ -315,7 +315,8 @@ class Scheduler:
         s["max_rows"] = max(s["max_rows"], len(routes))
         s["max_adapters_in_step"] = max(s["max_adapters_in_step"], len({r.adapter for r in routes}))
         s["max_backbones_in_step"] = max(s["max_backbones_in_step"], len({r.backbone_version for r in routes}))
-        keep = [i for i, req in enumerate(self.rows) if self._take(req, logits[i])]
+        tokens = next_tokens(logits, [r.sampler for r in self.rows])
+        keep = [i for i, req in enumerate(self.rows) if self._take(req, logits[i], tokens[i])]
         self._keep(keep)
 
     def _keep(self, rows: list[int]) -> None:
@@ -323,11 +324,13 @@ class Scheduler:
             self.rows = [self.rows[i] for i in rows]
             self.batch.keep(rows)
 
-    def _take(self, req: Request, logits: torch.Tensor) -> bool:
-        """Sample and accept one row's next token; False when the request is finished. A failure here
-        (its sampler, its text stream) is the request's own: it ends with an error, the other rows go on."""
+    def _take(self, req: Request, logits: torch.Tensor, token: int | Exception) -> bool:
+        """Accept one row's next token (chosen by next_tokens for all rows at once); False when the request
+        is finished. A failure here (its draw, its text stream) is the request's own: it ends with an error,
+        the other rows go on."""
         try:
-            token = req.sampler(logits)
+            if isinstance(token, Exception):
+                raise token
             if req.params.logprobs is not None and token not in self.eos:
                 req.pending_logprobs.append(logprob_entry(logits, token, req.params.logprobs))
             return self._accept(req, token)
