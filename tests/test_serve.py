@@ -3,6 +3,7 @@ every model (stream and not), mixed batches equal to one request at a time, hot 
 flow, the watcher, a corrupted store refused, every bad input, a full queue, client disconnects."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import random
@@ -169,7 +170,8 @@ def test_per_row_backbone_versions_match_each_row_alone():
 
 
 def test_stacked_lora_gather_matches_peft_adapter_names(store):
-    """--lora-mixing gather computes what PEFT's adapter_names computes, row by row."""
+    """The default --lora-mixing gather computes what PEFT's adapter_names computes, row by row, also after
+    an adapter was loaded and another dropped (the stacks change incrementally: the others keep their slots)."""
     from crma.serve.batch import BatchCache, new_cache
     from crma.serve.mixed import MixedForward
     from crma.serve.registry import Registry
@@ -177,24 +179,49 @@ def test_stacked_lora_gather_matches_peft_adapter_names(store):
     live = LiveModel.open(Store(store))
     registry = Registry(live, store)
     registry.install(registry.prepare(force=True))
-    routes = [registry.current.routes[m] for m in ("up", "base", "down", "zig", "up", "zig")]
-    logits = {}
+
+    def run(routes, mixing):
+        forward, batch, steps = MixedForward(live, registry, mixing), BatchCache(), []
+        for k, route in enumerate(routes):
+            ids = torch.tensor([list(b"abcdxyzw"[: 3 + k])])
+            cache = new_cache(live.model.config)
+            forward(ids, [route], cache)
+            batch.add(cache, ids.shape[1])
+        for _ in range(4):
+            mask, positions = batch.step_inputs()
+            steps.append(forward(torch.full((len(routes), 1), 97), routes, batch.cache, mask, positions))
+            batch.stepped()
+        forward.close()
+        return forward.stacked, torch.stack(steps)                           # (steps, rows, vocab)
+
+    def check(routes):
+        _, peft = run(routes, "peft")
+        stacked, gather = run(routes, "gather")
+        assert (peft - gather).abs().max().item() <= 1e-5
+        assert torch.equal(peft.argmax(-1), gather.argmax(-1))
+
     with torch.inference_mode():
-        for mixing in ("peft", "gather"):
-            forward, batch, steps = MixedForward(live, registry, mixing), BatchCache(), []
-            for k, route in enumerate(routes):
-                ids = torch.tensor([list(b"abcdxyzw"[: 3 + k])])
-                cache = new_cache(live.model.config)
-                forward(ids, [route], cache)
-                batch.add(cache, ids.shape[1])
-            for _ in range(4):
-                mask, positions = batch.step_inputs()
-                steps.append(forward(torch.full((len(routes), 1), 97), routes, batch.cache, mask, positions))
-                batch.stepped()
-            forward.close()
-            logits[mixing] = torch.stack(steps)
-    assert (logits["peft"] - logits["gather"]).abs().max().item() <= 1e-5
-    assert torch.equal(logits["peft"].argmax(-1), logits["gather"].argmax(-1))
+        routes = [registry.current.routes[m] for m in ("up", "base", "down", "zig", "up", "zig")]
+        check(routes)
+        forward = MixedForward(live, registry)
+        assert forward.lora_mixing == "gather"
+        forward.stacked.sync(live.model, live.adapters)
+        slots = dict(forward.stacked.slots)
+        layer, stack = next(v for v in forward.stacked.layers.values() if v[1] is not None)
+        kept = stack.a.clone()
+        live.load_adapter_as("extra@v1", "up", 1, Store(store))                 # hot add: one new slot
+        live.drop_adapter("down@v1")                                           # unload: its slot freed
+        forward.stacked.sync(live.model, live.adapters)
+        now = forward.stacked.slots
+        assert {k: v for k, v in now.items() if k in slots} == {k: v for k, v in slots.items() if k in now}
+        assert ("extra@v1", 1) in now and ("down@v1", 1) not in now
+        for key, slot in now.items():
+            if key in slots:                                                   # untouched by the change
+                assert torch.equal(stack.a[slot], kept[slot])
+        assert stack.a[slots[("down@v1", 1)]].abs().sum() == 0 or slots[("down@v1", 1)] == now[("extra@v1", 1)]
+        forward.close()
+        extra = dataclasses.replace(routes[0], adapter="extra@v1")
+        check([extra, routes[1], routes[3], extra, routes[0]])
 
 
 # ---- the OpenAI surface through the official client ------------------------------------------------

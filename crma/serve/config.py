@@ -62,9 +62,9 @@ class ServeConfig:
                                       "its adapter weights in memory")
     batching: str = opt("mixed", choices=("mixed", "per-adapter"),
                         help="per-adapter: one adapter at a time (a baseline for benchmarks)")
-    lora_mixing: str = opt("peft", choices=("peft", "gather"),
-                           help="LoRA in a batch of several adapters: PEFT's adapter_names or stacked weights "
-                                "gathered per row (faster with many adapters per batch)")
+    lora_mixing: str = opt("gather", choices=("gather", "peft"),
+                           help="LoRA of a batch's rows: stacked adapter weights gathered per row (one operation "
+                                "per layer whatever the adapter mix), or PEFT's adapter_names loop (the reference)")
     threads: int | None = opt(None, help="torch threads (default: torch's own choice)")
     device: DeviceConfig = field(default_factory=DeviceConfig)   # --device, --dtype, --load-in-4bit
 
@@ -84,7 +84,7 @@ class ServeConfig:
             if not 0 < value < float("inf"):
                 raise ConfigError(f"--{name.replace('_', '-')} must be a positive number of seconds, got {value}")
         for name, allowed in (("backbone", ("pinned", "latest")), ("batching", ("mixed", "per-adapter")),
-                              ("lora_mixing", ("peft", "gather"))):
+                              ("lora_mixing", ("gather", "peft"))):
             if getattr(self, name) not in allowed:
                 raise ConfigError(f"{name} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")
         self.allowed_hosts = tuple(h.strip().lower() for h in self.allowed_hosts or () if h.strip())

@@ -1,89 +1,157 @@
-"""Opt-in (`--lora-mixing gather`): per-row LoRA by gathering stacked adapter weights.
+"""Per-row LoRA by gathering stacked adapter weights: one LoRA operation per layer whatever the adapter mix.
 
-PEFT's mixed-adapter inference loops over the adapters present in a batch inside every LoRA layer
-(gather the rows, two small matmuls, scatter back): on SmolLM2 with five adapters in a 16-row batch
-that is ~100 ms of a ~330 ms decoding step. Here every LoRA layer keeps its adapters' weights
-stacked, A^T (V, in, r) and (s B)^T (V, r, out), padded to the largest rank with zeros, and a row's
-update is `x_b A_b^T (s_b B_b)^T`: two batched matmuls per layer whatever the number of adapters.
-PEFT computes the base layer (every row named "__base__"); a forward hook adds the rows' updates.
-The default (`peft`) is PEFT's own adapter_names path.
+Every LoRA layer keeps its adapters' weights in slots of two stacks, A^T (S, in, r) and (s B)^T
+(S, r, out), padded to the layer's largest rank with zeros; slot 0 is all zeros (rows without an
+adapter). A row b with slot k_b gets
+
+    y_b = W x_b + x_b A_{k_b}^T (s_{k_b} B_{k_b})^T
+
+as two batched matmuls per layer (torch.bmm over the rows' gathered slots), whatever the number of
+adapters in the batch: PEFT's own mixed-adapter path loops over the adapters inside every LoRA layer
+(~100 ms of a 16-row SmolLM2 step with five adapters). PEFT computes W x (its adapters are switched
+off for the forward); a forward hook on the LoRA layer adds the rows' updates.
+
+Loading or unloading an adapter updates the stacks incrementally (`sync`): a new adapter takes a free
+slot (the stacks double when full) and only its own weights are copied; a dropped adapter's slot is
+freed. Gathered weights are kept while the rows' slots stay the same (consecutive decoding steps).
 """
 from __future__ import annotations
+
+from contextlib import contextmanager
 
 import torch
 from peft.tuners.lora import LoraLayer
 
+NO_ADAPTER_SLOT = 0
+
+
+class _LayerStack:
+    """One LoRA layer's slots: a (S, in, r) and b (S, r, out)."""
+
+    def __init__(self, layer: LoraLayer, name: str, slots: int):
+        ref, out = layer.lora_A[name].weight, layer.lora_B[name].weight                 # (r, in), (out, r)
+        self.a = torch.zeros(slots, ref.shape[1], ref.shape[0], dtype=ref.dtype, device=ref.device)
+        self.b = torch.zeros(slots, ref.shape[0], out.shape[0], dtype=ref.dtype, device=ref.device)
+
+    def grow(self, slots: int, rank: int) -> None:
+        """At least `slots` slots and rank `rank` (zero padding; what is stored is kept)."""
+        s, d_in, r = self.a.shape
+        if slots <= s and rank <= r:
+            return
+        a = self.a.new_zeros(max(s, slots), d_in, max(r, rank))
+        b = self.b.new_zeros(max(s, slots), max(r, rank), self.b.shape[2])
+        a[:s, :, :r], b[:s, :r, :] = self.a, self.b
+        self.a, self.b = a, b
+
+    def put(self, slot: int, layer: LoraLayer, name: str) -> None:
+        wa, wb = layer.lora_A[name].weight, layer.lora_B[name].weight                 # (r, in), (out, r)
+        self.grow(slot + 1, wa.shape[0])
+        self.a[slot].zero_()
+        self.b[slot].zero_()
+        self.a[slot, :, : wa.shape[0]] = wa.T
+        self.b[slot, : wb.shape[1], :] = (wb * layer.scaling[name]).T
+
+    def clear(self, slot: int) -> None:
+        if slot < self.a.shape[0]:
+            self.a[slot].zero_()
+            self.b[slot].zero_()
+
 
 class StackedLora:
-    """Stacked LoRA weights of the model's adapters, per LoRA layer, and the hooks that use them."""
+    """The stacked LoRA weights of the model's adapters, per LoRA layer, and the hooks that use them."""
 
     def __init__(self):
-        self.names: tuple[str, ...] = ()
-        self.stacks: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
-        self.rows: torch.Tensor | None = None            # (b,) stack position per row, set per forward
+        self.slots: dict[tuple, int] = {}                 # (adapter name, version) -> slot
+        self.capacity = 1                                 # slots in every stack (slot 0: no adapter)
+        self.layers: dict[int, tuple[LoraLayer, _LayerStack | None]] = {}   # id(layer) -> (layer, stack)
+        self.rows: torch.Tensor | None = None             # (b,) slot per row, set per forward
+        self.ok = True                                    # False: some layer is not plain LoRA
         self._hooks: dict[int, object] = {}
-        self._key = None
-        self.ok = False
-        self._rows_key, self._gathered = None, {}              # gathered (A, B) per layer for these rows
+        self._model_id, self._names, self._slot_of = None, frozenset(), {}
+        self._rows_key, self._gathered = None, {}         # gathered (A, B) per layer for these rows
+        self.version = 0                                  # bumped by every change of the stacks
 
     @torch.no_grad()
-    def build(self, model, names: list[str]) -> bool:
-        """(Re)stack `names` (in this order) on every LoRA layer when the loaded adapters changed.
-        False when some layer is not plain LoRA (DoRA or another variant): use PEFT's path then."""
-        key = (id(model), tuple(names))
-        if key == self._key:
+    def sync(self, model, adapters: dict[str, int]) -> bool:
+        """Make the stacks hold exactly `adapters` (the model's loaded adapters: name -> version): free the
+        slots of dropped ones (or of ones reloaded at another version), copy only the new ones' weights.
+        False when some layer is not plain LoRA (DoRA or another variant): the caller uses PEFT's path then."""
+        names = frozenset(adapters.items())
+        if id(model) == self._model_id and names == self._names:
             return self.ok
-        layers = [m for m in model.modules() if isinstance(m, LoraLayer)]
+        if id(model) != self._model_id:
+            self.close()
+            self.slots, self.capacity, self._model_id = {}, 1, id(model)
+        for module in model.modules():                                                 # new LoRA layers
+            if isinstance(module, LoraLayer) and id(module) not in self.layers:
+                self.layers[id(module)] = (module, None)
+                self._hooks[id(module)] = module.register_forward_hook(self._hook)
+        layers = [layer for layer, _ in self.layers.values()]
         self.ok = all(not layer.lora_variant and not any(layer.use_dora.values()) for layer in layers)
-        stacks = {}
-        for layer in layers if self.ok else []:
-            if id(layer) not in self._hooks:
-                self._hooks[id(layer)] = layer.register_forward_hook(self._hook)
-            have = [n for n in names if n in layer.lora_A]
-            if not have:
-                continue
-            ref = layer.lora_A[have[0]].weight
-            r = max(layer.lora_A[n].weight.shape[0] for n in have)
-            d_in, d_out = ref.shape[1], layer.lora_B[have[0]].weight.shape[0]
-            a = torch.zeros(len(names) + 1, d_in, r, dtype=ref.dtype, device=ref.device)   # last: no adapter
-            b = torch.zeros(len(names) + 1, r, d_out, dtype=ref.dtype, device=ref.device)
-            for i, n in enumerate(names):
-                if n in layer.lora_A:
-                    wa, wb = layer.lora_A[n].weight, layer.lora_B[n].weight                 # (r, in), (out, r)
-                    a[i, :, : wa.shape[0]] = wa.T
-                    b[i, : wb.shape[1], :] = (wb * layer.scaling[n]).T
-            stacks[id(layer)] = (a, b)
-        self.names, self.stacks, self._key = tuple(names), stacks, key
+        for name in [n for n in self.slots if n not in names]:
+            slot = self.slots.pop(name)
+            for _, stack in self.layers.values():
+                if stack is not None:
+                    stack.clear(slot)
+        for name in sorted(names - set(self.slots)) if self.ok else ():      # (adapter name, version)
+            used = set(self.slots.values())
+            slot = next(k for k in range(1, self.capacity + 1) if k not in used)
+            if slot >= self.capacity:
+                self.capacity *= 2                                                      # amortised growth
+                for _, stack in self.layers.values():
+                    if stack is not None:
+                        stack.grow(self.capacity, 0)
+            self.slots[name] = slot
+            for key, (layer, stack) in self.layers.items():
+                if name[0] in layer.lora_A:
+                    if stack is None:
+                        stack = _LayerStack(layer, name[0], self.capacity)
+                        self.layers[key] = (layer, stack)
+                    stack.put(slot, layer, name[0])
+        self._names = names
+        self._slot_of = {name: slot for (name, _), slot in self.slots.items()}
+        self.version += 1
+        self._rows_key, self._gathered = None, {}
         return self.ok
 
-    def set_rows(self, adapters: list[str | None] | None) -> None:
-        """The rows' adapters for the next forward (None: hooks off). Gathered weights are kept while
-        the rows stay the same (consecutive decoding steps)."""
-        if adapters is None:
-            self.rows = None
-            return
-        pos = {n: i for i, n in enumerate(self.names)}
-        key = (self.names, tuple(pos[a] if a is not None else len(self.names) for a in adapters))
+    @contextmanager
+    def rows_using(self, adapters: list[str | None]):
+        """Context: the hooked model adds to row b the LoRA update of adapters[b] (None: none), with
+        PEFT's own adapters switched off (PEFT computes the base layers only)."""
+        slots = tuple(NO_ADAPTER_SLOT if a is None else self._slot_of[a] for a in adapters)
+        key = (self.version, slots)
         if key != self._rows_key:
             self._rows_key, self._gathered = key, {}
-        self.rows = torch.tensor(key[1], dtype=torch.long)
+        self.rows = torch.tensor(slots, dtype=torch.long)
+        layers = [(layer, layer._disable_adapters) for layer, _ in self.layers.values()]
+        for layer, _ in layers:
+            layer._disable_adapters = True
+        try:
+            yield self
+        finally:
+            self.rows = None
+            for layer, before in layers:
+                layer._disable_adapters = before
 
     def _hook(self, module, args, output):
-        if self.rows is None or id(module) not in self.stacks:
+        if self.rows is None:
             return output
-        x = args[0]
+        stack = self.layers[id(module)][1]
+        if stack is None:
+            return output
         pair = self._gathered.get(id(module))
         if pair is None:
-            a, b = self.stacks[id(module)]
-            rows = self.rows.to(a.device)
-            pair = self._gathered[id(module)] = (a.index_select(0, rows), b.index_select(0, rows))
+            rows = self.rows.to(stack.a.device)
+            pair = self._gathered[id(module)] = (stack.a.index_select(0, rows), stack.b.index_select(0, rows))
+        x = args[0]
         shape = x.shape
-        flat = x.reshape(shape[0], -1, shape[-1]).to(pair[0].dtype)                        # (b, s, in)
-        delta = torch.bmm(torch.bmm(flat, pair[0]), pair[1])                               # (b, s, out)
+        flat = x.reshape(shape[0], -1, shape[-1]).to(pair[0].dtype)                     # (b, s, in)
+        delta = torch.bmm(torch.bmm(flat, pair[0]), pair[1])                            # (b, s, r) -> (b, s, out)
         return output + delta.reshape(*shape[:-1], delta.shape[-1]).to(output.dtype)
 
     def close(self) -> None:
         for handle in self._hooks.values():
             handle.remove()
         self._hooks.clear()
-        self._key = None
+        self.layers.clear()
+        self._model_id, self._names = None, frozenset()

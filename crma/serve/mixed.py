@@ -1,18 +1,21 @@
 """One forward pass over batch rows that each have their own domain adapter and backbone version.
 
-LoRA part: PEFT's mixed-adapter inference. Every LoRA layer's forward takes `adapter_names` (one
-name per row, "__base__" for none) and adds each adapter's update to its own rows only; a batch
-whose rows all use one adapter takes PEFT's ordinary path with that adapter active. PEFT's own
-`model(..., adapter_names=...)` walks the whole module tree and registers and removes a pre-hook on
-every LoRA layer at every call (~5000 modules on SmolLM2 with five adapters); here one persistent
-pre-hook per LoRA layer passes the current step's names instead, so a decoding step pays nothing.
+LoRA part (`lora_mixing`):
+- `gather` (the default): stacked adapter weights gathered per row, two batched matmuls per LoRA layer
+  whatever the adapter mix (lora_rows.py); the stacks follow adapter loads and unloads incrementally.
+- `peft`: PEFT's own mixed-adapter inference, kept as the reference the tests compare against. Every
+  LoRA layer's forward takes `adapter_names` (one name per row, "__base__" for none) and loops over the
+  adapters present; a batch whose rows all use one adapter takes PEFT's ordinary path with that adapter
+  active. One persistent pre-hook per LoRA layer passes the step's names (PEFT's own
+  `model(..., adapter_names=...)` registers and removes a hook on every LoRA layer at every call).
+A model whose LoRA layers are not plain LoRA (DoRA or another variant) always takes PEFT's path.
 
 CRMA part: `CRMABackbone.per_row` gathers, for every row, the operators of its backbone version
 from a stack precomputed once per set of versions (no Sinkhorn or QR per step).
 """
 from __future__ import annotations
 
-from contextlib import nullcontext
+from contextlib import ExitStack
 
 import torch
 from peft import PeftModel
@@ -21,13 +24,13 @@ from peft.tuners.lora import LoraLayer
 from .lora_rows import StackedLora
 
 NO_ADAPTER = "__base__"
-LORA_MIXING = ("peft", "gather")
+LORA_MIXING = ("gather", "peft")
 
 
 class MixedForward:
     """Runs `live.model` on rows routed to (adapter name or None, backbone version) each."""
 
-    def __init__(self, live, registry, lora_mixing: str = "peft"):
+    def __init__(self, live, registry, lora_mixing: str = "gather"):
         if lora_mixing not in LORA_MIXING:
             raise ValueError(f"lora_mixing must be one of {LORA_MIXING}, got {lora_mixing!r}")
         self.live, self.registry, self.lora_mixing = live, registry, lora_mixing
@@ -51,38 +54,40 @@ class MixedForward:
             kwargs["adapter_names"] = self._names
         return args, kwargs
 
+    def _peft_rows(self, model, adapters: list[str | None]) -> None:
+        """PEFT's reference path for the next forward."""
+        self._hook_layers()
+        names = set(adapters)
+        if len(names) == 1 and None not in names:          # one adapter for every row: PEFT's plain path
+            name = names.pop()
+            if model.active_adapter != name:
+                model.set_adapter(name, inference_mode=True)
+        else:
+            self._names = [a or NO_ADAPTER for a in adapters]
+
     def __call__(self, input_ids: torch.Tensor, routes: list, cache, attention_mask=None,
                  position_ids=None, all_positions: bool = False) -> torch.Tensor:
         """Logits of the last position, (rows, vocab), or of every position, (rows, s, vocab); `cache` is
         updated in place."""
         model = self.live.model
-        peft = isinstance(model, PeftModel)
-        missing = {r.adapter for r in routes if r.adapter is not None} - set(self.live.adapters)
+        adapters = [r.adapter for r in routes]
+        missing = {a for a in adapters if a is not None} - set(self.live.adapters)
         if missing:                  # PEFT would silently skip an adapter it does not have
             raise RuntimeError(f"adapters not loaded: {sorted(missing)}")
-        if peft:
-            self._hook_layers()
-            names = {r.adapter for r in routes}
-            if len(names) == 1 and None not in names:      # one adapter for every row: PEFT's plain path,
-                name = names.pop()                         # the same arithmetic without per-row indexing
-                if model.active_adapter != name:           # (~7% of a SmolLM2 step at batch 1)
-                    model.set_adapter(name, inference_mode=True)
-            elif self.lora_mixing == "gather" and self.stacked.build(model, sorted(self.live.adapters)):
-                self.stacked.set_rows([r.adapter for r in routes])
-                self._names = [NO_ADAPTER] * len(routes)   # PEFT: the base layers; the hooks: each row's LoRA
-            else:
-                self._names = [r.adapter or NO_ADAPTER for r in routes]
         backbone, stack = self.live.backbone, self.registry.stack
-        rows = nullcontext()
-        if backbone is not None:
-            rows = backbone.per_row(stack, stack.rows([r.backbone_version for r in routes]))
-        try:
-            with rows:
+        with ExitStack() as scope:
+            if isinstance(model, PeftModel):
+                if self.lora_mixing == "gather" and self.stacked.sync(model, self.live.adapters):
+                    scope.enter_context(self.stacked.rows_using(adapters))
+                else:
+                    self._peft_rows(model, adapters)
+            if backbone is not None:
+                scope.enter_context(backbone.per_row(stack, stack.rows([r.backbone_version for r in routes])))
+            try:
                 out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                             cache=cache, use_cache=True, logits_to_keep=0 if all_positions else 1)
-        finally:
-            self._names = None
-            self.stacked.set_rows(None)
+            finally:
+                self._names = None
         return out.logits if all_positions else out.logits[:, -1, :]
 
     def close(self) -> None:
