@@ -1,21 +1,23 @@
-"""The running batch's KV cache: one left-padded transformers DynamicCache shared by every row.
+"""The running batch's KV cache: preallocated per batch slot, left-padded, written in place.
 
-    rows:   r0  [pad pad  k  k  k  k ]       mask (b, T): 0 = padding, 1 = a real token
-            r1  [ k   k   k  k  k  k ]       position of r's next token = its number of real tokens
-            r2  [pad  k   k  k  k  k ]
+    slots:  r0  [pad pad  k  k  k  k | . . . ]     mask (slots, capacity): 0 = padding, 1 = a real token
+            r1  [ k   k   k  k  k  k | . . . ]     position of r's next token = its number of real tokens
+            r2  [pad  k   k  k  k  k | . . . ]     T = 6 columns used, the rest preallocated
 
-A request is prefilled alone (batch 1, no padding), then joins: its cache is left-padded to the
-batch's length T (or the batch is left-padded to its length) and concatenated on the batch axis.
-A decoding step feeds one token per row with `attention_mask` = [mask, 1] and per-row position ids,
-so every row attends to exactly its own tokens at its own positions, as it would alone. Finished
-rows are dropped by index, and padding columns no row needs any more are cut off.
+Every decoder layer keeps keys and values in (slots, kv heads, capacity, head dim) buffers. A
+decoding step writes each row's new key/value into column T in place (`SlotLayer.update`: no
+per-step torch.cat of the whole cache) and attends over the view [:rows, :, :T + 1]; the mask's
+column T is set and the positions advance in place. The buffers double (one copy) when the columns or
+the slots run out. A request is prefilled alone (batch 1, no padding, transformers' DynamicCache),
+then copied into the next free slot: left-padded to T, or, when its prompt is longer than T, the batch
+is shifted right once. Finished rows are dropped by compacting the live slots to the front, cutting
+padding columns that no row needs any more.
 """
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from transformers import DynamicCache
-from transformers.cache_utils import DynamicLayer
+from transformers.cache_utils import Cache, DynamicLayer
 
 
 def new_cache(config) -> DynamicCache:
@@ -29,66 +31,126 @@ def new_cache(config) -> DynamicCache:
     return cache
 
 
+def _capacity(n: int, have: int) -> int:
+    """Room for n: at least double what there is (amortised copies), a multiple of 64 columns."""
+    return max(n, 2 * have, 64) + (-max(n, 2 * have, 64)) % 64
+
+
+class SlotLayer(DynamicLayer):
+    """One decoder layer's keys and values for every batch slot: (slots, heads, capacity, head dim)."""
+
+    def __init__(self, batch: BatchCache, keys: torch.Tensor, values: torch.Tensor):
+        super().__init__()
+        self.batch, self.keys, self.values = batch, keys, values     # keys, values: (slots, h, capacity, hd)
+        self.device, self.is_initialized = keys.device, True
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        """Write the rows' new (b, h, s, hd) keys/values at columns [T, T + s) in place; return the views
+        (b, h, T + s, hd) attention reads."""
+        b, t, s = key_states.shape[0], self.batch.length, key_states.shape[2]
+        self.keys[:b, :, t:t + s] = key_states
+        self.values[:b, :, t:t + s] = value_states
+        return self.keys[:b, :, :t + s], self.values[:b, :, :t + s]
+
+    def get_seq_length(self) -> int:
+        return self.batch.length
+
+    def get_max_length(self) -> int:
+        return self.keys.shape[2]
+
+    def resize(self, slots: int, capacity: int) -> None:
+        """Larger buffers holding what is there (new room zero: padding must stay finite)."""
+        s, h, c, hd = self.keys.shape
+        keys, values = self.keys.new_zeros(slots, h, capacity, hd), self.values.new_zeros(slots, h, capacity, hd)
+        keys[:s, :, :c], values[:s, :, :c] = self.keys, self.values
+        self.keys, self.values = keys, values
+
+
 class BatchCache:
-    """KV cache, padding mask and next positions of the rows of the running batch."""
+    """KV cache, padding mask and next positions of the rows of the running batch (slots [0, len))."""
 
     def __init__(self):
-        self.cache: DynamicCache | None = None
-        self.mask: torch.Tensor | None = None          # (b, T) long, 1 = real token
-        self.positions: list[int] = []                 # per row: real tokens in its cache
+        self.cache: Cache | None = None
+        self.rows = 0                                  # live slots
+        self.length = 0                                # T: columns in use
+        self.mask: torch.Tensor | None = None          # (slots, capacity) long, 1 = real token
+        self.pos: torch.Tensor | None = None           # (slots,) long: real tokens per slot
 
     def __len__(self) -> int:
-        return len(self.positions)
+        return self.rows
 
-    @property
-    def length(self) -> int:
-        return 0 if self.mask is None else self.mask.shape[1]
+    def _reserve(self, slots: int, columns: int) -> None:
+        have_slots, have_cols = self.mask.shape
+        if slots <= have_slots and columns <= have_cols:
+            return
+        new_slots = have_slots if slots <= have_slots else max(slots, 2 * have_slots)
+        new_cols = have_cols if columns <= have_cols else _capacity(columns, have_cols)
+        for layer in self.cache.layers:
+            layer.resize(new_slots, new_cols)
+        mask = self.mask.new_zeros(new_slots, new_cols)
+        mask[:have_slots, :have_cols] = self.mask
+        pos = self.pos.new_zeros(new_slots)
+        pos[:have_slots] = self.pos
+        self.mask, self.pos = mask, pos
 
     def add(self, row: DynamicCache, length: int) -> None:
-        """Append a prefilled single-row cache holding `length` tokens as the batch's last row."""
+        """Copy a prefilled single-row cache holding `length` tokens into the next free slot."""
         if self.cache is None:
-            self.cache = row
-            self.mask = torch.ones(1, length, dtype=torch.long, device=row.layers[0].keys.device)
-            self.positions = [length]
-            return
-        total = max(self.length, length)
-        grow, pad = total - self.length, total - length
-        for mine, theirs in zip(self.cache.layers, row.layers, strict=False):
-            mine.keys = torch.cat([_left_pad(mine.keys, grow), _left_pad(theirs.keys, pad)], dim=0)
-            mine.values = torch.cat([_left_pad(mine.values, grow), _left_pad(theirs.values, pad)], dim=0)
-        new = torch.cat([torch.zeros(1, pad, dtype=torch.long, device=self.mask.device),
-                         torch.ones(1, length, dtype=torch.long, device=self.mask.device)], dim=1)
-        self.mask = torch.cat([F.pad(self.mask, (grow, 0)), new], dim=0)
-        self.positions.append(length)
+            ref = row.layers[0].keys                                                   # (1, h, length, hd)
+            cols = _capacity(length + 1, 0)
+            self.cache = Cache(layers=[
+                SlotLayer(self, layer.keys.new_zeros(1, ref.shape[1], cols, layer.keys.shape[3]),
+                          layer.values.new_zeros(1, ref.shape[1], cols, layer.values.shape[3]))
+                for layer in row.layers])
+            self.mask = torch.zeros(1, cols, dtype=torch.long, device=ref.device)
+            self.pos = torch.zeros(1, dtype=torch.long, device=ref.device)
+        b, t = self.rows, self.length
+        self._reserve(b + 1, max(t, length) + 1)
+        if length > t:                                 # a longer prompt: shift the batch right once
+            grow = length - t
+            for layer in self.cache.layers:
+                for buf in (layer.keys, layer.values):
+                    buf[:b, :, grow:length] = buf[:b, :, :t].clone()
+                    buf[:b, :, :grow] = 0
+            self.mask[:b, grow:length] = self.mask[:b, :t].clone()
+            self.mask[:b, :grow] = 0
+            t = self.length = length
+        pad = t - length
+        for mine, theirs in zip(self.cache.layers, row.layers, strict=True):
+            for buf, src in ((mine.keys, theirs.keys), (mine.values, theirs.values)):
+                buf[b, :, :pad] = 0
+                buf[b, :, pad:t] = src[0]
+        self.mask[b, :pad] = 0
+        self.mask[b, pad:t] = 1
+        self.pos[b] = length
+        self.rows = b + 1
 
     def keep(self, rows: list[int]) -> None:
-        """Keep only `rows` (in this order); cut padding columns that every remaining row has."""
+        """Keep only `rows` (in this order) in slots [0, len(rows)); cut padding columns every one of them has."""
         if not rows:
-            self.cache, self.mask, self.positions = None, None, []
+            self.cache, self.mask, self.pos, self.rows, self.length = None, None, None, 0, 0
             return
-        if rows == list(range(len(self))):
+        if rows == list(range(self.rows)):
             return
         index = torch.tensor(rows, dtype=torch.long, device=self.mask.device)
-        mask = self.mask.index_select(0, index)
-        start = int(mask.any(0).long().argmax())           # first column some row still uses
+        t, n = self.length, len(rows)
+        mask = self.mask[:, :t].index_select(0, index)                                 # (n, T)
+        start = int(mask.any(0).long().argmax())                                       # first column still used
         for layer in self.cache.layers:
-            layer.keys = layer.keys.index_select(0, index)[:, :, start:]
-            layer.values = layer.values.index_select(0, index)[:, :, start:]
-        self.mask = mask[:, start:]
-        self.positions = [self.positions[r] for r in rows]
+            for buf in (layer.keys, layer.values):
+                buf[:n, :, : t - start] = buf[:, :, start:t].index_select(0, index)
+        self.mask[:n, : t - start] = mask[:, start:]
+        self.pos[:n] = self.pos.index_select(0, index)
+        self.rows, self.length = n, t - start
 
     def step_inputs(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """(attention_mask (b, T + 1), position_ids (b, 1)) for one new token per row."""
-        mask = F.pad(self.mask, (0, 1), value=1)
-        positions = torch.tensor(self.positions, dtype=torch.long, device=mask.device).unsqueeze(1)
-        return mask, positions
+        """(attention_mask (b, T + 1), position_ids (b, 1)) for one new token per row: views of the
+        preallocated mask and positions, the new column set in place."""
+        self._reserve(self.rows, self.length + 1)
+        self.mask[: self.rows, self.length] = 1
+        return self.mask[: self.rows, : self.length + 1], self.pos[: self.rows].unsqueeze(1)
 
     def stepped(self) -> None:
-        """Record the step the model just took (it appended one key/value column to every row)."""
-        self.mask = F.pad(self.mask, (0, 1), value=1)
-        self.positions = [p + 1 for p in self.positions]
-
-
-def _left_pad(t: torch.Tensor, n: int) -> torch.Tensor:
-    """(b, heads, T, hd) -> (b, heads, n + T, hd) with n zero columns in front."""
-    return t if n == 0 else F.pad(t, (0, 0, n, 0))
+        """Record the step the model just took (it wrote one key/value column for every row)."""
+        self.pos[: self.rows] += 1
+        self.length += 1
