@@ -186,7 +186,7 @@ def test_stacked_lora_gather_matches_peft_adapter_names(store):
             ids = torch.tensor([list(b"abcdxyzw"[: 3 + k])])
             cache = new_cache(live.model.config)
             forward(ids, [route], cache)
-            batch.add(cache, ids.shape[1])
+            batch.add(cache, torch.ones_like(ids), [0])
         for _ in range(4):
             mask, positions = batch.step_inputs()
             steps.append(forward(torch.full((len(routes), 1), 97), routes, batch.cache, mask, positions))
@@ -307,6 +307,9 @@ def test_32_concurrent_requests_equal_one_at_a_time(live):
     stats = server.scheduler.stats
     assert stats["max_rows"] >= 12 and stats["max_adapters_in_step"] >= 3 and stats["max_backbones_in_step"] >= 3
     assert stats["errors"] == before["errors"]
+    assert stats["prefills"] - before["prefills"] >= 32                              # read together, in buckets,
+    assert stats["prefill_batches"] - before["prefill_batches"] < 32                 # reusing the prefixes the
+    assert stats["prefix_tokens_reused"] > before["prefix_tokens_reused"]            # requests alone stored
 
 
 def test_frozen_store_without_backbone(data, tmp_path):
@@ -592,3 +595,13 @@ def test_a_domain_added_from_conversations_answers_through_the_chat_endpoint(tmp
         got = client(url).chat.completions.create(model="chat", messages=question, max_tokens=24, temperature=0)
     assert got.choices[0].message.content == want.text and got.crma["domain"] == "chat"
     assert _cycle_rate(want.text) > 0.8 > _cycle_rate(base.text) + 0.3, (want.text, base.text)
+
+
+def test_threads_default_to_every_usable_core_unless_limited(monkeypatch):
+    from crma.serve.server import serving_threads
+
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    assert serving_threads(None) == len(os.sched_getaffinity(0))
+    assert serving_threads(3) == 3
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    assert serving_threads(None) == 1 and serving_threads(2) == 2

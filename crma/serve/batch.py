@@ -8,10 +8,10 @@ Every decoder layer keeps keys and values in (slots, kv heads, capacity, head di
 decoding step writes each row's new key/value into column T in place (`SlotLayer.update`: no
 per-step torch.cat of the whole cache) and attends over the view [:rows, :, :T + 1]; the mask's
 column T is set and the positions advance in place. The buffers double (one copy) when the columns or
-the slots run out. A request is prefilled alone (batch 1, no padding, transformers' DynamicCache),
-then copied into the next free slot: left-padded to T, or, when its prompt is longer than T, the batch
-is shifted right once. Finished rows are dropped by compacting the live slots to the front, cutting
-padding columns that no row needs any more.
+the slots run out. Requests are prefilled into a transformers DynamicCache (prefill.py: several rows
+at once, padding wherever the mask says), then copied into the next free slots, right-aligned with
+the batch's columns: when a prompt is longer than T, the batch is shifted right once. Finished rows
+are dropped by compacting the live slots to the front, cutting padding columns no row needs any more.
 """
 from __future__ import annotations
 
@@ -93,20 +93,25 @@ class BatchCache:
         pos[:have_slots] = self.pos
         self.mask, self.pos = mask, pos
 
-    def add(self, row: DynamicCache, length: int) -> None:
-        """Copy a prefilled single-row cache holding `length` tokens into the next free slot."""
+    def add(self, cache: DynamicCache, mask: torch.Tensor, rows: list[int]) -> None:
+        """Copy rows `rows` of a prefilled cache (n, h, L, hd) with its mask (n, L) (1 = a real token; padding
+        may sit anywhere, batched prefill leaves it between a reused prefix and the row's own tokens) into
+        the next free slots, right-aligned with the batch's columns; padding columns' keys/values zeroed."""
+        if not rows:
+            return
+        length = mask.shape[1]
         if self.cache is None:
-            ref = row.layers[0].keys                                                   # (1, h, length, hd)
+            ref = cache.layers[0].keys                                                 # (n, h, L, hd)
             cols = _capacity(length + 1, 0)
             self.cache = Cache(layers=[
                 SlotLayer(self, layer.keys.new_zeros(1, ref.shape[1], cols, layer.keys.shape[3]),
                           layer.values.new_zeros(1, ref.shape[1], cols, layer.values.shape[3]))
-                for layer in row.layers])
+                for layer in cache.layers])
             self.mask = torch.zeros(1, cols, dtype=torch.long, device=ref.device)
             self.pos = torch.zeros(1, dtype=torch.long, device=ref.device)
-        b, t = self.rows, self.length
-        self._reserve(b + 1, max(t, length) + 1)
-        if length > t:                                 # a longer prompt: shift the batch right once
+        b, t, n = self.rows, self.length, len(rows)
+        self._reserve(b + n, max(t, length) + 1)
+        if length > t:                                 # longer prompts: shift the batch right once
             grow = length - t
             for layer in self.cache.layers:
                 for buf in (layer.keys, layer.values):
@@ -115,15 +120,18 @@ class BatchCache:
             self.mask[:b, grow:length] = self.mask[:b, :t].clone()
             self.mask[:b, :grow] = 0
             t = self.length = length
+        index = torch.tensor(rows, dtype=torch.long, device=mask.device)
+        real = mask.index_select(0, index)                                             # (n, L)
+        keep = real.bool()[:, None, :, None]                                           # (n, 1, L, 1)
         pad = t - length
-        for mine, theirs in zip(self.cache.layers, row.layers, strict=True):
+        for mine, theirs in zip(self.cache.layers, cache.layers, strict=True):
             for buf, src in ((mine.keys, theirs.keys), (mine.values, theirs.values)):
-                buf[b, :, :pad] = 0
-                buf[b, :, pad:t] = src[0]
-        self.mask[b, :pad] = 0
-        self.mask[b, pad:t] = 1
-        self.pos[b] = length
-        self.rows = b + 1
+                buf[b:b + n, :, :pad] = 0
+                buf[b:b + n, :, pad:t] = torch.where(keep, src.index_select(0, index), 0)
+        self.mask[b:b + n, :pad] = 0
+        self.mask[b:b + n, pad:t] = real
+        self.pos[b:b + n] = real.sum(1)
+        self.rows = b + n
 
     def keep(self, rows: list[int]) -> None:
         """Keep only `rows` (in this order) in slots [0, len(rows)); cut padding columns every one of them has."""

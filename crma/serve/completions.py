@@ -35,8 +35,8 @@ from .protocol import (
     usage,
     usage_chunk,
 )
+from .request import Request as Job
 from .scheduler import QueueFull
-from .scheduler import Request as Job
 from .server import Server
 
 

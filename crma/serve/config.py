@@ -65,7 +65,10 @@ class ServeConfig:
     lora_mixing: str = opt("gather", choices=("gather", "peft"),
                            help="LoRA of a batch's rows: stacked adapter weights gathered per row (one operation "
                                 "per layer whatever the adapter mix), or PEFT's adapter_names loop (the reference)")
-    threads: int | None = opt(None, help="torch threads (default: torch's own choice)")
+    prefix_cache_mb: int = opt(256, help="memory for reused prompt prefixes' KV (the chat template's system prompt "
+                                         "per adapter and backbone version); 0: off")
+    threads: int | None = opt(None, help="torch threads, set once (default: $OMP_NUM_THREADS when set, else every "
+                                         "core the process may use)")
     device: DeviceConfig = field(default_factory=DeviceConfig)   # --device, --dtype, --load-in-4bit
 
     def __post_init__(self) -> None:

@@ -4,8 +4,9 @@
     scheduler.call(fn)             # run fn in the model's thread between two steps (reload, ...)
 
 Loop: run pending calls; admit waiting requests while the batch has room (route `auto` ones with
-their snapshot's router, prefill each alone with its own adapter and backbone version, sample its
-first token, join the batch cache); then one decoding step for every row at once (rows mixing
+their snapshot's router, prefill them together, bucketed by length, each row with its own adapter and
+backbone version, a stored prompt prefix of the same route reused (prefill.py), sample their first
+tokens, join the batch cache); then one decoding step for every row at once (rows mixing
 adapters and backbone versions, mixed.py); retire finished and cancelled rows. A request therefore
 waits only for the step in progress, never for another adapter's requests to finish.
 
@@ -18,7 +19,6 @@ adapter and backbone version, i.e. serves one adapter at a time.
 """
 from __future__ import annotations
 
-import asyncio
 import ctypes
 import ctypes.util
 import itertools
@@ -28,18 +28,18 @@ import threading
 import time
 from collections import deque
 from concurrent.futures import Future
-from dataclasses import dataclass, field
 
 import torch
 
 from ..routing import BASE, route_texts
 from .batch import BatchCache, new_cache
-from .decoding import Sampler, SamplingParams, TextStream, logprob_entry, next_tokens, prompt_logprobs
+from .decoding import Sampler, TextStream, logprob_entry, next_tokens, prompt_logprobs
 from .mixed import MixedForward
-from .registry import AUTO, Registry, Route, Snapshot
+from .prefill import PrefixCache, buckets, prefill
+from .registry import AUTO, Registry
+from .request import Request
 
 log = logging.getLogger("crma.serve")
-_ids = itertools.count(1)
 
 
 def _libc():
@@ -63,79 +63,17 @@ class QueueFull(Exception):
     """The waiting queue is at its limit."""
 
 
-@dataclass(eq=False)
-class Request:
-    """One completion: token ids in, events out (to an asyncio queue on the server's loop)."""
-
-    prompt_ids: list[int]
-    params: SamplingParams
-    model: str                         # a domain, "auto" or "base"
-    snapshot: Snapshot
-    route_text: str = ""               # what `auto` routes on
-    loop: asyncio.AbstractEventLoop | None = None
-    queue: asyncio.Queue | None = None
-    id: int = field(default_factory=lambda: next(_ids))
-    cancelled: bool = False            # set by the client side (disconnect); honoured at the next step
-    route: Route | None = None
-    confidence: float | None = None
-    runner_up: str | None = None
-    generated: int = 0
-    finish_reason: str | None = None
-    arrived: float = field(default_factory=time.perf_counter)
-    first_token_at: float | None = None
-    last_token: int = 0
-    sampler: Sampler | None = None
-    stream: TextStream | None = None
-    errored: bool = False
-    key_id: str | None = None          # the API key's id (logs and metrics; never the key)
-    allowed: frozenset[str] | None = None   # domains the key may use: `auto` routes among them only
-    reason: str = ""                   # why the router abstained (auto -> base)
-    pending_logprobs: list = field(default_factory=list)   # entries of tokens whose text is not sent yet
-
-    def emit_text(self, piece: str) -> None:
-        """A piece of text, with the log-probability entries of the tokens it completes (when asked)."""
-        if self.params.logprobs is None:
-            self.emit("text", text=piece)
-        else:
-            entries, self.pending_logprobs = self.pending_logprobs, []
-            self.emit("text", text=piece, logprobs=entries)
-
-    def emit(self, kind: str, **data) -> None:
-        if self.loop is not None and self.queue is not None:
-            try:
-                self.loop.call_soon_threadsafe(self.queue.put_nowait, (kind, data))
-            except RuntimeError:                       # the server's event loop is already closed
-                pass
-
-    def record(self, status: str) -> dict:
-        """The routing log's line and the metrics' labels for this request as it ends."""
-        r, now = self.route, time.perf_counter()
-        return {"id": self.id, "key": self.key_id, "model": self.model, "domain": r.domain if r else None,
-                "confidence": self.confidence, "runner_up": self.runner_up, "reason": self.reason or None,
-                "adapter_version": r.adapter_version if r else None,
-                "backbone_version": r.backbone_version if r else None, "prompt_tokens": len(self.prompt_ids),
-                "completion_tokens": self.generated,
-                "ttft_s": None if self.first_token_at is None else round(self.first_token_at - self.arrived, 6),
-                "total_s": round(now - self.arrived, 6), "status": status}
-
-    def info(self) -> dict:
-        """Which domain served it, with what (the response's `crma` field)."""
-        r = self.route
-        return {"domain": r.domain, "confidence": self.confidence, "runner_up": self.runner_up,
-                "reason": self.reason or None, "adapter": r.adapter, "adapter_version": r.adapter_version,
-                "backbone_version": r.backbone_version, "requested": self.model,
-                "manifest_updated": self.snapshot.updated}
-
-
 class Scheduler:
     def __init__(self, live, registry: Registry, max_batch: int = 16, max_queue: int = 64, mode: str = "mixed",
-                 lora_mixing: str = "gather", telemetry=None):
+                 lora_mixing: str = "gather", telemetry=None, prefix_cache_bytes: int = 256 << 20):
         if mode not in ("mixed", "per-adapter"):
             raise ValueError(f"mode must be mixed or per-adapter, got {mode!r}")
         self.live, self.registry, self.telemetry = live, registry, telemetry
         self.max_batch, self.max_queue, self.mode = max_batch, max_queue, mode
         self.forward = MixedForward(live, registry, lora_mixing)
         self.batch = BatchCache()
+        self.prefixes = PrefixCache(prefix_cache_bytes)
+        self.pad_id = live.tokenizer.pad_token_id or 0
         self.rows: list[Request] = []
         self.waiting: deque[Request] = deque()
         self.calls: deque[tuple] = deque()
@@ -146,7 +84,8 @@ class Scheduler:
         self.eos = {int(e) for e in [*eos, live.tokenizer.eos_token_id] if e is not None}
         self.stats = {"steps": 0, "prefills": 0, "tokens": 0, "finished": 0, "cancelled": 0, "errors": 0,
                       "max_rows": 0, "max_adapters_in_step": 0, "max_backbones_in_step": 0,
-                      "prefill_seconds": 0.0, "step_seconds": 0.0, "step_tokens": 0}
+                      "prefill_seconds": 0.0, "step_seconds": 0.0, "step_tokens": 0, "prefill_batches": 0,
+                      "prefix_tokens_reused": 0}
         self.thread = threading.Thread(target=self._run, name="crma-scheduler", daemon=True)
         self._busy = False
 
@@ -235,12 +174,16 @@ class Scheduler:
         with self.cv:
             for req in pending:
                 self.waiting.remove(req)
-        for req in pending:
+        echo = [r for r in pending if r.params.echo and r.params.logprobs is not None]
+        for req in echo:                               # every prompt position's logits: read alone
             try:
-                self._prefill(req)
+                self._prefill_echo(req)
             except Exception as err:
                 log.exception("prefill failed")
                 self._fail(req, f"internal error while reading the prompt: {err}")
+        rest = [r for r in pending if not (r.params.echo and r.params.logprobs is not None)]
+        if rest:
+            self._prefill(rest)
 
     def _route(self, reqs: list[Request]) -> None:
         """Resolve each request's route; `auto` ones with their snapshot's router, one text at a time
@@ -272,28 +215,67 @@ class Scheduler:
                 self._finish(req, None, error=f"the router chose {dec.domain}, which is unavailable (a file it "
                                               "needs is damaged; see /health)")
 
-    def _prefill(self, req: Request) -> None:
+    def _prefill(self, reqs: list[Request]) -> None:
+        """Read the prompts of requests admitted together: bucketed by the length left to read after
+        the longest stored prefix of their route (prefill.py), one forward per bucket."""
+        for req in reqs:
+            req.sampler = Sampler(req.params)
+            req.stream = TextStream(self.live.tokenizer, req.params.stop)
+        pasts = [self.prefixes.lookup(r.route.key, r.prompt_ids) for r in reqs]
+        for group in buckets([len(r.prompt_ids) - p.length for r, p in zip(reqs, pasts, strict=True)]):
+            rows = [reqs[i] for i in group]
+            started = time.perf_counter()
+            try:
+                logits, cache, mask = prefill(self.forward, self.live.model.config, [r.route for r in rows],
+                                              [r.prompt_ids for r in rows], [pasts[i] for i in group],
+                                              self.live.model.device, self.pad_id)
+                for i, req in enumerate(rows):
+                    if self.prefixes.wants(req.route.key, req.prompt_ids):
+                        real = mask[i].bool()                                      # its prompt's columns
+                        self.prefixes.store(req.route.key, req.prompt_ids, [x.keys[i][:, real] for x in cache.layers],
+                                            [x.values[i][:, real] for x in cache.layers])
+                self._count_prefill(started, len(rows), sum(pasts[i].length for i in group))
+                self._join(rows, logits, cache, mask)
+            except Exception as err:
+                log.exception("prefill failed")
+                for req in rows:                       # (_fail leaves alone the ones that already ended)
+                    self._fail(req, f"internal error while reading the prompt: {err}")
+
+    def _prefill_echo(self, req: Request) -> None:
+        """A request that asked for its prompt's log-probabilities (echo): read alone, every position's logits."""
         req.sampler = Sampler(req.params)
         req.stream = TextStream(self.live.tokenizer, req.params.stop)
         ids = torch.tensor([req.prompt_ids], dtype=torch.long, device=self.live.model.device)
         cache = new_cache(self.live.model.config)
         started = time.perf_counter()
-        echo = req.params.echo and req.params.logprobs is not None
-        logits = self.forward(ids, [req.route], cache, all_positions=echo)          # (1, vocab) / (1, s, vocab)
-        self.stats["prefill_seconds"] += time.perf_counter() - started
-        self.stats["prefills"] += 1
-        if echo:
-            req.emit("route", info=req.info(),
-                     prompt_logprobs=prompt_logprobs(logits[0], req.prompt_ids, req.params.logprobs))
-            logits = logits[:, -1, :]
-        else:
-            req.emit("route", info=req.info())
-        if req.params.max_tokens == 0:                 # echo only: the prompt scored, nothing generated
-            self._finish(req, "length")
-            return
-        if self._take(req, logits[0], next_tokens(logits, [req.sampler])[0]):
-            self.batch.add(cache, len(req.prompt_ids))
-            self.rows.append(req)
+        logits = self.forward(ids, [req.route], cache, all_positions=True)            # (1, s, vocab)
+        self._count_prefill(started, 1, 0)
+        req.emit("route", info=req.info(),
+                 prompt_logprobs=prompt_logprobs(logits[0], req.prompt_ids, req.params.logprobs))
+        self._join([req], logits[:, -1, :], cache, torch.ones_like(ids), announced=True)
+
+    def _count_prefill(self, started: float, rows: int, reused: int) -> None:
+        s = self.stats
+        s["prefill_seconds"] += time.perf_counter() - started
+        s["prefills"] += rows
+        s["prefill_batches"] += 1
+        s["prefix_tokens_reused"] += reused
+
+    def _join(self, reqs: list[Request], logits: torch.Tensor, cache, mask: torch.Tensor,
+              announced: bool = False) -> None:
+        """After a prefill: each request's route event and first token; the ones still going join the batch.
+        logits (b, vocab), cache and mask (b, L) as prefill returns them."""
+        tokens = next_tokens(logits, [r.sampler for r in reqs])
+        keep = []
+        for i, req in enumerate(reqs):
+            if not announced:
+                req.emit("route", info=req.info())
+            if req.params.max_tokens == 0:             # scoring only: the prompt read, nothing generated
+                self._finish(req, "length")
+            elif self._take(req, logits[i], tokens[i]):
+                keep.append(i)
+        self.batch.add(cache, mask, keep)
+        self.rows.extend(reqs[i] for i in keep)
 
     def _step(self) -> None:
         live = [i for i, r in enumerate(self.rows) if not r.cancelled]

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import os
 import time
 
 import torch
@@ -26,6 +27,16 @@ from .telemetry import Telemetry
 from .watch import ManifestWatcher
 
 log = logging.getLogger("crma.serve")
+
+
+def serving_threads(threads: int | None) -> int:
+    """--threads, else $OMP_NUM_THREADS when set, else every core this process may run on."""
+    if threads:
+        return threads
+    env = os.environ.get("OMP_NUM_THREADS", "").strip()
+    if env.isdigit() and int(env) > 0:
+        return int(env)
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 class Server:
@@ -44,8 +55,7 @@ class Server:
     @classmethod
     def open(cls, cfg: ServeConfig) -> Server:
         """Load the store's base model, backbone and every current adapter (checksums verified)."""
-        if cfg.threads:
-            torch.set_num_threads(cfg.threads)
+        torch.set_num_threads(serving_threads(cfg.threads))                   # once, for the whole process
         keys = load_keys(list(cfg.api_key), cfg.api_key_file)        # bad keys: refused before the model loads
         store = Store(cfg.store)
         live = LiveModel.open(store, device=cfg.device, damaged_ok=True)   # damaged parts: see Registry.prepare
@@ -57,7 +67,8 @@ class Server:
         registry.install(registry.prepare(force=True))
         telemetry = Telemetry(cfg.route_log, cfg.route_log_bytes, cfg.route_log_backups, cfg.log_text)
         scheduler = Scheduler(live, registry, max_batch=cfg.max_batch, max_queue=cfg.max_queue, mode=cfg.batching,
-                              lora_mixing=cfg.lora_mixing, telemetry=telemetry)
+                              lora_mixing=cfg.lora_mixing, telemetry=telemetry,
+                              prefix_cache_bytes=max(0, cfg.prefix_cache_mb) << 20)
         return cls(cfg, live, registry, scheduler, telemetry, keys)
 
     def start(self) -> Server:
