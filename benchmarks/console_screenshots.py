@@ -1,10 +1,12 @@
 """Screenshots of the web console (docs/serving.md#the-web-console) on the SmolLM2 demo store.
 
-    python benchmarks/console_screenshots.py [--store runs/demo/modular] [--results benchmarks/results/cl5-cpu-tasks]
+    python benchmarks/console_screenshots.py [--store runs/console-demo] [--results benchmarks/results/cl5-cpu-tasks]
                                              [--out docs/images] [--chromium /usr/bin/chromium]
 
-Starts `crma serve` on the store (building it first with `crma demo --conditions modular` when it is
-missing), with a routing log, the admin token and the results folder; sends a little traffic through the
+The store, when missing, is the demo's modular store (`crma demo --conditions modular`, into runs/demo/)
+copied, plus a second version of `cooking` (`crma add` with another seed: a domain with two versions, on two
+backbone versions). Starts `crma serve --versions` on it, with a routing log, the admin token and the
+results folder; sends a little traffic through the
 `openai` client; then drives a headless Chromium through every view at 1280x800 (and the store view at
 phone width) and writes docs/images/console-{store,playground,router,live,results,phone}.png.
 """
@@ -18,7 +20,9 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
@@ -42,9 +46,18 @@ def free_port() -> int:
 def ensure_store(store: Path) -> None:
     if (store / "manifest.json").is_file():
         return
-    print(f"{store} is missing: building the demo store (crma demo --conditions modular)", flush=True)
-    subprocess.run([sys.executable, "-m", "crma", "demo", "--conditions", "modular", "--out", str(store.parent)],
-                   check=True)
+    demo = ROOT / "runs/demo/modular"
+    if not (demo / "manifest.json").is_file():
+        print("building the demo store (crma demo --conditions modular)", flush=True)
+        subprocess.run([sys.executable, "-m", "crma", "demo", "--conditions", "modular", "--out", str(demo.parent)],
+                       check=True)
+    shutil.copytree(demo, store)
+    data = ROOT / "crma/demo_data/cooking"
+    print("adding cooking v2 (seed 1)", flush=True)
+    subprocess.run([sys.executable, "-m", "crma", "add", "--store", str(store), "--domain", "cooking",
+                    "--data", f"{data / 'train.jsonl'}:{data / 'holdout.jsonl'}",
+                    "--route-examples", str(data / "queries.jsonl"), "--epochs", "2", "--lr", "1e-3",
+                    "--batch-size", "4", "--max-len", "128", "--seed", "1"], check=True)
 
 
 def serve(store: Path, results: Path, work: Path, port: int) -> subprocess.Popen:
@@ -69,10 +82,16 @@ def serve(store: Path, results: Path, work: Path, port: int) -> subprocess.Popen
 
 
 def traffic(url: str) -> None:
+    """The questions, four at a time."""
     client = OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=300)
-    for model, question in QUESTIONS:
+
+    def ask(pair):
+        model, question = pair
         client.chat.completions.create(model=model, messages=[{"role": "user", "content": question}],
                                        max_tokens=24, temperature=0)
+
+    with ThreadPoolExecutor(4) as pool:
+        list(pool.map(ask, QUESTIONS))
 
 
 def shoot(url: str, out: Path, chromium: str) -> list[Path]:
@@ -93,17 +112,18 @@ def shoot(url: str, out: Path, chromium: str) -> list[Path]:
 
         page.goto(url + "/ui/")
         page.wait_for_selector("#domains > tbody > tr")
-        page.locator("#domains details").first.evaluate("d => d.open = true")
+        page.get_by_role("button", name="Versions of cooking").click()
         save("store")
         page.get_by_role("tab", name="Playground").click()
         page.get_by_label("Side by side").check()
-        page.select_option("#model-a", "auto")
-        page.select_option("#model-b", "base")
+        page.select_option("#model-a", "cooking@v1")
+        page.select_option("#model-b", "cooking@v2")
         page.fill("#max-tokens", "40")
-        page.fill("#prompt", "How do I keep a sourdough starter alive?")
+        page.fill("#prompt", "How long should I knead bread dough?")
         page.get_by_role("button", name="Send").click()
         page.locator("#pane-b .msg.assistant .meta").filter(has_text="backbone").wait_for()
         page.locator("#pane-a .msg.assistant .meta").filter(has_text="backbone").wait_for()
+        page.locator("#send:not([disabled])").wait_for()              # both answers complete
         save("playground", full=False)
         page.get_by_role("tab", name="Router").click()
         page.fill("#route-text", "What is the difference between a nebula and a galaxy?")
@@ -112,8 +132,11 @@ def shoot(url: str, out: Path, chromium: str) -> list[Path]:
         page.locator("#route-log tbody tr").first.wait_for()
         save("router")
         page.get_by_role("tab", name="Live").click()
-        time.sleep(5)                                     # a few polls: the tokens-per-second line
+        load = threading.Thread(target=traffic, args=(url,))        # requests while the view polls
+        load.start()
+        time.sleep(20)
         save("live")
+        load.join()
         page.get_by_role("tab", name="Results").click()
         page.locator("#results table").first.wait_for()
         save("results", full=False)
@@ -128,7 +151,7 @@ def shoot(url: str, out: Path, chromium: str) -> list[Path]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--store", type=Path, default=ROOT / "runs/demo/modular")
+    ap.add_argument("--store", type=Path, default=ROOT / "runs/console-demo")
     ap.add_argument("--results", type=Path, default=ROOT / "benchmarks/results/cl5-cpu-tasks")
     ap.add_argument("--out", type=Path, default=ROOT / "docs/images")
     ap.add_argument("--chromium", default=shutil.which("chromium") or shutil.which("chromium-browser"))

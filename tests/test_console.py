@@ -292,7 +292,10 @@ def test_browser_store_view_chat_side_by_side_router_live_results(console, data,
     p = open_page(url)
     page = p.page
     page.wait_for_selector('#domains > tbody > tr[data-domain="down"]')
-    assert page.locator("#domains > tbody > tr").count() == 2
+    assert page.locator("#domains > tbody > tr[data-domain]").count() == 2
+    assert not page.locator("#versions-up").is_visible()
+    page.get_by_role("button", name="Versions of up").click()                   # every version, on demand
+    assert page.locator("#versions-up tbody tr").count() == 2 and page.locator("#versions-up").is_visible()
     assert page.locator('#domains > tbody > tr[data-domain="up"] > td').nth(0).inner_text() == "v2"
     assert page.locator("#pinning circle").count() == 3 and page.locator("#pinning circle.on").count() == 2
     assert page.locator("#timeline li").count() == 3

@@ -18,6 +18,7 @@ function rate() {
 function sparkline() {
   const rates = history.slice(1).map((b, i) => Math.max(0, (b.generated - history[i].generated)
     / Math.max(1e-3, (b.t - history[i].t) / 1000)));
+  if (!rates.some((r) => r > 0)) return h("p", {class: "muted"}, "No tokens generated since this page opened.");
   const w = 600, ht = 80, top = Math.max(1, ...rates);
   const pts = rates.map((r, i) => `${(i / Math.max(1, KEEP - 2)) * w},${ht - (r / top) * (ht - 8) - 4}`).join(" ");
   return h("svg", {viewBox: `0 0 ${w} ${ht}`, width: "100%", height: ht, role: "img",

@@ -32,25 +32,45 @@ export function renderStore(data) {
   renderTimeline(s);
 }
 
-function versionDetails(d) {
+// Every version of a domain: a full-width row under the domain's row, shown by its "versions" button.
+function versionRow(d, id) {
   const rows = d.versions.map((v) => h("tr", {},
-    h("td", {}, `v${v.version}${v.version === d.current ? " (serving)" : ""}`), h("td", {}, fmt.time(v.created)),
+    h("td", {}, `v${v.version}${v.version === d.current ? " (serving)" : ""}`), h("td", {class: "nowrap"}, fmt.time(v.created)),
     h("td", {}, v.backbone_version ? `v${v.backbone_version}` : "–"), h("td", {class: "num"}, fmt.num(v.holdout_loss)),
-    h("td", {class: "num"}, fmt.pct(v.gain_pct)),
+    h("td", {class: "num"}, fmt.num(v.base_loss)), h("td", {class: "num"}, fmt.pct(v.gain_pct)),
     h("td", {class: "num"}, v.tasks ? `${fmt.num(v.tasks.score, 3)} (${fmt.num(v.tasks.base_score, 3)})` : "–"),
-    h("td", {class: "mono", title: v.data.train?.sha256 || ""}, fmt.short(v.data.train?.sha256))));
-  return h("details", {}, h("summary", {}, d.versions.map((v) => `v${v.version}`).join(", ")),
-    h("table", {class: "inner"}, h("thead", {}, h("tr", {}, ["Version", "Created", "Backbone", "Holdout", "Gain",
-      "Task (base)", "Train data sha256"].map((t) => h("th", {scope: "col"}, t)))), h("tbody", {}, rows)));
+    h("td", {class: "num"}, fmt.int(v.data.train?.passages)), h("td", {class: "num"}, fmt.int(v.data.holdout?.passages)),
+    h("td", {class: "mono", title: v.data.train?.sha256 || ""}, fmt.short(v.data.train?.sha256)),
+    h("td", {class: "mono", title: v.files["adapter_model.safetensors"] || ""},
+      fmt.short(v.files["adapter_model.safetensors"]))));
+  const head = ["Version", "Created", "Backbone", "Holdout", "Base", "Gain", "Task (base)", "Train", "Holdout",
+    "Train data sha256", "Adapter sha256"];
+  return h("tr", {class: "versions-row", id, hidden: true},
+    h("td", {colspan: 9}, h("table", {class: "inner", "aria-label": `Versions of ${d.name}`},
+      h("thead", {}, h("tr", {}, head.map((t) => h("th", {scope: "col"}, t)))), h("tbody", {}, rows))));
+}
+
+function versionsButton(d, id) {
+  const label = d.versions.map((v) => `v${v.version}`).join(", ");
+  const button = h("button", {type: "button", class: "link", "aria-expanded": "false", "aria-controls": id,
+    "aria-label": `Versions of ${d.name}: ${label}`}, `${label} ▸`);
+  button.addEventListener("click", () => {
+    const row = document.getElementById(id);
+    row.hidden = !row.hidden;
+    button.setAttribute("aria-expanded", String(!row.hidden));
+    button.textContent = `${label} ${row.hidden ? "▸" : "▾"}`;
+  });
+  return button;
 }
 
 function renderDomains(data) {
   const tbody = document.querySelector("#domains tbody");
-  const rows = data.store.domains.map((d) => {
+  const rows = data.store.domains.flatMap((d) => {
     const v = d.versions.find((x) => x.version === d.current) || d.versions[d.versions.length - 1];
     const removed = d.status !== "active";
     const earlier = d.versions.filter((x) => x.version < d.current);
     const train = v.data.train || {};
+    const id = `versions-${d.name}`;
     const actions = removed ? h("span", {class: "muted"}, "removed") : h("div", {class: "actions"},
       h("button", {type: "button", class: "secondary", disabled: !data.admin || earlier.length === 0,
         title: !data.admin ? "start crma serve with an admin token to enable" : earlier.length ? "" : "no earlier version",
@@ -58,18 +78,17 @@ function renderDomains(data) {
       h("button", {type: "button", class: "danger", disabled: !data.admin,
         title: data.admin ? "" : "start crma serve with an admin token to enable",
         "aria-label": `Remove ${d.name}`, onclick: () => confirmChange("remove", d)}, "Remove"));
-    return h("tr", {class: removed ? "removed" : d.unavailable ? "unavailable" : "", "data-domain": d.name},
+    const main = h("tr", {class: removed ? "removed" : d.unavailable ? "unavailable" : "", "data-domain": d.name},
       h("th", {scope: "row"}, d.name, d.unavailable ? h("div", {class: "error"}, `unavailable: ${d.unavailable}`) : null),
       h("td", {}, removed ? "–" : `v${d.current}`),
-      h("td", {}, versionDetails(d)),
+      h("td", {}, versionsButton(d, id)),
       h("td", {}, v.backbone_version ? `v${v.backbone_version}` : "–"),
-      h("td", {}, `${fmt.int(train.passages)} records · ${fmt.int(train.tokens)} tokens`),
-      h("td", {class: "num"}, `${fmt.num(v.holdout_loss)} (${fmt.num(v.base_loss)})`),
+      h("td", {class: "nowrap"}, `${fmt.int(train.passages)} rec · ${fmt.int(train.tokens)} tok`),
+      h("td", {class: "num nowrap"}, `${fmt.num(v.holdout_loss)} (${fmt.num(v.base_loss)})`),
       h("td", {class: "num"}, fmt.pct(v.gain_pct)),
-      h("td", {class: "num"}, v.tasks ? `${fmt.num(v.tasks.score, 3)} (${fmt.num(v.tasks.base_score, 3)})` : "–"),
-      h("td", {class: "mono", title: v.files["adapter_model.safetensors"] || ""},
-        fmt.short(v.files["adapter_model.safetensors"])),
+      h("td", {class: "num nowrap"}, v.tasks ? `${fmt.num(v.tasks.score, 3)} (${fmt.num(v.tasks.base_score, 3)})` : "–"),
       h("td", {}, actions));
+    return [main, versionRow(d, id)];
   });
   tbody.replaceChildren(...rows);
 }

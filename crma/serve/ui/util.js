@@ -60,7 +60,10 @@ export const fmt = {
   num: (x, d = 4) => (x === null || x === undefined ? "–" : Number(x).toFixed(d)),
   pct: (x) => (x === null || x === undefined ? "–" : `${x >= 0 ? "+" : ""}${Number(x).toFixed(2)}%`),
   int: (x) => (x === null || x === undefined ? "–" : Math.round(x).toLocaleString("en")),
-  time: (iso) => (iso ? iso.replace("T", " ").replace("Z", " UTC") : "–"),
+  time: (iso) => {                                     // any ISO 8601 time -> "YYYY-MM-DD HH:MM:SS UTC"
+    const t = iso ? new Date(iso) : null;
+    return t && !Number.isNaN(t.getTime()) ? `${t.toISOString().slice(0, 19).replace("T", " ")} UTC` : "–";
+  },
   secs: (x) => (x === null || x === undefined ? "–" : x < 1 ? `${Math.round(x * 1000)} ms` : `${x.toFixed(2)} s`),
   short: (sha) => (sha ? sha.slice(0, 12) : "–"),
 };
