@@ -42,6 +42,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
           f"models: {', '.join(server.registry.current.models())}"
           f"  (batch {cfg.max_batch}, {cfg.batching}{', watching the manifest' if cfg.watch else ''}"
           f"{', admin endpoints on' if cfg.admin_token else ''})", flush=True)
+    if cfg.ui:
+        print(f"crma serve: web console on http://{cfg.host}:{cfg.port}/ui/", flush=True)
     uv = uvicorn.Server(uvicorn_config(server, log_level=log.log_level, timeout_graceful_shutdown=30))
     try:
         uv.run()
