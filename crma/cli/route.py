@@ -21,7 +21,7 @@ from ..engine.route_eval import format_report, open_source, route_eval
 from ..io import write_json
 from ..routing import BASE, RouterError, route_texts
 from ..serve.route_log import format_summary, read_records, summarise
-from .options import add_options, build, opt
+from .options import add_options, build, named, opt
 
 REASONS_TEXT = {"characters": "too few characters per token (character noise)",
                 "background": "closer to everyday text than to any domain",
@@ -98,19 +98,9 @@ def cmd_route(args: argparse.Namespace) -> int:
     return 0
 
 
-def _named_files(values: list[str] | None, what: str) -> list[tuple[str, Path]]:
-    out = []
-    for v in values or []:
-        name, sep, path = v.partition("=")
-        if not sep or not name or not path:
-            raise RouterError(f"{what} {v!r}: expected NAME=FILE")
-        out.append((name, Path(path)))
-    return out
-
-
 def cmd_route_eval(args: argparse.Namespace) -> int:
     a = build(args, RouteEvalArgs)
-    queries = _named_files(a.queries, "--queries")
+    queries = [(name, Path(path)) for name, path in named(a.queries or [], "--queries").items()]
     if a.corpus is None and not queries and not a.ood:
         raise RouterError("nothing to evaluate: give --corpus DIR, --queries NAME=FILE or --ood FILE")
     src = a.open()
