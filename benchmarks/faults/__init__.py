@@ -1,0 +1,1 @@
+"""The cases and harness of benchmarks/fault_injection.py."""
