@@ -104,3 +104,12 @@ def test_batched_prefill_with_reused_prefixes_equals_each_prompt_alone():
         small.store("a", ids, [torch.zeros(2, len(ids), 16)] * 2, [torch.zeros(2, len(ids), 16)] * 2)
     assert small.nbytes <= small.budget and small.lookup("a", [0] * (2 * BLOCK + 1)).length == 0
     assert small.lookup("a", [3] * (2 * BLOCK + 1)).length == 2 * BLOCK
+
+
+def test_prefill_buckets_group_similar_lengths_within_a_token_budget():
+    from crma.serve.prefill import BUCKET_TOKENS, buckets
+
+    groups = buckets([40] * 16)
+    assert sorted(i for g in groups for i in g) == list(range(16))
+    assert all(40 * len(g) <= BUCKET_TOKENS for g in groups) and len(groups) == -(-16 // (BUCKET_TOKENS // 40))
+    assert buckets([5, 200, 7, 30, 6]) == [[0, 4, 2], [3], [1]]          # short ones together, long ones apart

@@ -26,6 +26,7 @@ import torch
 from .batch import new_cache
 
 BLOCK = 8                 # tokens per prefix block: SmolLM2's chat template system prompt is ~3 blocks
+BUCKET_TOKENS = 256       # padded tokens per prefill forward at most
 
 
 @dataclass(eq=False)
@@ -117,13 +118,15 @@ class PrefixCache:
         self.nbytes = 0
 
 
-def buckets(lengths: list[int], slack: float = 1.5, extra: int = 16) -> list[list[int]]:
+def buckets(lengths: list[int], slack: float = 1.5, extra: int = 16, tokens: int = BUCKET_TOKENS) -> list[list[int]]:
     """Indices grouped by similar length (sorted; a bucket's longest <= max(slack * shortest, shortest + extra)),
-    so that padding stays small."""
+    so that padding stays small, and at most `tokens` padded tokens per bucket (beyond a few hundred tokens
+    a forward is no cheaper per token, and the bucket's first tokens wait for all of it)."""
     order = sorted(range(len(lengths)), key=lambda i: lengths[i])
     out: list[list[int]] = []
     for i in order:
-        if out and lengths[i] <= max(slack * lengths[out[-1][0]], lengths[out[-1][0]] + extra):
+        if out and lengths[i] <= max(slack * lengths[out[-1][0]], lengths[out[-1][0]] + extra) \
+                and lengths[i] * (len(out[-1]) + 1) <= tokens:
             out[-1].append(i)
         else:
             out.append([i])
