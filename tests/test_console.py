@@ -12,7 +12,7 @@ import httpx
 import pytest
 
 from crma.cli import main
-from crma.routing import BASE, explain_text
+from crma.routing import BASE, REASON_TEXT, REASONS, explain_text
 from crma.serve.telemetry import Telemetry, bucket_quantile
 from crma.store import Store
 from crma.store.summary import describe
@@ -130,6 +130,7 @@ def test_explain_text_agrees_with_the_decision_and_sums_to_one(store):
     assert out["domains"][0]["domain"] == out["best"] and out["confidence"] == pytest.approx(
         out["domains"][0]["probability"])
     assert (out["decision"] == BASE) == (out["reason"] is not None)
+    assert set(REASON_TEXT) == set(REASONS)                                  # every abstention reason explained
     empty = explain_text(router, live.model, live.tokenizer, "   ")
     assert empty["decision"] == BASE and empty["reason"] == "empty" and empty["domains"] == []
 

@@ -21,7 +21,8 @@ from crma.method.backbone import CRMABackbone
 from crma.method.models import load_model
 from crma.routing import calibration_split, new_router, route_texts, update_router
 from crma.routing.features import hidden_features, segments_of, text_segments
-from crma.routing.router import BASE, STRATEGIES, Features, Router, RouterConfig, RouterError
+from crma.routing.router import BASE, Features, Router
+from crma.routing.settings import STRATEGIES, RouterConfig, RouterError
 
 VOCAB = {   # three clearly separable synthetic domains (different byte sets for the byte tokenizer)
     "fruit": "apple banana cherry grape lemon mango melon peach pear plum kiwi fig lime date".split(),

@@ -20,7 +20,7 @@ import torch
 from ..config import DeviceConfig, TrainConfig
 from ..data import DataError, examples_for, read_queries
 from ..routing import BASE, Router, RouterError, route_texts
-from ..routing.router import quantile_summary
+from ..routing.stats import quantile_summary
 from ..runtime import load_placed
 from ..store import Store
 from .evaluation import holdout_records

@@ -16,7 +16,8 @@ from ..method.models import fingerprint
 from .background import background_for
 from .encoders import encode, encoder_spec
 from .features import segments_of
-from .router import BASE, Decision, Features, Router, RouterConfig, RouterError
+from .router import BASE, REASONS, Decision, Features, Router
+from .settings import RouterConfig, RouterError
 
 
 def check_encoder(router: Router, model=None) -> dict:
@@ -129,7 +130,7 @@ def route_texts(router: Router, model, tokenizer, texts: list[str], batch_size: 
     return out
 
 
-REASONS = {"characters": "too few characters per token: noise or another script, not a domain's text",
+REASON_TEXT = {"characters": "too few characters per token: noise or another script, not a domain's text",
            "background": "closer to everyday English (the background class) than to any domain",
            "distance": "too far from the nearest domain (beyond its calibrated distance threshold)",
            "empty": "nothing to route on (an empty text, or a router without domains)"}
@@ -149,7 +150,7 @@ def explain_text(router: Router, model, tokenizer, text: str) -> dict:
     out = {"decision": dec.domain, "best": dec.best, "confidence": dec.confidence, "runner_up": dec.runner_up,
            "runner_up_confidence": dec.runner_up_confidence, "background": dec.background_confidence,
            "ood_ratio": dec.ood_ratio, "reason": dec.reason or None,
-           "why": REASONS.get(dec.reason, f"{dec.domain} scored highest and is within its distance threshold"),
+           "why": REASON_TEXT.get(dec.reason, f"{dec.domain} scored highest and is within its distance threshold"),
            "domains": []}
     if feats is not None:
         scores = router.scores(feats)[0]                                                     # (D,)
@@ -159,5 +160,5 @@ def explain_text(router: Router, model, tokenizer, text: str) -> dict:
     return out
 
 
-__all__ = ["BASE", "REASONS", "Decision", "Features", "Router", "RouterConfig", "RouterError", "calibration_split",
-           "check_encoder", "explain_text", "new_router", "update_router", "route_texts"]
+__all__ = ["BASE", "REASONS", "REASON_TEXT", "Decision", "Features", "Router", "RouterConfig", "RouterError",
+           "calibration_split", "check_encoder", "explain_text", "new_router", "update_router", "route_texts"]

@@ -32,7 +32,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from .encoders import minilm
-from .router import RouterError
+from .settings import RouterError
 
 SOURCE = "chatterbot-corpus"
 LICENSE = "BSD-3-Clause"

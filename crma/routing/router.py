@@ -34,87 +34,22 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict
 from pathlib import Path
 from typing import NamedTuple
 
 import torch
 from safetensors.torch import load_file, save_file
 
-from ..config import ConfigError
 from ..io import atomic_dir
+from .settings import RouterConfig, RouterError
+from .stats import kmeans, lda_scores, moments, oas_shrinkage, quad_form, quantile, shrunk_precision
 
-STRATEGIES = ("lda", "diag", "centroid", "kproto")
-ENCODER_NAMES = ("minilm", "base")
-BACKGROUNDS = ("chatterbot", "none")
 BASE = "base"                     # the decision "no domain adapter"
 ROUTER_DIR = "router"
 FORMAT = "crma-router-v2"
 REASONS = ("characters", "background", "distance", "empty")
 _COS_SCALE = 20.0                 # cosine scores to logits for the confidence softmax
-
-
-class RouterError(ValueError):
-    """A router setting or state that cannot work."""
-
-
-@dataclass
-class RouterConfig:
-    """How the router is built and decides. Defaults chosen by measurement (benchmarks/route_measure.py,
-    results in benchmarks/results/router/)."""
-
-    encoder: str = "minilm"         # minilm (all-MiniLM-L6-v2 sentence embedding) | base (base model block `layer`)
-    mix_layer: int = 3              # minilm: also this hidden layer's mean (-1: none), to choose the domain
-    strategy: str = "lda"           # lda | diag | centroid | kproto
-    layer: int = 6                  # encoder base: hidden state after block `layer` (0 = embeddings, -1 = last)
-    max_tokens: int = 64            # queries (and passage segments) are truncated to this many tokens
-    min_words: int = 6              # passages are cut into sentence/line segments of at least this many words
-    segments_per_passage: int = 8   # at most this many segments from each passage
-    max_passages: int = 100         # train passages per domain used for its statistics (0 = all); cl5: 100 gave
-                                    # 99.0% accuracy, 96.9% OOD to base (dev); 400: 99.2%, 95.0% (more passages
-                                    # weigh the domains' covariance more in the background test)
-    calib_fraction: float = 0.2     # share of a domain's train passages held back to calibrate its thresholds
-    max_calib: int = 25             # at most this many held-back passages (0 = no limit)
-    quantile: float = 0.99          # abstain threshold t_d = slack * this quantile of held-back distances
-    slack: float = 1.5
-    claim_quantile: float = 0.5     # c_d: background items closer than this quantile of d's held-back distances
-                                    # are d's, not background
-    shrinkage: float = 0.02         # lda: floor of r for the pooled covariance
-    ood_shrinkage: float = 0.01     # floor of r for each domain's own covariance (distance test)
-    prototypes: int = 4             # kproto: prototypes per domain
-    temperature: float = 0.02       # confidence = softmax(score / temperature) (display only: decisions are
-                                    # argmaxes); cl5 queries: median top-2 score gap 0.07 -> ~0.95
-    background: str = "chatterbot"  # chatterbot | none: out-of-scope examples as a class of their own
-    background_components: int = 8  # k-means components of the background class
-
-    def __post_init__(self) -> None:
-        def check(ok: bool, name: str, msg: str) -> None:
-            if not ok:
-                raise ConfigError(f"router.{name}: {msg}")
-        check(self.encoder in ENCODER_NAMES, "encoder",
-              f"must be one of {', '.join(ENCODER_NAMES)}, got {self.encoder!r}")
-        check(self.strategy in STRATEGIES, "strategy", f"must be one of {', '.join(STRATEGIES)}, got {self.strategy!r}")
-        check(self.background in BACKGROUNDS, "background",
-              f"must be one of {', '.join(BACKGROUNDS)}, got {self.background!r}")
-        check(self.max_tokens >= 2, "max_tokens", f"must be >= 2, got {self.max_tokens}")
-        check(self.min_words >= 1, "min_words", f"must be >= 1, got {self.min_words}")
-        check(self.segments_per_passage >= 1, "segments_per_passage", "must be >= 1")
-        check(self.max_passages >= 0 and self.max_calib >= 0, "max_passages", "must be >= 0")
-        check(0 < self.calib_fraction < 1, "calib_fraction", f"must be in (0, 1), got {self.calib_fraction}")
-        check(0 < self.quantile <= 1, "quantile", f"must be in (0, 1], got {self.quantile}")
-        check(0 <= self.claim_quantile <= 1, "claim_quantile", f"must be in [0, 1], got {self.claim_quantile}")
-        check(self.slack > 0, "slack", f"must be > 0, got {self.slack}")
-        for name in ("shrinkage", "ood_shrinkage"):
-            check(0 <= getattr(self, name) <= 1, name, f"must be in [0, 1], got {getattr(self, name)}")
-        check(self.prototypes >= 1, "prototypes", f"must be >= 1, got {self.prototypes}")
-        check(self.temperature > 0, "temperature", f"must be > 0, got {self.temperature}")
-        check(self.background_components >= 1, "background_components", "must be >= 1")
-
-    @classmethod
-    def from_dict(cls, d: dict) -> RouterConfig:
-        """From a saved dict; unknown keys (a newer crma) are ignored, missing ones take defaults."""
-        names = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in d.items() if k in names})
 
 
 class Features(NamedTuple):
@@ -139,66 +74,6 @@ def _as_features(f) -> Features:
     x = x.unsqueeze(0) if x.ndim == 1 else x                                       # (n, dim)
     cpt = None if f.chars_per_token is None else f.chars_per_token.detach().double().cpu().reshape(-1)
     return Features(x, cpt)
-
-
-def kmeans(x: torch.Tensor, k: int, iters: int = 25, seed: int = 0) -> torch.Tensor:
-    """k centres minimising sum_i min_j ||x_i - p_j||^2; x (n, dim) -> (min(k, n), dim).
-
-    Deterministic: k-means++ seeding from a fixed generator, then Lloyd steps."""
-    x = x.double()
-    k = min(k, x.shape[0])
-    gen = torch.Generator().manual_seed(seed)
-    centers = [x[int(torch.randint(x.shape[0], (1,), generator=gen))]]
-    for _ in range(1, k):
-        dist = torch.cdist(x, torch.stack(centers)).min(-1).values ** 2            # (n,)
-        probs = dist / dist.sum() if dist.sum() > 0 else torch.full_like(dist, 1 / len(dist))
-        centers.append(x[int(torch.multinomial(probs, 1, generator=gen))])
-    p = torch.stack(centers)                                                       # (k, dim)
-    for _ in range(iters):
-        assign = torch.cdist(x, p).argmin(-1)                                      # (n,)
-        new = torch.stack([x[assign == j].mean(0) if (assign == j).any() else p[j] for j in range(k)])
-        if torch.equal(new, p):
-            break
-        p = new
-    return p
-
-
-def oas_shrinkage(cov: torch.Tensor, n: float) -> float:
-    """Oracle-approximating shrinkage intensity (Chen et al. 2010) of a (dim, dim) sample covariance of
-    n samples: needs only C and n, so it stays exact for merged statistics."""
-    p = cov.shape[0]
-    tr = float(torch.trace(cov))
-    tr2 = float((cov * cov).sum())
-    num = (1 - 2 / p) * tr2 + tr * tr
-    den = (n + 1 - 2 / p) * (tr2 - tr * tr / p)
-    return 1.0 if den <= 0 else min(1.0, max(0.0, num / den))
-
-
-def shrunk_precision(cov: torch.Tensor, s: float) -> torch.Tensor:
-    """((1 - s) C + s tr(C)/dim I)^-1 for a (dim, dim) covariance, in float64."""
-    dim = cov.shape[0]
-    eye = torch.eye(dim, dtype=torch.float64)
-    target = float(torch.trace(cov)) / dim
-    sigma = (1 - s) * cov.double() + s * max(target, 1e-12) * eye
-    return torch.linalg.inv(sigma + 1e-9 * max(target, 1e-12) * eye)
-
-
-def _quad(x: torch.Tensor, mu: torch.Tensor, prec: torch.Tensor) -> torch.Tensor:
-    """(x - mu)^T P (x - mu) / dim for rows of x (n, dim) -> (n,)."""
-    z = x - mu                                                                     # (n, dim)
-    return ((z @ prec) * z).sum(-1) / x.shape[1]
-
-
-def _moments(x: torch.Tensor) -> tuple[float, torch.Tensor, torch.Tensor]:
-    """(n, mean, unbiased covariance) of rows of x, float64."""
-    x = x.double()
-    mu = x.mean(0)
-    z = x - mu
-    return float(x.shape[0]), mu, z.T @ z / max(1, x.shape[0] - 1)
-
-
-def _quantile(values: torch.Tensor, q: float) -> float:
-    return float(torch.quantile(values.double(), q))
 
 
 class Router:
@@ -251,7 +126,7 @@ class Router:
             self.dim = x.shape[1]
         if x.shape[1] != self.dim:
             raise RouterError(f"domain {name!r}: feature size {x.shape[1]}, router expects {self.dim}")
-        n, mu, cov = _moments(x)
+        n, mu, cov = moments(x)
         row = {"count": torch.tensor([n]), "mean": mu[None], "cov": cov[None]}
         if self.cfg.strategy == "kproto":
             p = kmeans(x, self.cfg.prototypes)                                     # (<=k, dim)
@@ -261,8 +136,8 @@ class Router:
         if held.pooled.shape[1] != self.dim:
             raise RouterError(f"domain {name!r}: calibration feature size {held.pooled.shape[1]} != {self.dim}")
         a = self._block()
-        dist = _quad(held.pooled[:, :a], mu[:a], self._ood_precision(cov[:a, :a], n))   # (m,)
-        q, c = _quantile(dist, self.cfg.quantile), _quantile(dist, self.cfg.claim_quantile)
+        dist = quad_form(held.pooled[:, :a], mu[:a], self._ood_precision(cov[:a, :a], n))   # (m,)
+        q, c = quantile(dist, self.cfg.quantile), quantile(dist, self.cfg.claim_quantile)
         row["threshold"] = torch.tensor([q * self.cfg.slack])
         row["claim"] = torch.tensor([c])
         cal = {"n_train": int(n), "n_calib": int(held.pooled.shape[0]),
@@ -327,8 +202,8 @@ class Router:
             row["protos"] = torch.cat([p, p[-1:].expand(self.cfg.prototypes - p.shape[0], -1)])[None]
         held = _as_features(features if calib is None else calib)
         a = self._block()
-        dist = _quad(held.pooled[:, :a], mu[:a], self._ood_precision(cov[:a, :a], n))
-        q_new, c_new = _quantile(dist, self.cfg.quantile), _quantile(dist, self.cfg.claim_quantile)
+        dist = quad_form(held.pooled[:, :a], mu[:a], self._ood_precision(cov[:a, :a], n))
+        q_new, c_new = quantile(dist, self.cfg.quantile), quantile(dist, self.cfg.claim_quantile)
         w1, w2 = old_cal["n_calib"], new_cal["n_calib"]
         row["threshold"] = torch.tensor([(w1 * float(old["threshold"][0]) + w2 * q_new * self.cfg.slack) / (w1 + w2)])
         row["claim"] = torch.tensor([(w1 * float(old["claim"][0]) + w2 * c_new) / (w1 + w2)])
@@ -382,14 +257,14 @@ class Router:
         b = self.background.double()                                               # (N, a)
         keep = torch.ones(len(b), dtype=torch.bool)
         for mu, prec, claim in zip(means, ood_prec, claims, strict=False):
-            keep &= _quad(b, mu, prec) > float(claim)
+            keep &= quad_form(b, mu, prec) > float(claim)
         b = b[keep]
         self._cache["background_kept"] = int(keep.sum())
         if len(b) < 2:
             return []
         centres = kmeans(b, self.cfg.background_components)
         assign = torch.cdist(b, centres).argmin(-1)
-        return [_moments(b[assign == j]) for j in range(len(centres)) if int((assign == j).sum()) >= 2]
+        return [moments(b[assign == j]) for j in range(len(centres)) if int((assign == j).sum()) >= 2]
 
     def _lda_precision(self, counts: torch.Tensor, covs: torch.Tensor) -> tuple[torch.Tensor, float]:
         """Shrunk inverse of the pooled within-class covariance of classes with these counts/covariances."""
@@ -423,13 +298,6 @@ class Router:
             self._cache.update(c)
         return self._cache
 
-    @staticmethod
-    def _lda_scores(x: torch.Tensor, means: torch.Tensor, prec: torch.Tensor) -> torch.Tensor:
-        """-1/2 (x - mu_c)^T P (x - mu_c) / dim for rows of x (n, dim) and means (C, dim) -> (n, C)."""
-        z = x @ prec                                                               # (n, dim)
-        quad = (z * x).sum(-1, keepdim=True) - 2 * z @ means.T + ((means @ prec) * means).sum(-1)[None]
-        return -0.5 * quad / x.shape[1]
-
     def _features(self, features) -> Features:
         if not self.names:
             raise RouterError("the router has no domains yet")
@@ -444,7 +312,7 @@ class Router:
         c = self._stats()
         means = c["means"]
         if self.cfg.strategy == "lda":
-            return self._lda_scores(x, means, c["lda_prec"])                       # (n, D)
+            return lda_scores(x, means, c["lda_prec"])                       # (n, D)
         if self.cfg.strategy == "diag":
             return -0.5 * ((x[:, None] - means[None]) ** 2 / c["var"][None]).mean(-1)       # (n, D)
         z = torch.nn.functional.normalize(x - c["center"], dim=-1)                 # (n, dim)
@@ -461,7 +329,7 @@ class Router:
         c = self._stats()
         if "bg_means" not in c:
             return None
-        return self._lda_scores(x[:, : self._block()], c["bg_means"], c["bg_prec"])
+        return lda_scores(x[:, : self._block()], c["bg_means"], c["bg_prec"])
 
     def route_batch(self, features) -> list[Decision]:
         """One Decision per feature row."""
@@ -479,7 +347,7 @@ class Router:
         for row in range(s.shape[0]):
             i = int(order[row, 0])
             j = int(order[row, 1]) if nd > 1 else None
-            dist = float(_quad(f.pooled[row : row + 1, :a], c["means"][i, :a], c["ood_prec"][i])[0])
+            dist = float(quad_form(f.pooled[row : row + 1, :a], c["means"][i, :a], c["ood_prec"][i])[0])
             ratio = dist / max(float(self.t["threshold"][i]), 1e-12)
             cpt = None if f.chars_per_token is None else float(f.chars_per_token[row])
             reason = ""
@@ -566,12 +434,3 @@ class Router:
             raise RouterError(f"{path}: router.json names {len(router.names)} domains, "
                               f"router.safetensors holds {len(router.t.get('count', []))}")
         return router
-
-
-def quantile_summary(values: list[float]) -> dict:
-    """p50 / p95 / mean of a list (for latencies)."""
-    if not values:
-        return {"p50": math.nan, "p95": math.nan, "mean": math.nan, "n": 0}
-    t = torch.tensor(values, dtype=torch.float64)
-    return {"p50": float(torch.quantile(t, 0.5)), "p95": float(torch.quantile(t, 0.95)),
-            "mean": float(t.mean()), "n": len(values)}
