@@ -17,7 +17,8 @@ from transformers import AutoModelForCausalLM
 
 from crma.cli import main
 from crma.engine.live import LiveModel
-from crma.export import ExportConfig, ExportError, export_store
+from crma.export.lora import ExportError
+from crma.export.vllm import ExportConfig, export_store
 from crma.export.wrap import add_crma_linears
 from crma.store import Store, StoreError
 from tests.conftest import write_cycle_domain
@@ -118,9 +119,11 @@ def test_modular_export_gives_crma_logits(modular, tmp_path, backbone):
 def test_frozen_export_is_the_stores_adapters_unchanged(frozen, tmp_path):
     out = tmp_path / "vllm"
     record = export_store(ExportConfig(store=frozen, out=out))
-    assert record["plugin_architecture"] is None and record["base_model_name"] == "base"
-    assert set(record["models"]) == {"up", "down"}
+    assert record["plugin_architecture"] is None and record["base_model_name"] == "plain"
+    assert set(record["models"]) == {"up", "down", "base"} and record["models"]["base"]["lora"] == "base-zero"
     for model, entry in record["models"].items():
+        if model == "base":
+            continue
         for f in ("adapter_config.json", "adapter_model.safetensors"):
             copied = (out / "loras" / entry["lora"] / f).read_bytes()
             assert copied == (frozen / f"adapters/{model}/v1" / f).read_bytes()
@@ -129,6 +132,7 @@ def test_frozen_export_is_the_stores_adapters_unchanged(frozen, tmp_path):
     got = exported_logits(out, record, batch)
     for model in ("up", "down", "base"):
         assert torch.allclose(got[model], want[model], atol=1e-5, rtol=0), model
+    assert torch.equal(got["base"], got["plain"])             # `base` is a LoRA that changes nothing
 
 
 def test_launch_command_and_script(modular, tmp_path):

@@ -20,7 +20,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from openai import OpenAI
 
 from crma.cli import main
-from crma.export import ExportConfig, export_store
+from crma.export.vllm import ExportConfig, export_store
 from crma.routing import route_texts
 from crma.serve.auth import load_keys
 from crma.serve.proxy import Proxy, ProxyConfig

@@ -23,7 +23,7 @@ import sys
 from .. import runtime
 from ..config import ConfigError
 from ..data import DataError
-from ..export import ExportError
+from ..export.lora import ExportError
 from ..io import command_line
 from ..method.backbone import FingerprintError
 from ..method.models import ModelError

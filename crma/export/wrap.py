@@ -2,23 +2,16 @@
 linear `crma_out` (d -> d) after each decoder block, used as h <- h + crma_out(h).
 
 With zero weight it changes nothing; with the export's LoRA on it (crma/export/lora.py) it is the CRMA step
-h + alpha W M R h of the adapter's backbone version. The same rule, `block_output`, is what the vLLM plugin
-(crma/export/vllm_plugin.py) runs inside vLLM's decoder blocks; this module is the Hugging Face (PEFT) side,
-used by the tests and by anyone checking an export without vLLM.
+h + alpha W M R h of the adapter's backbone version. The same rule, `lora.block_output`, is what the vLLM
+plugin (crma/export/vllm_plugin.py) runs inside vLLM's decoder blocks; this module is the Hugging Face (PEFT)
+side, used by the tests and by anyone checking an export without vLLM.
 """
 from __future__ import annotations
 
-import torch
 from torch import nn
 
 from ..method.models import decoder_layers
-from .lora import CRMA_MODULE
-
-
-def block_output(h: torch.Tensor, crma_out) -> torch.Tensor:
-    """h (..., d) -> h + crma_out(h): the CRMA step as the exported LoRA computes it (crma_out: the zero
-    linear, with or without a LoRA on it)."""
-    return h + crma_out(h)
+from .lora import CRMA_MODULE, block_output
 
 
 def layers_path(model: nn.Module) -> str:
