@@ -199,3 +199,12 @@ def test_clear_errors(modular, tmp_path, capsys):
         export_store(ExportConfig(store=modular, out=tmp_path / "o", served_name="base"))
     assert main(["export", "--store", str(tmp_path / "missing"), "--out", str(tmp_path / "o")]) == 2
     assert "crma export: error:" in capsys.readouterr().err
+
+
+def test_modular_store_of_another_family_is_refused(data, tmp_path, capsys):
+    root = tmp_path / "qwen"
+    add(root, data, "up", "--model", "tiny:qwen2")
+    assert main(["export", "--store", str(root), "--to", "vllm", "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err
+    assert "Qwen2ForCausalLM cannot be served by vLLM" in err and "LlamaForCausalLM" in err
+    assert not (tmp_path / "o" / "export.json").exists()

@@ -111,6 +111,10 @@ class Exporter:
             raise ExportError(f"{self.out}: holds the export of another store ({self.prev['store']}); "
                               "choose a new or empty folder")
         self.modular = self.store.condition == "modular"
+        arch = self.store.fingerprint.get("architecture")
+        if self.modular and arch not in PLUGIN_ARCHITECTURES:
+            raise ExportError(f"a modular store on {arch} cannot be served by vLLM: the crma plugin wraps "
+                              f"{', '.join(PLUGIN_ARCHITECTURES)} (a frozen store of any vLLM model can be exported)")
         self.base_name = cfg.served_name or "plain"
         if self.base_name in {*self.store.domains(), "base"}:
             raise ExportError(f"--served-name {self.base_name!r} is also the name of an exported LoRA module")
@@ -139,9 +143,6 @@ class Exporter:
             self.kept.append("base")
             return entry
         model, tokenizer = self._base_model()
-        if self.modular and type(model).__name__ not in PLUGIN_ARCHITECTURES:
-            raise ExportError(f"a modular store on {type(model).__name__} cannot be served by vLLM: the crma "
-                              f"plugin wraps {', '.join(PLUGIN_ARCHITECTURES)}; export a frozen store instead")
         config = model.config
         for attr in ("crma_model_spec", "quantization_config"):
             if hasattr(config, attr):
