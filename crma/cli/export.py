@@ -28,7 +28,8 @@ def cmd_export(args: argparse.Namespace) -> int:
         bb = f" on backbone v{entry['backbone_version']}" if entry["backbone_version"] else ""
         print(f"  {model:<16} {entry['lora']}{bb}")
     if record["plugin_architecture"]:
-        print("  a modular store: vLLM needs the crma plugin (pip install 'crma[vllm]')")
+        print("  a modular store: vLLM needs the crma plugin (`pip install --no-deps crma` in vLLM's environment, "
+              "docs/vllm.md)")
     print(f"  launch: {cfg.out}/launch.sh [vllm serve options]")
     return 0
 

@@ -3,8 +3,9 @@
     vllm serve OUT/base --served-model-name NAME --enable-lora --max-lora-rank R --max-loras K
                --lora-modules domain=OUT/loras/<folder> ... [--hf-overrides '{"architectures": [...]}']
 
-A modular store's LoRA folders need the crma vLLM plugin (`pip install crma[vllm]`): the override names its
-architecture, the base model with a zero-weight `crma_out` linear after each block. The script sets
+A modular store's LoRA folders need the crma vLLM plugin (crma installed in vLLM's environment with
+`pip install --no-deps`, docs/vllm.md): the override names its architecture, the base model with a
+zero-weight `crma_out` linear after each block. The script sets
 VLLM_ALLOW_RUNTIME_LORA_UPDATING so that a running vLLM can take a domain added later through
 POST /v1/load_lora_adapter (export.json lists the requests under `hot_add`).
 """
