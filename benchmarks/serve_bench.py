@@ -8,7 +8,7 @@ builds one in a few minutes). In one process and one run, against a live server 
 
 1. throughput: N concurrent streaming chat requests spread round-robin over the 5 adapters, greedy,
    with the scheduler batching across adapters (`mixed`, LoRA by PEFT's adapter_names), only one
-   adapter (and backbone version) per batch (`per-adapter`), and across adapters with the opt-in
+   adapter (and backbone version) per batch (`per-adapter`), and across adapters with the default
    `--lora-mixing gather` (`mixed-gather`), in turn `--repeats` times; ratios of generated tokens/s;
 2. latency of the mixed runs: time to first token (client side, first non-empty content chunk) and
    per-token latency (per request: (last - first content chunk) / (completion tokens - 1)), p50/p95;
@@ -284,7 +284,7 @@ def main() -> int:
             print(f"[{rep + 1}/{args.repeats}] {mode:>11}: {r['tokens']} tokens in {r['seconds']:.1f}s = "
                   f"{r['tokens_per_s']:.1f} tokens/s (prefills {r['prefill_seconds']:.1f}s; decoding steps "
                   f"{r['decode_tokens_per_s']:.1f} tokens/s over {r['decode_steps']} steps)", flush=True)
-    server.scheduler.mode, server.scheduler.forward.lora_mixing = "mixed", "peft"
+    server.scheduler.mode, server.scheduler.forward.lora_mixing = "mixed", "gather"
     tps = {m: statistics.median(r["tokens_per_s"] for r in rs) for m, rs in runs.items()}
     ratios = [a["tokens_per_s"] / b["tokens_per_s"] for a, b in zip(runs["mixed"], runs["per-adapter"])]
     decode_ratios = [a["decode_tokens_per_s"] / b["decode_tokens_per_s"]
@@ -341,9 +341,10 @@ def main() -> int:
             "gather_ratio_per_repeat": [round(x, 2) for x in g_ratios],
             "gather_ratio_median": round(statistics.median(g_ratios), 2),
             "gather_decode_steps_ratio_median": round(statistics.median(g_decode), 2),
-            "note": "ratio: end to end (every request's prefill, one at a time, included); decode_steps_ratio: "
+            "note": "ratio: end to end (prefills included); decode_steps_ratio: "
                     "tokens per second of the decoding steps alone (scheduler counters); mixed: LoRA by PEFT's "
-                    "adapter_names (the default); mixed-gather: --lora-mixing gather (stacked weights per row)"},
+                    "adapter_names (--lora-mixing peft, the reference); mixed-gather: --lora-mixing gather "
+                    "(stacked weights per row, the default)"},
         "latency_mixed": {"ttft_s": summary(ttft), "per_token_s": summary(tpot)},
         "latency_per_adapter": {"ttft_s": summary(ttft_pa)},
         "single_request": {"max_tokens": args.single_tokens, "runs": single,

@@ -1,0 +1,372 @@
+"""Decoding benchmark for `crma serve` (issue 23): prints its figures and writes
+benchmarks/results/decode_bench.{json,md}.
+
+    .venv/bin/python benchmarks/decode_bench.py --threads 2                # final figures: an idle machine
+    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/decode_bench.py --quick --threads 1   # does it work
+
+SmolLM2-135M (fp32, or --dtype bfloat16) with a CRMA backbone at 3 versions and 16 LoRA adapters
+(crma's default LoRA settings, random weights: the arithmetic of trained ones), all in one process,
+measured side by side (the compared variants alternate, repeats interleaved):
+
+1. one 16-row decoding step (MixedForward + the preallocated BatchCache): 16 distinct adapters on
+   3 backbone versions vs one adapter on one version (ratio), and PEFT's reference path for the former;
+2. throughput of 16 concurrent greedy chat requests through the scheduler over 16 and over 5 adapters,
+   mixed batches vs one adapter at a time (`per-adapter`): ratios of generated tokens/s;
+3. time to first token p50/p95 of those 16 concurrent chat requests (mixed, 16 adapters), in the steady
+   state (a warm-up request per adapter first, so its system-prompt prefix is stored, in both modes);
+4. single stream: one request's decoding tokens/s through the scheduler vs llama.cpp on the same weights
+   (an F32 GGUF written from the Q4_1 GGUF crma loads, dequantized; and that Q4_1 GGUF itself) at the
+   same thread count, through the npm package node-llama-cpp (a benchmark-only tool, installed with
+   `npm install node-llama-cpp @node-llama-cpp/linux-x64` into --llamacpp; skipped when absent);
+5. with --bf16: bfloat16's greedy texts against float32's (same adapters and backbone versions) and
+   both single-stream speeds.
+
+The results record the thread count, the CPU count and the load average before and after the run: a
+figure measured on a loaded machine is labelled so and is not a final figure.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from crma.config import CRMAConfig, LoraSettings  # noqa: E402
+from crma.data import prompt_ids  # noqa: E402
+from crma.engine.live import LiveModel  # noqa: E402
+from crma.method.adapters import add_adapter  # noqa: E402
+from crma.method.models import SMOLLM2_GGUF, load_model, smollm2_dir  # noqa: E402
+from crma.serve.batch import BatchCache, new_cache  # noqa: E402
+from crma.serve.decoding import SamplingParams  # noqa: E402
+from crma.serve.mixed import MixedForward  # noqa: E402
+from crma.serve.registry import Registry, Route, Snapshot  # noqa: E402
+from crma.serve.scheduler import Request, Scheduler  # noqa: E402
+
+QUESTIONS = ["What is a good way to learn a new language?", "Explain photosynthesis in simple terms.",
+             "How do I write a function that reverses a list?", "What are the symptoms of the flu?",
+             "What does a contract need to be valid?", "How do interest rates affect inflation?",
+             "Why is the sky blue?", "Give me three tips for a job interview.", "What is a prime number?",
+             "How does a vaccine work?", "What is the difference between weather and climate?",
+             "Summarise the plot of Romeo and Juliet.", "How do I make bread at home?",
+             "What is machine learning?", "Why do cats purr?", "How far away is the Moon?"]
+NODE_SCRIPT = r"""
+import {getLlama} from "node-llama-cpp";
+const [path, threads, prompt, n] = [process.argv[2], Number(process.argv[3]), process.argv[4], Number(process.argv[5])];
+const llama = await getLlama({gpu: false, build: "never", maxThreads: threads});
+const model = await llama.loadModel({modelPath: path, gpuLayers: 0});
+const context = await model.createContext({threads: {ideal: threads, min: threads}, contextSize: 1024, batchSize: 512});
+const runs = [];
+for (let r = 0; r < Number(process.argv[6]); r++) {
+  const seq = context.getSequence();
+  let k = 0, first = 0; const t0 = performance.now();
+  for await (const token of seq.evaluate(model.tokenize(prompt, true), {temperature: 0})) {
+    if (k === 0) first = performance.now();
+    if (++k >= n) break;
+  }
+  runs.push({prefill_s: (first - t0) / 1000, decode_tok_s: (k - 1) / ((performance.now() - first) / 1000)});
+  seq.dispose();
+}
+console.log(JSON.stringify(runs));
+"""
+
+
+def median(values):
+    return statistics.median(values) if values else None
+
+
+def pct(values, q):
+    values = sorted(values)
+    if not values:
+        return None
+    k = (len(values) - 1) * q
+    lo, hi = int(k), min(int(k) + 1, len(values) - 1)
+    return values[lo] + (values[hi] - values[lo]) * (k - lo)
+
+
+# ---- the model: SmolLM2 + a 3-version backbone + 16 adapters ------------------------------------------
+def build(adapters: int, dtype: torch.dtype, seed: int = 0):
+    """(live, registry, snapshot) with `adapters` random LoRA adapters d0..dN and backbone versions 1-3."""
+    model, tokenizer = load_model("smollm2-135m", dtype=dtype)
+    live = LiveModel(model, tokenizer, "smollm2-135m", "modular")
+    backbone = live.create_backbone(CRMAConfig())
+    gen = torch.Generator().manual_seed(seed)
+    states = {}
+    with torch.no_grad():
+        for v in (1, 2, 3):
+            for block in backbone.crma_blocks:
+                block.crma_theta.add_(0.5 * torch.randn(block.crma_theta.shape, generator=gen))
+                block.crma_gate.fill_(0.02 * v)
+            states[v] = {k: t.clone() for k, t in backbone.state_dict().items()}
+        for k in range(adapters):
+            live.model = add_adapter(live.model, f"d{k}", LoraSettings())
+            for name, p in live.model.named_parameters():
+                if f".d{k}." in name and "lora_" in name:
+                    p.copy_(0.02 * torch.randn(p.shape, generator=gen))
+            live.adapters[f"d{k}"] = 1
+    live.model.eval()
+    registry = Registry(live, None)
+    registry.stack = backbone.stack_versions(states)
+    routes = {f"d{k}": Route(f"d{k}", f"d{k}", 1, 1 + k % 3) for k in range(adapters)}
+    routes["base"] = Route("base", None, None, 3)
+    snapshot = Snapshot(None, None, routes, 1, "bench")
+    registry.current = snapshot
+    return live, registry, snapshot
+
+
+# ---- 1. one 16-row decoding step ----------------------------------------------------------------------
+def step_times(live, registry, routes, mixing: str, prompt: list[int], steps: int) -> list[float]:
+    """Seconds of each of `steps` decoding steps of a batch of len(routes) rows (after their prefills)."""
+    forward, batch = MixedForward(live, registry, mixing), BatchCache()
+    with torch.inference_mode():
+        for route in routes:
+            cache = new_cache(live.model.config)
+            forward(torch.tensor([prompt]), [route], cache)
+            batch.add(cache, torch.ones(1, len(prompt), dtype=torch.long), [0])
+        ids = torch.full((len(routes), 1), prompt[-1])
+        times = []
+        for _ in range(steps + 1):
+            mask, positions = batch.step_inputs()
+            started = time.perf_counter()
+            forward(ids, routes, batch.cache, mask, positions)
+            times.append(time.perf_counter() - started)
+            batch.stepped()
+    forward.close()
+    return times[1:]                                  # the first step gathers the stacks once
+
+
+def bench_step(live, registry, snap, prompt, steps: int, repeats: int) -> dict:
+    mixed = [snap.routes[f"d{k}"] for k in range(16)]              # 16 adapters, versions 1, 2, 3
+    one = [snap.routes["d0"]] * 16                                 # one adapter, one version
+    runs = {"16 adapters, 3 backbone versions": (mixed, "gather"), "1 adapter, 1 backbone version": (one, "gather"),
+            "16 adapters, PEFT adapter_names (reference)": (mixed, "peft")}
+    got = {name: [] for name in runs}
+    for _ in range(repeats):
+        for name, (routes, mixing) in runs.items():
+            got[name] += step_times(live, registry, routes, mixing, prompt, steps)
+    out = {name: {"median_ms": round(1e3 * median(t), 2), "p10_ms": round(1e3 * pct(t, 0.1), 2),
+                  "steps": len(t)} for name, t in got.items()}
+    names = list(runs)
+    out["ratio_16_vs_1"] = round(out[names[0]]["median_ms"] / out[names[1]]["median_ms"], 3)
+    return out
+
+
+# ---- 5. bfloat16 against float32 --------------------------------------------------------------------------
+def greedy(live, registry, route, prompt: list[int], tokens: int) -> tuple[list[int], float]:
+    """(greedy tokens, decoding tokens/s) of one request alone through MixedForward and the batch cache."""
+    forward, batch = MixedForward(live, registry), BatchCache()
+    with torch.inference_mode():
+        cache = new_cache(live.model.config)
+        out = [int(forward(torch.tensor([prompt]), [route], cache)[0].argmax())]
+        batch.add(cache, torch.ones(1, len(prompt), dtype=torch.long), [0])
+        started = time.perf_counter()
+        for _ in range(tokens - 1):
+            mask, positions = batch.step_inputs()
+            out.append(int(forward(torch.tensor([[out[-1]]]), [route], batch.cache, mask, positions)[0].argmax()))
+            batch.stepped()
+    forward.close()
+    return out, (tokens - 1) / (time.perf_counter() - started)
+
+
+def bench_bf16(fp32, prompts, tokens: int, repeats: int) -> dict:
+    """Greedy agreement of bfloat16 with float32 (same adapters and backbone versions) and both speeds."""
+    bf16 = build(16, torch.bfloat16)
+    agree, first_diff, speed = [], [], {"float32": [], "bfloat16": []}
+    for k, prompt in enumerate(prompts[: 4 if repeats == 1 else 16]):
+        got = {}
+        for name, (live, registry, snap) in (("float32", fp32), ("bfloat16", bf16)):
+            got[name], rate = greedy(live, registry, snap.routes[f"d{k}"], prompt, tokens)
+            speed[name].append(rate)
+        a, b = got["float32"], got["bfloat16"]
+        agree.append(a == b)
+        first_diff.append(next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), len(a)))
+    return {"prompts": len(agree), "tokens": tokens, "identical_greedy": sum(agree),
+            "first_difference_median": median(first_diff),
+            "single_stream_tok_s": {name: round(median(v), 2) for name, v in speed.items()}}
+
+
+# ---- 2./3. concurrent requests through the scheduler -----------------------------------------------------
+def serve(scheduler, snap, jobs: list[tuple[str, list[int]]], max_tokens: int) -> dict:
+    reqs = [Request(ids, SamplingParams(max_tokens=max_tokens, temperature=0.0), model, snap) for model, ids in jobs]
+    started = time.perf_counter()
+    for req in reqs:
+        scheduler.submit(req)
+    while any(r.finish_reason is None and not r.errored for r in reqs):
+        time.sleep(0.002)
+    seconds = time.perf_counter() - started
+    tokens = sum(r.generated for r in reqs)
+    ttft = [r.first_token_at - r.arrived for r in reqs if r.first_token_at]
+    return {"tokens": tokens, "seconds": round(seconds, 3), "tokens_per_s": round(tokens / seconds, 2),
+            "ttft_p50_s": round(pct(ttft, 0.5), 3), "ttft_p95_s": round(pct(ttft, 0.95), 3),
+            "errors": sum(r.errored for r in reqs), "texts": [r.stream.text for r in reqs]}
+
+
+def bench_throughput(live, registry, snap, prompts, max_tokens: int, repeats: int) -> dict:
+    scheduler = Scheduler(live, registry, max_batch=16, max_queue=64).start()
+    out = {}
+    try:                 # steady state: every adapter has read the chat template's system prompt once
+        serve(scheduler, snap, [(f"d{k}", prompts[k]) for k in range(16)], 1)
+        for spread in (16, 5):
+            jobs = [(f"d{k % spread}", prompts[k]) for k in range(16)]
+            runs = {"mixed": [], "per-adapter": []}
+            for _ in range(repeats):
+                for mode in runs:
+                    scheduler.mode = mode
+                    runs[mode].append(serve(scheduler, snap, jobs, max_tokens))
+            texts = {mode: [r.pop("texts") for r in rs] for mode, rs in runs.items()}
+            same = all(t == texts["mixed"][0] for ts in texts.values() for t in ts)
+            rate = {mode: median([r["tokens_per_s"] for r in rs]) for mode, rs in runs.items()}
+            out[f"{spread} adapters"] = {"runs": runs, "ratio": round(rate["mixed"] / rate["per-adapter"], 3),
+                                         "greedy_texts_equal_across_modes": same}
+        scheduler.mode = "mixed"
+        single = []
+        for _ in range(repeats):
+            req = Request(prompts[0], SamplingParams(max_tokens=max_tokens, temperature=0.0), "d0", snap)
+            stamps = []
+            req.emit = lambda kind, stamps=stamps, **data: stamps.append(time.perf_counter())
+            scheduler.submit(req)
+            while req.finish_reason is None and not req.errored:
+                time.sleep(0.001)
+            decode = stamps[-1] - req.first_token_at
+            single.append((req.generated - 1) / decode if decode > 0 else None)
+        out["single_stream_tok_s"] = round(median([s for s in single if s]), 2)
+    finally:
+        scheduler.stop()
+    return out
+
+
+# ---- 4. llama.cpp -------------------------------------------------------------------------------------
+def f32_gguf(src: Path, dst: Path) -> Path:
+    """The GGUF crma loads, every tensor dequantized to F32 (the weights crma computes with)."""
+    import numpy as np  # optional: only this comparison needs gguf and numpy
+    from gguf import GGUFReader, GGUFValueType, GGUFWriter  # optional
+    from gguf.quants import dequantize  # optional
+    if dst.exists():
+        return dst
+    reader = GGUFReader(str(src))
+    writer = GGUFWriter(str(dst), arch=reader.fields["general.architecture"].contents())
+    for name, field in reader.fields.items():
+        if name.startswith("GGUF.") or name == "general.architecture":
+            continue
+        kind = field.types[0]
+        value = 0 if name == "general.file_type" else field.contents()         # 0: all F32
+        writer.add_key_value(name, value, kind, field.types[1] if kind == GGUFValueType.ARRAY else None)
+    for t in reader.tensors:
+        data = dequantize(t.data, t.tensor_type).astype(np.float32)
+        writer.add_tensor(t.name, data.reshape([int(x) for x in reversed(t.shape.tolist())]))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return dst
+
+
+def llamacpp(folder: Path, gguf: Path, threads: int, prompt: str, tokens: int, repeats: int) -> dict | str:
+    if not (folder / "node_modules" / "node-llama-cpp").is_dir():
+        return f"skipped: no node-llama-cpp in {folder}"
+    script = folder / "crma_decode_bench.mjs"
+    script.write_text(NODE_SCRIPT)
+    done = subprocess.run(["node", str(script), str(gguf), str(threads), prompt, str(tokens), str(repeats)],
+                          capture_output=True, text=True, cwd=folder, timeout=600)
+    if done.returncode != 0:
+        return f"failed: {done.stderr.strip()[-300:]}"
+    runs = json.loads(done.stdout.strip().splitlines()[-1])
+    return {"decode_tok_s": round(median([r["decode_tok_s"] for r in runs]), 2),
+            "prefill_s": round(median([r["prefill_s"] for r in runs]), 3), "runs": len(runs)}
+
+
+# ---- report -------------------------------------------------------------------------------------------
+def markdown(res: dict) -> str:
+    m = res["machine"]
+    lines = [f"# Decoding benchmark ({'quick mode, ' if res['quick'] else ''}{res['dtype']}, "
+             f"{m['threads']} torch thread(s), {m['cpus']} CPUs)", "",
+             f"Load average before/after: {m['load_before']} / {m['load_after']}"
+             + (" — **not an idle machine: these are not final figures**" if m["loaded"] else ""), "",
+             "| figure | value |", "|---|---|"]
+    step = res["step"]
+    for name, v in step.items():
+        if isinstance(v, dict):
+            lines.append(f"| 16-row step, {name} | {v['median_ms']} ms (p10 {v['p10_ms']}) |")
+    lines.append(f"| 16-row step, 16 adapters vs 1 | **{step['ratio_16_vs_1']}x** (target <= 1.10) |")
+    thr = res["throughput"]
+    for spread, target in (("16 adapters", 6), ("5 adapters", 3.5)):
+        v = thr[spread]
+        rates = {mode: median([r["tokens_per_s"] for r in runs]) for mode, runs in v["runs"].items()}
+        lines.append(f"| 16 requests over {spread}: mixed vs one adapter at a time | {rates['mixed']:.1f} vs "
+                     f"{rates['per-adapter']:.1f} tok/s: **{v['ratio']}x** (target >= {target}) |")
+    mixed = thr["16 adapters"]["runs"]["mixed"]
+    lines.append(f"| TTFT, 16 concurrent chat requests (mixed) | p50 {median([r['ttft_p50_s'] for r in mixed])} s, "
+                 f"p95 {median([r['ttft_p95_s'] for r in mixed])} s (target p50 <= 1 s) |")
+    lines.append(f"| single stream, crma | {thr['single_stream_tok_s']} tok/s |")
+    for name, v in res["llamacpp"].items():
+        value = v if isinstance(v, str) else f"{v['decode_tok_s']} tok/s"
+        lines.append(f"| single stream, llama.cpp {name} | {value} |")
+    f32 = res["llamacpp"].get("F32")
+    if isinstance(f32, dict):
+        lines.append(f"| crma / llama.cpp F32 | **{thr['single_stream_tok_s'] / f32['decode_tok_s']:.2f}x** "
+                     "(target >= 0.8) |")
+    if "bf16" in res:
+        v = res["bf16"]
+        lines.append(f"| bfloat16 vs float32: identical greedy texts | {v['identical_greedy']} of {v['prompts']} "
+                     f"({v['tokens']} tokens; first difference at token {v['first_difference_median']}, median) |")
+        lines.append(f"| single stream, float32 / bfloat16 (MixedForward alone) | "
+                     f"{v['single_stream_tok_s']['float32']} / {v['single_stream_tok_s']['bfloat16']} tok/s |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--quick", action="store_true", help="few steps and tokens: proves the script works")
+    ap.add_argument("--threads", type=int, default=os.cpu_count(), help="torch and llama.cpp threads")
+    ap.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
+    ap.add_argument("--bf16", action="store_true", help="also: bfloat16's greedy agreement with float32 and speed")
+    ap.add_argument("--llamacpp", type=Path, default=Path("/tmp/llamacpp"), help="folder with node-llama-cpp")
+    ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "decode_bench")
+    args = ap.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    steps, repeats, max_tokens = (5, 1, 12) if args.quick else (20, 3, 64)
+    load_before = [round(x, 2) for x in os.getloadavg()]
+    live, registry, snap = build(16, getattr(torch, args.dtype))
+    tok = live.tokenizer
+    prompts = [prompt_ids(tok, [{"role": "user", "content": q}]) for q in QUESTIONS]
+    res = {"quick": args.quick, "dtype": args.dtype, "torch": torch.__version__}
+    res["step"] = bench_step(live, registry, snap, prompts[0], steps, repeats)
+    print(json.dumps(res["step"], indent=1), flush=True)
+    res["throughput"] = bench_throughput(live, registry, snap, prompts, max_tokens, repeats)
+    print(json.dumps({k: v if k == "single_stream_tok_s" else {"ratio": v["ratio"]}
+                      for k, v in res["throughput"].items()}, indent=1), flush=True)
+    if args.bf16:
+        res["bf16"] = bench_bf16((live, registry, snap), prompts, max_tokens, repeats)
+        print(json.dumps(res["bf16"], indent=1), flush=True)
+    q4 = smollm2_dir() / SMOLLM2_GGUF
+    text = tok.decode(prompts[0])
+    res["llamacpp"] = {}
+    for name, path in (("F32", lambda: f32_gguf(q4, args.llamacpp / "smollm2-135m-f32.gguf")), ("Q4_1", lambda: q4)):
+        if (args.llamacpp / "node_modules").is_dir():
+            res["llamacpp"][name] = llamacpp(args.llamacpp, path(), args.threads, text, max_tokens, repeats)
+        else:
+            res["llamacpp"][name] = f"skipped: no node-llama-cpp in {args.llamacpp}"
+    load_after = [round(x, 2) for x in os.getloadavg()]
+    cpus = os.cpu_count()
+    res["machine"] = {"threads": args.threads, "cpus": cpus, "load_before": load_before, "load_after": load_after,
+                      "loaded": max(load_before[0], load_after[0]) > 0.5, "platform": platform.platform(),
+                      "processor": platform.processor()}
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.with_suffix(".json").write_text(json.dumps(res, indent=1) + "\n")
+    report = markdown(res)
+    args.out.with_suffix(".md").write_text(report)
+    print(report)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
