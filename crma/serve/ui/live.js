@@ -1,13 +1,8 @@
 // The live view (the /metrics counters, polled) and the results view (crma report's tables and plots).
-import { api, fmt, h } from "./util.js";
+import { api, bar, card, fmt, h } from "./util.js";
 
 const history = [];           // [{t, generated}] of the last polls
 const KEEP = 60;
-
-function card(label, value, note) {
-  return h("div", {class: "card"}, h("div", {class: "label"}, label), h("div", {class: "value"}, value),
-    note ? h("div", {class: "muted"}, note) : null);
-}
 
 function rate() {
   if (history.length < 2) return 0;
@@ -43,13 +38,7 @@ export function renderLive(data) {
   const domains = Object.entries(m.by_domain).filter(([d]) => d !== "-").sort((a, b) => b[1] - a[1]);
   const top = Math.max(1, ...domains.map(([, n]) => n));
   document.getElementById("live-domains").replaceChildren(domains.length
-    ? h("div", {class: "bars"}, ...domains.map(([d, n]) => {
-      const fill = h("div", {class: "fill"});
-      fill.style.width = `${(n / top) * 100}%`;
-      return h("div", {class: "bar-row"}, h("span", {class: "bar-label"}, d),
-        h("div", {class: "bar", role: "meter", "aria-label": `${d} requests`, "aria-valuemin": 0,
-          "aria-valuemax": top, "aria-valuenow": n}, fill), h("span", {class: "num"}, fmt.int(n)));
-    }))
+    ? h("div", {class: "bars"}, ...domains.map(([d, n]) => bar(d, n, top, fmt.int(n))))
     : h("p", {class: "muted"}, "No requests yet."));
 }
 

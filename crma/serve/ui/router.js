@@ -1,14 +1,6 @@
 // The router view: every domain's probability for a typed query, the background class, the decision and why;
 // recent decisions from the routing log.
-import { api, fmt, h, state } from "./util.js";
-
-function bar(label, p, cls) {
-  const fill = h("div", {class: `fill ${cls || ""}`});
-  fill.style.width = `${Math.max(0, Math.min(1, p)) * 100}%`;
-  return h("div", {class: "bar-row"}, h("span", {class: "bar-label"}, label),
-    h("div", {class: "bar", role: "meter", "aria-label": label, "aria-valuemin": 0, "aria-valuemax": 1,
-      "aria-valuenow": p.toFixed(3)}, fill), h("span", {class: "num"}, p.toFixed(3)));
-}
+import { api, bar, fmt, h, state } from "./util.js";
 
 async function route(ev) {
   ev.preventDefault();
@@ -26,8 +18,9 @@ async function route(ev) {
         + `${r.runner_up || "–"} (${fmt.num(r.runner_up_confidence, 3)}); distance ratio ${fmt.num(r.ood_ratio, 2)} `
         + `(above 1: too far); router v${r.router_version}`),
       h("div", {class: "bars", "aria-label": "Router probabilities"},
-        ...r.domains.map((d) => bar(d.domain, d.probability, d.domain === r.decision ? "chosen" : "")),
-        bar("background", r.background || 0, "background")));
+        ...r.domains.map((d) => bar(d.domain, d.probability, 1, d.probability.toFixed(3),
+          d.domain === r.decision ? "chosen" : "")),
+        bar("background", r.background || 0, 1, (r.background || 0).toFixed(3), "background")));
   } catch (err) {
     out.replaceChildren(h("p", {class: "error"}, err.message));
   }

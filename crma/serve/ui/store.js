@@ -1,5 +1,5 @@
 // The store view: summary cards, the domains table, the pinning chart, the history; rollback and remove.
-import { api, fmt, h, setStatus, state } from "./util.js";
+import { api, card, fmt, h, setStatus, state } from "./util.js";
 
 export async function loadStore() {
   const data = await api("/ui/api/store");
@@ -7,11 +7,6 @@ export async function loadStore() {
   state.serial = data.serving.snapshot;
   renderStore(data);
   return data;
-}
-
-function card(label, value, note) {
-  return h("div", {class: "card"}, h("div", {class: "label"}, label), h("div", {class: "value"}, value),
-    note ? h("div", {class: "muted"}, note) : null);
 }
 
 export function renderStore(data) {

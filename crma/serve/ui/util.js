@@ -23,6 +23,21 @@ export function h(tag, attrs = {}, ...children) {
   return el;
 }
 
+// A summary card: a label, a value, an optional note.
+export function card(label, value, note) {
+  return h("div", {class: "card"}, h("div", {class: "label"}, label), h("div", {class: "value"}, value),
+    note ? h("div", {class: "muted"}, note) : null);
+}
+
+// A labelled horizontal bar (role meter): value out of max, the text shown beside it.
+export function bar(label, value, max, text, cls = "") {
+  const fill = h("div", {class: `fill ${cls}`});
+  fill.style.width = `${Math.max(0, Math.min(1, value / (max || 1))) * 100}%`;
+  return h("div", {class: "bar-row"}, h("span", {class: "bar-label"}, label),
+    h("div", {class: "bar", role: "meter", "aria-label": label, "aria-valuemin": 0, "aria-valuemax": max,
+      "aria-valuenow": value}, fill), h("span", {class: "num"}, text));
+}
+
 export class ApiError extends Error {
   constructor(status, message) { super(message); this.status = status; }
 }
