@@ -116,6 +116,7 @@ def test_describe_has_every_version_pinned_and_no_paths_or_commands(store):
     assert v2["holdout_loss"] < v2["base_loss"] and v2["data"]["train"]["passages"] == 24
     assert len(v2["files"]["adapter_model.safetensors"]) == 64
     assert [e["op"] for e in d["log"]] == ["add", "add", "add"]
+    assert [e["router_version"] for e in d["log"]] == [1, 2, 3]                  # the router each add wrote
     text = json.dumps(d)
     assert str(store) not in text and "command" not in text and "crma add" not in text
 
@@ -203,6 +204,8 @@ def test_admin_rollback_and_remove_need_the_token_and_change_the_store(store, tm
         assert server.registry.current.routes["up"].backbone_version == 1
         assert post(url, "/admin/remove", {"domain": "down"}, token=TOKEN).status_code == 200
         assert "down" not in server.registry.current.models() and Store(root).domains() == ["up"]
+        log = describe(Store(root))["log"]
+        assert [(e["op"], e["router_version"]) for e in log[-2:]] == [("rollback", 4), ("remove", 5)]
         assert post(url, "/admin/explode", {"domain": "up"}, token=TOKEN).status_code == 404
     with serving(root) as (url, _):                                  # no admin token: no admin endpoints
         assert post(url, "/admin/rollback", {"domain": "up"}, token=TOKEN).status_code == 404

@@ -69,5 +69,15 @@ def describe(store: Store, damage=None) -> dict:
             {"version": int(v), "created": e.get("created"), "reason": e.get("reason"), "domains": e.get("domains")}
             for v, e in sorted(rt["versions"].items(), key=lambda kv: int(kv[0]))]},
         "domains": domains,
-        "log": [{k: v for k, v in e.items() if k != "command"} for e in m.get("log", [])],
+        "log": [{**{k: v for k, v in e.items() if k != "command"}, "router_version": _router_of(e, rt["versions"])}
+                for e in m.get("log", [])],
     }
+
+
+def _router_of(event: dict, versions: dict) -> int | None:
+    """The router version a logged change wrote: made in the same write (the same time stamp) and, when
+    the change names a domain, for that domain (its reason, e.g. "add legal", "rollback legal to v1")."""
+    same = [(int(v), e) for v, e in versions.items() if e.get("created") == event.get("time")]
+    if event.get("domain"):
+        same = [(v, e) for v, e in same if event["domain"] in (e.get("reason") or "").split()] or same
+    return max(same)[0] if same else None

@@ -122,7 +122,8 @@ function renderPinning(s) {
 function describeEvent(e) {
   const what = {add: `added ${e.domain} v${e.version}`, rollback: `rolled ${e.domain} back to v${e.version}`,
     remove: `removed ${e.domain}`}[e.op] || `${e.op} ${e.domain || e.part || ""}`;
-  return what + (e.backbone_version ? ` · backbone v${e.backbone_version}` : "");
+  return what + (e.backbone_version ? ` · backbone v${e.backbone_version}` : "")
+    + (e.router_version ? ` · router v${e.router_version}` : "");
 }
 
 function renderTimeline(s) {
