@@ -203,6 +203,7 @@ def test_stacked_lora_gather_matches_peft_adapter_names(store):
     with torch.inference_mode():
         routes = [registry.current.routes[m] for m in ("up", "base", "down", "zig", "up", "zig")]
         check(routes)
+        check([routes[2]] * 3)                                                  # one adapter: shared weights
         forward = MixedForward(live, registry)
         assert forward.lora_mixing == "gather"
         forward.stacked.sync(live.model, live.adapters)

@@ -7,9 +7,11 @@ adapter). A row b with slot k_b gets
     y_b = W x_b + x_b A_{k_b}^T (s_{k_b} B_{k_b})^T
 
 as two batched matmuls per layer (torch.bmm over the rows' gathered slots), whatever the number of
-adapters in the batch: PEFT's own mixed-adapter path loops over the adapters inside every LoRA layer
-(~100 ms of a 16-row SmolLM2 step with five adapters). PEFT computes W x (its adapters are switched
-off for the forward); a forward hook on the LoRA layer adds the rows' updates.
+adapters in the batch; rows that all share one adapter take two plain matmuls with its weights (read
+once, not as b gathered copies), rows without any adapter nothing. PEFT's own mixed-adapter path
+loops over the adapters inside every LoRA layer (~100 ms of a 16-row SmolLM2 step with five adapters).
+PEFT computes W x (its adapters are switched off for the forward); a forward hook on the LoRA layer
+adds the rows' updates.
 
 Loading or unloading an adapter updates the stacks incrementally (`sync`): a new adapter takes a free
 slot (the stacks double when full) and only its own weights are copied; a dropped adapter's slot is
@@ -65,6 +67,7 @@ class StackedLora:
         self.capacity = 1                                 # slots in every stack (slot 0: no adapter)
         self.layers: dict[int, tuple[LoraLayer, _LayerStack | None]] = {}   # id(layer) -> (layer, stack)
         self.rows: torch.Tensor | None = None             # (b,) slot per row, set per forward
+        self.single: int | None = None                    # the rows' one slot, when they share it
         self.ok = True                                    # False: some layer is not plain LoRA
         self._hooks: dict[int, object] = {}
         self._model_id, self._names, self._slot_of = None, frozenset(), {}
@@ -122,7 +125,8 @@ class StackedLora:
         key = (self.version, slots)
         if key != self._rows_key:
             self._rows_key, self._gathered = key, {}
-        self.rows = torch.tensor(slots, dtype=torch.long)
+        self.single = slots[0] if len(set(slots)) == 1 else None      # one adapter: its weights, not b copies
+        self.rows = None if self.single == NO_ADAPTER_SLOT else torch.tensor(slots, dtype=torch.long)
         layers = [(layer, layer._disable_adapters) for layer, _ in self.layers.values()]
         for layer, _ in layers:
             layer._disable_adapters = True
@@ -139,12 +143,16 @@ class StackedLora:
         stack = self.layers[id(module)][1]
         if stack is None:
             return output
+        x = args[0]
+        shape = x.shape
+        if self.single is not None:                    # every row the same adapter: read its weights once
+            a, b = stack.a[self.single], stack.b[self.single]                           # (in, r), (r, out)
+            delta = (x.reshape(-1, shape[-1]).to(a.dtype) @ a) @ b                      # (b s, r) -> (b s, out)
+            return output + delta.reshape(*shape[:-1], delta.shape[-1]).to(output.dtype)
         pair = self._gathered.get(id(module))
         if pair is None:
             rows = self.rows.to(stack.a.device)
             pair = self._gathered[id(module)] = (stack.a.index_select(0, rows), stack.b.index_select(0, rows))
-        x = args[0]
-        shape = x.shape
         flat = x.reshape(shape[0], -1, shape[-1]).to(pair[0].dtype)                     # (b, s, in)
         delta = torch.bmm(torch.bmm(flat, pair[0]), pair[1])                            # (b, s, r) -> (b, s, out)
         return output + delta.reshape(*shape[:-1], delta.shape[-1]).to(output.dtype)
