@@ -313,6 +313,29 @@ def test_32_concurrent_requests_equal_one_at_a_time(live):
     assert stats["prefix_tokens_reused"] > before["prefix_tokens_reused"]            # requests alone stored
 
 
+def test_logprobs_in_a_mixed_batch_equal_one_at_a_time(live):
+    """Log-probabilities (and greedy tokens) of rows read together in one prefill bucket, some continuing
+    a stored prefix, decoded beside other adapters and backbone versions, equal the request alone."""
+    url, server = live
+    c = client(url)
+    jobs = [(MODELS[k % 5], "abcd abcd " + CYCLES[DOMAINS[k % 3]] * (1 + k % 3)) for k in range(8)]
+
+    def run(job):
+        choice = c.completions.create(model=job[0], prompt=job[1], max_tokens=10, temperature=0, logprobs=2).choices[0]
+        return choice.text, choice.logprobs.token_logprobs, choice.logprobs.top_logprobs
+    alone = [run(job) for job in jobs]
+    gate = threading.Event()
+    server.scheduler.call(lambda: gate.wait(30))
+    with ThreadPoolExecutor(len(jobs)) as pool:
+        together = pool.map(run, jobs)
+        wait_for(lambda: server.scheduler.load()["queued"] >= len(jobs), what="every request queued")
+        gate.set()
+        together = list(together)
+    for (text, lps, tops), (text1, lps1, tops1) in zip(together, alone, strict=True):
+        assert text == text1 and lps == pytest.approx(lps1, abs=1e-4)
+        assert [sorted(t) for t in tops] == [sorted(t) for t in tops1]
+
+
 def test_frozen_store_without_backbone(data, tmp_path):
     root = tmp_path / "frozen"
     for name in ("up", "down"):
