@@ -15,9 +15,10 @@ measured side by side (the compared variants alternate, repeats interleaved):
 3. time to first token p50/p95 of those 16 concurrent chat requests (mixed, 16 adapters), in the steady
    state (a warm-up request per adapter first, so its system-prompt prefix is stored, in both modes);
 4. single stream: one request's decoding tokens/s through the scheduler vs llama.cpp on the same weights
-   (an F32 GGUF written from the Q4_1 GGUF crma loads, dequantized; and that Q4_1 GGUF itself) at the
-   same thread count, through the npm package node-llama-cpp (a benchmark-only tool, installed with
-   `npm install node-llama-cpp @node-llama-cpp/linux-x64` into --llamacpp; skipped when absent);
+   (an F32 GGUF written from the Q4_1 GGUF crma loads, dequantized; that Q4_1 GGUF itself; with --bf16
+   or --dtype bfloat16 also an F16 GGUF, against bfloat16) at the same thread count, through the npm
+   package node-llama-cpp (a benchmark-only tool, installed with `npm install node-llama-cpp
+   @node-llama-cpp/linux-x64` into --llamacpp; skipped when absent);
 5. with --bf16: bfloat16's greedy texts against float32's (same adapters and backbone versions) and
    both single-stream speeds.
 
@@ -246,8 +247,9 @@ def bench_throughput(live, registry, snap, prompts, max_tokens: int, repeats: in
 
 
 # ---- 4. llama.cpp -------------------------------------------------------------------------------------
-def f32_gguf(src: Path, dst: Path) -> Path:
-    """The GGUF crma loads, every tensor dequantized to F32 (the weights crma computes with)."""
+def float_gguf(src: Path, dst: Path, half: bool = False) -> Path:
+    """The GGUF crma loads with every tensor dequantized to F32 (the weights crma computes with), or with
+    `half` its matrices in F16 (vectors stay F32, as llama.cpp's converter keeps them)."""
     import numpy as np  # optional: only this comparison needs gguf and numpy
     from gguf import GGUFReader, GGUFValueType, GGUFWriter  # optional
     from gguf.quants import dequantize  # optional
@@ -259,11 +261,12 @@ def f32_gguf(src: Path, dst: Path) -> Path:
         if name.startswith("GGUF.") or name == "general.architecture":
             continue
         kind = field.types[0]
-        value = 0 if name == "general.file_type" else field.contents()         # 0: all F32
+        value = int(half) if name == "general.file_type" else field.contents()   # 0: all F32, 1: mostly F16
         writer.add_key_value(name, value, kind, field.types[1] if kind == GGUFValueType.ARRAY else None)
     for t in reader.tensors:
         data = dequantize(t.data, t.tensor_type).astype(np.float32)
-        writer.add_tensor(t.name, data.reshape([int(x) for x in reversed(t.shape.tolist())]))
+        data = data.reshape([int(x) for x in reversed(t.shape.tolist())])
+        writer.add_tensor(t.name, data.astype(np.float16) if half and data.ndim > 1 else data)
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
@@ -311,10 +314,13 @@ def markdown(res: dict) -> str:
     for name, v in res["llamacpp"].items():
         value = v if isinstance(v, str) else f"{v['decode_tok_s']} tok/s"
         lines.append(f"| single stream, llama.cpp {name} | {value} |")
-    f32 = res["llamacpp"].get("F32")
+    f32, f16 = res["llamacpp"].get("F32"), res["llamacpp"].get("F16")
     if isinstance(f32, dict):
-        lines.append(f"| crma / llama.cpp F32 | **{thr['single_stream_tok_s'] / f32['decode_tok_s']:.2f}x** "
-                     "(target >= 0.8) |")
+        lines.append(f"| crma ({res['dtype']}) / llama.cpp F32 | "
+                     f"**{thr['single_stream_tok_s'] / f32['decode_tok_s']:.2f}x** (target >= 0.8 in float32) |")
+    if isinstance(f16, dict) and "bf16" in res:
+        bf16 = res["bf16"]["single_stream_tok_s"]["bfloat16"]
+        lines.append(f"| crma bfloat16 (MixedForward alone) / llama.cpp F16 | **{bf16 / f16['decode_tok_s']:.2f}x** |")
     if "bf16" in res:
         v = res["bf16"]
         lines.append(f"| bfloat16 vs float32: identical greedy texts | {v['identical_greedy']} of {v['prompts']} "
@@ -351,7 +357,10 @@ def main(argv=None) -> int:
     q4 = smollm2_dir() / SMOLLM2_GGUF
     text = tok.decode(prompts[0])
     res["llamacpp"] = {}
-    for name, path in (("F32", lambda: f32_gguf(q4, args.llamacpp / "smollm2-135m-f32.gguf")), ("Q4_1", lambda: q4)):
+    files = {"F32": lambda: float_gguf(q4, args.llamacpp / "smollm2-135m-f32.gguf"), "Q4_1": lambda: q4}
+    if args.bf16 or args.dtype == "bfloat16":
+        files["F16"] = lambda: float_gguf(q4, args.llamacpp / "smollm2-135m-f16.gguf", half=True)
+    for name, path in files.items():
         if (args.llamacpp / "node_modules").is_dir():
             res["llamacpp"][name] = llamacpp(args.llamacpp, path(), args.threads, text, max_tokens, repeats)
         else:
