@@ -15,10 +15,12 @@ function sparkline() {
     / Math.max(1e-3, (b.t - history[i].t) / 1000)));
   if (!rates.some((r) => r > 0)) return h("p", {class: "muted"}, "No tokens generated since this page opened.");
   const w = 600, ht = 80, top = Math.max(1, ...rates);
-  const pts = rates.map((r, i) => `${(i / Math.max(1, KEEP - 2)) * w},${ht - (r / top) * (ht - 8) - 4}`).join(" ");
-  return h("svg", {viewBox: `0 0 ${w} ${ht}`, width: "100%", height: ht, role: "img",
-    "aria-label": `tokens per second, peak ${top.toFixed(1)}`},
-  h("polyline", {points: pts, class: "spark"}), h("text", {x: 4, y: 12, class: "axis"}, `${top.toFixed(1)} tok/s`));
+  const slots = KEEP - 2, first = slots - (rates.length - 1);           // the newest point on the right edge
+  const pts = rates.map((r, i) => `${((first + i) / slots) * w},${ht - (r / top) * (ht - 8) - 4}`).join(" ");
+  return [h("svg", {viewBox: `0 0 ${w} ${ht}`, width: "100%", height: ht, preserveAspectRatio: "none", role: "img",
+    "aria-label": `tokens per second over the last two minutes, peak ${top.toFixed(1)}`},
+  h("polyline", {points: pts, class: "spark", "vector-effect": "non-scaling-stroke"})),
+  h("figcaption", {class: "muted"}, `peak ${top.toFixed(1)} tokens/s; one point per poll (2 s), newest on the right`)];
 }
 
 export function renderLive(data) {
@@ -34,7 +36,7 @@ export function renderLive(data) {
     card("Reloads", fmt.int((m.reloads.ok || 0) + (m.reloads.refused || 0)), `${fmt.int(m.reloads.refused || 0)} refused`
       + ` · snapshot ${data.serving.snapshot}`),
   );
-  document.getElementById("live-spark").replaceChildren(sparkline());
+  document.getElementById("live-spark").replaceChildren(...[sparkline()].flat());
   const domains = Object.entries(m.by_domain).filter(([d]) => d !== "-").sort((a, b) => b[1] - a[1]);
   const top = Math.max(1, ...domains.map(([, n]) => n));
   document.getElementById("live-domains").replaceChildren(domains.length
