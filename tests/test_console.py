@@ -4,6 +4,7 @@ by Playwright (Debian's `chromium`, through `executable_path`). The browser test
 reason, only where Playwright or a Chromium cannot be found."""
 from __future__ import annotations
 
+import copy
 import json
 import shutil
 from pathlib import Path
@@ -117,8 +118,17 @@ def test_describe_has_every_version_pinned_and_no_paths_or_commands(store):
     assert len(v2["files"]["adapter_model.safetensors"]) == 64
     assert [e["op"] for e in d["log"]] == ["add", "add", "add"]
     assert [e["router_version"] for e in d["log"]] == [1, 2, 3]                  # the router each add wrote
+    assert [e["router_version"] for e in describe(Store.view(store, _older(Store(store).manifest)))["log"]] == [1, 2, 3]
     text = json.dumps(d)
     assert str(store) not in text and "command" not in text and "crma add" not in text
+
+
+def _older(manifest: dict) -> dict:
+    """The manifest as stores written before the log recorded router versions hold it."""
+    m = copy.deepcopy(manifest)
+    for e in m["log"]:
+        e.pop("router_version", None)
+    return m
 
 
 def test_explain_text_agrees_with_the_decision_and_sums_to_one(store):
@@ -204,8 +214,9 @@ def test_admin_rollback_and_remove_need_the_token_and_change_the_store(store, tm
         assert server.registry.current.routes["up"].backbone_version == 1
         assert post(url, "/admin/remove", {"domain": "down"}, token=TOKEN).status_code == 200
         assert "down" not in server.registry.current.models() and Store(root).domains() == ["up"]
-        log = describe(Store(root))["log"]
-        assert [(e["op"], e["router_version"]) for e in log[-2:]] == [("rollback", 4), ("remove", 5)]
+        for manifest in (Store(root).manifest, _older(Store(root).manifest)):    # recorded, or derived
+            log = describe(Store.view(root, manifest))["log"]
+            assert [(e["op"], e["router_version"]) for e in log[-2:]] == [("rollback", 4), ("remove", 5)]
         assert post(url, "/admin/explode", {"domain": "up"}, token=TOKEN).status_code == 404
     with serving(root) as (url, _):                                  # no admin token: no admin endpoints
         assert post(url, "/admin/rollback", {"domain": "up"}, token=TOKEN).status_code == 404

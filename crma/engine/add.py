@@ -212,7 +212,8 @@ def add_domain(live: LiveModel, root: Path, dom: DomainData, settings: AddSettin
             if adapter == SHARED:                         # every domain is served by the newest shared adapter
                 for d in w.store.domains():
                     w.set_domain_version(d, adapter, version)
-            w.log("add", domain=dom.name, version=version, backbone_version=backbone_version)
+            w.log("add", domain=dom.name, version=version, backbone_version=backbone_version,
+                  router_version=router_version)
             w.commit()
         return version, backbone_version, router_version, Store(root).manifest
 

@@ -348,10 +348,10 @@ class Writer:
         meta = store.adapter_meta(domain, target)
         router = store.router()
         router.take_domain(store.router(meta["router_version"]), domain)
-        self.add_router_version(router, f"rollback {domain} to v{target}")
+        router_version = self.add_router_version(router, f"rollback {domain} to v{target}")
         previous = entry["current"]
         entry["current"] = target
-        self.log("rollback", domain=domain, version=target, previous=previous)
+        self.log("rollback", domain=domain, version=target, previous=previous, router_version=router_version)
         return target
 
     def remove(self, domain: str) -> None:
@@ -361,6 +361,6 @@ class Writer:
         router = store.router()
         if domain in router.names:
             router.remove_domain(domain)
-        self.add_router_version(router, f"remove {domain}")
+        router_version = self.add_router_version(router, f"remove {domain}")
         self.manifest["domains"][domain]["status"] = "removed"
-        self.log("remove", domain=domain)
+        self.log("remove", domain=domain, router_version=router_version)

@@ -69,15 +69,22 @@ def describe(store: Store, damage=None) -> dict:
             {"version": int(v), "created": e.get("created"), "reason": e.get("reason"), "domains": e.get("domains")}
             for v, e in sorted(rt["versions"].items(), key=lambda kv: int(kv[0]))]},
         "domains": domains,
-        "log": [{**{k: v for k, v in e.items() if k != "command"}, "router_version": _router_of(e, rt["versions"])}
+        "log": [{**{k: v for k, v in e.items() if k != "command"}, "router_version": _router_of(e, m)}
                 for e in m.get("log", [])],
     }
 
 
-def _router_of(event: dict, versions: dict) -> int | None:
-    """The router version a logged change wrote: made in the same write (the same time stamp) and, when
-    the change names a domain, for that domain (its reason, e.g. "add legal", "rollback legal to v1")."""
-    same = [(int(v), e) for v, e in versions.items() if e.get("created") == event.get("time")]
-    if event.get("domain"):
-        same = [(v, e) for v, e in same if event["domain"] in (e.get("reason") or "").split()] or same
-    return max(same)[0] if same else None
+def _router_of(event: dict, m: dict) -> int | None:
+    """The router version a logged change wrote: recorded in the entry (stores since crma 0.1.0's console),
+    else, for older stores, the adapter version's router version (an add) or the newest router version
+    with the change's reason made by then (a rollback, a remove)."""
+    if "router_version" in event:
+        return event["router_version"]
+    domain, op = event.get("domain"), event.get("op")
+    if op == "add" and domain in m["domains"]:
+        meta = m["adapters"].get(m["domains"][domain]["adapter"], {}).get(str(event.get("version")), {})
+        return meta.get("router_version")
+    reason = {"rollback": f"rollback {domain} to v{event.get('version')}", "remove": f"remove {domain}"}.get(op)
+    made = [int(v) for v, e in m["router"]["versions"].items()
+            if e.get("reason") == reason and (e.get("created") or "") <= (event.get("time") or "")]
+    return max(made) if made else None
