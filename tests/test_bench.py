@@ -169,16 +169,16 @@ def test_smoke_grid_resume_jobs_and_report(tmp_path, capsys):
         assert two["finished"] and two["loss_matrix"] == one["loss_matrix"]
         assert json.loads((tmp_path / "two" / run / "bench_run.json").read_text())["torch_threads"] == 1
     assert main(jobs + ["--out", str(tmp_path / "bad"), "--jobs", "0"]) == 2
-    # more of the grid in a "second session" (the core conditions at seed 42 too): finished runs are skipped,
+    # more of the grid in a "second session" (naive and frozen at seed 42 too): finished runs are skipped,
     # not rewritten
-    core = ["--conditions", "naive,frozen,modular", "--seeds", "0,42"]
+    core = ["--conditions", "naive,frozen", "--seeds", "0,42"]
     assert main(["bench", "--protocol", "smoke", "--out", str(out), *core, "--resume", "--quiet"]) == 0
     mtimes = {p.parent.name: p.stat().st_mtime_ns for p in out.glob("*/results.json")}
-    assert len(mtimes) == 9 and all(mtimes[k] == v for k, v in first.items())
+    assert len(mtimes) == 8 and all(mtimes[k] == v for k, v in first.items())
     results = load_results(out)
     summary = json.loads((out / "summary.json").read_text())
     assert summary == json.loads(json.dumps(summarize(results)))
-    assert summary["n_finished"] == 9
+    assert summary["n_finished"] == 8
     by = {(r["condition"], r["seed"]): r for r in results}
     for seed in (0, 42):
         assert by["frozen", seed]["drift_pct"] == 0.0
@@ -207,12 +207,12 @@ def test_smoke_grid_resume_jobs_and_report(tmp_path, capsys):
     assert main(["bench", "--protocol", "smoke", "--out", str(out), "--quiet"]) == 2
     assert main(["bench", "--protocol", "smoke", "--out", str(out), "--resume", "--model", "tiny:gpt2"]) == 2
     # an unfinished run is redone by --resume; the finished ones are untouched
-    path = out / "modular-seed42" / "results.json"
+    path = out / "frozen-seed42" / "results.json"
     path.write_text(json.dumps(dict(json.loads(path.read_text()), finished=False)))
     before = {p.parent.name: p.stat().st_mtime_ns for p in out.glob("*/results.json")}
     assert main(["bench", "--protocol", "smoke", "--out", str(out), *core, "--resume", "--quiet"]) == 0
     after = {p.parent.name: p.stat().st_mtime_ns for p in out.glob("*/results.json")}
-    assert [k for k in after if after[k] != before[k]] == ["modular-seed42"]
+    assert [k for k in after if after[k] != before[k]] == ["frozen-seed42"]
     assert json.loads(path.read_text())["finished"] is True
     # crma report recomputes the summary from the run folders alone
     (out / "summary.json").unlink()
