@@ -82,6 +82,10 @@ def stub_upstream(received: list, models: set[str]) -> FastAPI:
             yield "data: [DONE]\n\n"
         return StreamingResponse(events(), media_type="text/event-stream")
 
+    @app.get("/health")
+    async def health():
+        return {}
+
     @app.post("/v1/completions")
     async def completions(request: Request):
         return await answer(request, False)
@@ -196,6 +200,8 @@ def test_named_models_errors_and_reload(store, data, tmp_path):
                          headers={"host": "evil.example"}).status_code == 400
         assert len(received) == n                                         # nothing bad reached the upstream
         assert [m["id"] for m in http.get("/v1/models").json()["data"]] == ["up", "down", "auto", "base"]
+        up = http.get("/health")
+        assert up.status_code == 200 and up.json()["upstream_health"] == "ok"
         export_store(ExportConfig(store=root, out=tmp_path / "vllm"))
         with proxied(root, models=("up", "down", "base", "zig"), export=tmp_path / "vllm") as (ex_url, _):
             ex = httpx.Client(base_url=ex_url, timeout=30)
@@ -218,6 +224,8 @@ def test_named_models_errors_and_reload(store, data, tmp_path):
     with running(create_proxy_app(Proxy(dead))) as url:
         r = httpx.post(url + "/v1/completions", json={"model": "up", "prompt": "x"}, timeout=30)
         assert r.status_code == 502 and r.json()["error"]["code"] == "upstream_unreachable"
+        down = httpx.get(url + "/health", timeout=30)                      # a load balancer skips this proxy
+        assert down.status_code == 503 and down.json()["status"] == "upstream_unavailable"
 
 
 def test_keys_limit_domains_and_stay_at_the_proxy(store, data, tmp_path):

@@ -84,11 +84,20 @@ def create_proxy_app(proxy: Proxy, transport: httpx.AsyncBaseTransport | None = 
 
     @app.get("/health")
     async def health():
+        """200 when the upstream answers GET /health at its root (vLLM's) within 5 s, else 503: a load balancer
+        in front of several proxies then sends nothing to one whose engine is still loading or gone."""
         routes = proxy.current()
-        return {"status": "ok", "upstream": cfg.upstream, "models": routes.models(),
-                "manifest_updated": routes.updated, "export_manifest_updated": routes.export_manifest,
+        try:
+            got = await state["client"].get(cfg.upstream.removesuffix("/v1") + "/health", timeout=5.0)
+            upstream = "ok" if got.status_code == 200 else f"HTTP {got.status_code}"
+        except httpx.HTTPError as err:
+            upstream = f"unreachable ({type(err).__name__})"
+        body = {"status": "ok" if upstream == "ok" else "upstream_unavailable", "upstream": cfg.upstream,
+                "upstream_health": upstream, "models": routes.models(), "manifest_updated": routes.updated,
+                "export_manifest_updated": routes.export_manifest,
                 "router_domains": list(routes.router.names) if routes.router is not None else [],
                 "reload_error": proxy.reload_error}
+        return JSONResponse(body, status_code=200 if upstream == "ok" else 503)
 
     @app.get("/v1/models")
     async def models(request: Request):
