@@ -45,6 +45,7 @@ sys.path.insert(0, str(ROOT))
 from crma.config import CRMAConfig, LoraSettings  # noqa: E402
 from crma.data import prompt_ids  # noqa: E402
 from crma.engine.live import LiveModel  # noqa: E402
+from crma.io import write_text  # noqa: E402
 from crma.method.adapters import add_adapter  # noqa: E402
 from crma.method.models import SMOLLM2_GGUF, load_model, smollm2_dir  # noqa: E402
 from crma.serve.batch import BatchCache, new_cache  # noqa: E402
@@ -368,12 +369,14 @@ def main(argv=None) -> int:
     load_after = [round(x, 2) for x in os.getloadavg()]
     cpus = os.cpu_count()
     res["machine"] = {"threads": args.threads, "cpus": cpus, "load_before": load_before, "load_after": load_after,
-                      "loaded": max(load_before[0], load_after[0]) > 0.5, "platform": platform.platform(),
+                      # other work: load before the run, or after it beyond this run's own threads
+                      "loaded": load_before[0] > 0.5 or load_after[0] > args.threads + 0.5,
+                      "platform": platform.platform(),
                       "processor": platform.processor()}
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.with_suffix(".json").write_text(json.dumps(res, indent=1) + "\n")
+    write_text(args.out.with_suffix(".json"), json.dumps(res, indent=1) + "\n")
     report = markdown(res)
-    args.out.with_suffix(".md").write_text(report)
+    write_text(args.out.with_suffix(".md"), report)
     print(report)
     return 0
 
