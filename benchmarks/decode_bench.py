@@ -38,6 +38,7 @@ import time
 from pathlib import Path
 
 import torch
+from bench_stats import pct
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -86,13 +87,6 @@ def median(values):
     return statistics.median(values) if values else None
 
 
-def pct(values, q):
-    values = sorted(values)
-    if not values:
-        return None
-    k = (len(values) - 1) * q
-    lo, hi = int(k), min(int(k) + 1, len(values) - 1)
-    return values[lo] + (values[hi] - values[lo]) * (k - lo)
 
 
 # ---- the model: SmolLM2 + a 3-version backbone + 16 adapters ------------------------------------------

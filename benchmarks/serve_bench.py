@@ -36,6 +36,7 @@ import time
 from pathlib import Path
 
 import torch
+from bench_stats import pct
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -49,13 +50,6 @@ DOMAINS = ["medical", "legal", "finance", "code", "science"]
 TOKEN = "bench"
 
 
-def pct(values, q):
-    values = sorted(values)
-    if not values:
-        return None
-    k = (len(values) - 1) * q
-    lo, hi = int(k), min(int(k) + 1, len(values) - 1)
-    return values[lo] + (values[hi] - values[lo]) * (k - lo)
 
 
 def start(server: Server):

@@ -43,6 +43,7 @@ import httpx
 import openai
 import psutil
 import torch
+from bench_stats import pct
 
 from crma import __version__ as crma_version
 
@@ -150,11 +151,6 @@ async def one_stream(client: openai.AsyncOpenAI, model: str, prompt: str, max_to
             "text": "".join(text)}
 
 
-def pct(values: list[float], q: float) -> float:
-    values = sorted(values)
-    k = (len(values) - 1) * q
-    lo, hi = int(k), min(int(k) + 1, len(values) - 1)
-    return values[lo] + (values[hi] - values[lo]) * (k - lo)
 
 
 async def single(client, models: list[str], n: int, max_tokens: int) -> dict:
