@@ -12,22 +12,17 @@ from pathlib import Path
 import httpx
 import pytest
 
-from crma.cli import main
 from crma.routing import BASE, REASON_TEXT, REASONS, explain_text
+from crma.serve.console import tail_records
 from crma.serve.telemetry import Telemetry, bucket_quantile
 from crma.store import Store
 from crma.store.summary import describe
 from tests.conftest import write_cycle_domain
-from tests.test_serve import TRAIN, serving, wait_for
+from tests.test_serve import add, copy_store, serving, wait_for
 
 CYCLES = {"up": "abcd", "down": "dcba", "zig": "xyzw"}
 TOKEN = "admin-s3cret"
 KEY, LIMITED = "key-0123456789", "key-down-only"
-
-
-def add(root: Path, data: Path, name: str, seed: int = 0) -> None:
-    assert main(["add", "--store", str(root), "--domain", name, "--data",
-                 f"{data / name}.jsonl:{data / name}_hold.jsonl", "--seed", str(seed), *TRAIN]) == 0
 
 
 @pytest.fixture(scope="module")
@@ -65,11 +60,6 @@ def results(tmp_path_factory) -> Path:
     return root
 
 
-def copy_store(store: Path, tmp_path: Path) -> Path:
-    shutil.copytree(store, tmp_path / "store")
-    return tmp_path / "store"
-
-
 def post(url: str, path: str, body: dict, token: str | None = None) -> httpx.Response:
     headers = {"Authorization": f"Bearer {token}"} if token else {}
     return httpx.post(url + path, json=body, headers=headers, timeout=60)
@@ -84,6 +74,15 @@ def test_bucket_quantile_interpolates_as_prometheus():
     assert bucket_quantile(buckets, 1.0) == pytest.approx(1.0)
     assert bucket_quantile([(0.1, 0.0), (float("inf"), 0.0)], 0.5) is None
     assert bucket_quantile([(0.1, 1.0), (float("inf"), 4.0)], 0.9) == pytest.approx(0.1)      # in +Inf: last bound
+
+
+def test_route_log_tail_reads_rotated_files_only_as_needed(tmp_path):
+    log = tmp_path / "route.jsonl"
+    (tmp_path / "route.jsonl.1").write_text("".join(json.dumps({"id": k}) + "\n" for k in range(3)))
+    log.write_text(json.dumps({"id": 3}) + "\n{half a line\n" + json.dumps({"id": 4}) + "\n")
+    assert [r["id"] for r in tail_records(log, 2)] == [4, 3]                  # the newest file is enough
+    assert [r["id"] for r in tail_records(log, 4)] == [4, 3, 2, 1]            # then the rotated one
+    assert [r["id"] for r in tail_records(log, 50)] == [4, 3, 2, 1, 0]
 
 
 def test_telemetry_snapshot_reads_the_metrics_counters():
