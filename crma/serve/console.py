@@ -160,10 +160,12 @@ def restrict(store: dict, key: ApiKey | None) -> dict:
 
 
 def tail_records(path: Path, n: int) -> list[dict]:
-    """The last `n` JSON lines of the routing log (and its rotated files when the newest has fewer),
-    newest first; lines that are not JSON objects are skipped (a line being written, a damaged file)."""
-    out: deque = deque(maxlen=n)
-    for file in log_files(path):
+    """The last `n` JSON lines of the routing log, newest first: the newest file, then rotated ones only
+    while fewer than `n` were found; lines that are not JSON objects are skipped (a line being written,
+    a damaged file)."""
+    out: list[dict] = []
+    for file in reversed(log_files(path)):
+        rows: deque = deque(maxlen=n - len(out))
         with open(file, encoding="utf-8", errors="replace") as fh:
             for line in fh:
                 try:
@@ -171,8 +173,11 @@ def tail_records(path: Path, n: int) -> list[dict]:
                 except ValueError:
                     continue
                 if isinstance(row, dict):
-                    out.append(row)
-    return list(reversed(out))
+                    rows.append(row)
+        out.extend(reversed(rows))
+        if len(out) >= n:
+            break
+    return out
 
 
 @lru_cache(maxsize=4)

@@ -142,6 +142,9 @@ class Registry:
         """`DOMAIN@vK` for every registered version of `domain` whose files are whole."""
         newest = store.backbone_version(None)
         for version in store.versions(domain):
+            if version == routes[domain].adapter_version:        # the current one, verified by damaged_parts
+                routes[f"{domain}@v{version}"] = routes[domain]
+                continue
             meta = store.adapter_meta(domain, version)
             backbone = newest if newest is None or self.backbone_mode == "latest" else meta["backbone_version"]
             files = dict(meta["files"])
