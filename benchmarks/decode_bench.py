@@ -34,6 +34,7 @@ import platform
 import statistics
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -191,13 +192,28 @@ def bench_bf16(fp32, prompts, tokens: int, repeats: int) -> dict:
 
 
 # ---- 2./3. concurrent requests through the scheduler -----------------------------------------------------
+def watch(req: Request, stamps: list[float] | None = None) -> threading.Event:
+    """An event set when `req` ends (done or error), waited on without polling: a polling thread would
+    take the GIL and a core slice from the decoding thread's torch threads every few milliseconds."""
+    ended = threading.Event()
+
+    def emit(kind, **data):
+        if stamps is not None:
+            stamps.append(time.perf_counter())
+        if kind in ("done", "error"):
+            ended.set()
+    req.emit = emit
+    return ended
+
+
 def serve(scheduler, snap, jobs: list[tuple[str, list[int]]], max_tokens: int) -> dict:
     reqs = [Request(ids, SamplingParams(max_tokens=max_tokens, temperature=0.0), model, snap) for model, ids in jobs]
+    ended = [watch(req) for req in reqs]
     started = time.perf_counter()
     for req in reqs:
         scheduler.submit(req)
-    while any(r.finish_reason is None and not r.errored for r in reqs):
-        time.sleep(0.002)
+    for event in ended:
+        event.wait()
     seconds = time.perf_counter() - started
     tokens = sum(r.generated for r in reqs)
     ttft = [r.first_token_at - r.arrived for r in reqs if r.first_token_at]
@@ -229,10 +245,9 @@ def bench_throughput(live, registry, snap, prompts, max_tokens: int, repeats: in
         for _ in range(repeats):
             req = Request(prompts[0], SamplingParams(max_tokens=max_tokens, temperature=0.0), "d0", snap)
             stamps = []
-            req.emit = lambda kind, stamps=stamps, **data: stamps.append(time.perf_counter())
+            ended = watch(req, stamps)
             scheduler.submit(req)
-            while req.finish_reason is None and not req.errored:
-                time.sleep(0.001)
+            ended.wait()
             decode = stamps[-1] - req.first_token_at
             single.append((req.generated - 1) / decode if decode > 0 else None)
         out["single_stream_tok_s"] = round(median([s for s in single if s]), 2)

@@ -63,8 +63,9 @@ class ServeConfig:
     batching: str = opt("mixed", choices=("mixed", "per-adapter"),
                         help="per-adapter: one adapter at a time (a baseline for benchmarks)")
     lora_mixing: str = opt("gather", choices=("gather", "peft"),
-                           help="LoRA of a batch's rows: stacked adapter weights gathered per row (one operation "
-                                "per layer whatever the adapter mix), or PEFT's adapter_names loop (the reference)")
+                           help="LoRA of a batch's rows: the stacked weights of its distinct adapters, one pair of "
+                                "dense matmuls per layer whatever the adapter mix, or PEFT's adapter_names loop "
+                                "(the reference)")
     prefix_cache_mb: int = opt(256, help="memory for reused prompt prefixes' KV (the chat template's system prompt "
                                          "per adapter and backbone version); 0: off")
     threads: int | None = opt(None, help="torch threads, set once (default: $OMP_NUM_THREADS when set, else every "

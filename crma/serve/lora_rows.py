@@ -6,16 +6,23 @@ adapter). A row b with slot k_b gets
 
     y_b = W x_b + x_b A_{k_b}^T (s_{k_b} B_{k_b})^T
 
-as two batched matmuls per layer (torch.bmm over the rows' gathered slots), whatever the number of
-adapters in the batch; rows that all share one adapter take two plain matmuls with its weights (read
-once, not as b gathered copies), rows without any adapter nothing. PEFT's own mixed-adapter path
-loops over the adapters inside every LoRA layer (~100 ms of a 16-row SmolLM2 step with five adapters).
+as two dense matmuls per layer whatever the adapter mix: the u distinct slots of the batch are
+concatenated along the rank, A_U^T (in, u r) and B_U (u r, out), and a 0/1 mask E (b, u r) keeps
+only row b's own block:
+
+    delta = ((X A_U^T) * E) B_U            X (b s, in) -> (b s, u r) -> (b s, out)
+
+Each distinct adapter's weights are read once per step (a per-row gather would read b copies), and
+the products are plain GEMMs over all rows rather than b tiny ones. Rows that all share one adapter
+take its weights directly, rows without any adapter nothing. PEFT's own mixed-adapter path loops over
+the adapters inside every LoRA layer (~100 ms of a 16-row SmolLM2 step with five adapters).
 PEFT computes W x (its adapters are switched off for the forward); a forward hook on the LoRA layer
 adds the rows' updates.
 
 Loading or unloading an adapter updates the stacks incrementally (`sync`): a new adapter takes a free
 slot (the stacks double when full) and only its own weights are copied; a dropped adapter's slot is
-freed. Gathered weights are kept while the rows' slots stay the same (consecutive decoding steps).
+freed. The concatenated weights and the mask are kept while the rows' slots stay the same
+(consecutive decoding steps).
 """
 from __future__ import annotations
 
@@ -66,12 +73,12 @@ class StackedLora:
         self.slots: dict[tuple, int] = {}                 # (adapter name, version) -> slot
         self.capacity = 1                                 # slots in every stack (slot 0: no adapter)
         self.layers: dict[int, tuple[LoraLayer, _LayerStack | None]] = {}   # id(layer) -> (layer, stack)
-        self.rows: torch.Tensor | None = None             # (b,) slot per row, set per forward
+        self.rows: tuple[int, ...] | None = None          # slot per row, set per forward
         self.single: int | None = None                    # the rows' one slot, when they share it
         self.ok = True                                    # False: some layer is not plain LoRA
         self._hooks: dict[int, object] = {}
         self._model_id, self._names, self._slot_of = None, frozenset(), {}
-        self._rows_key, self._gathered = None, {}         # gathered (A, B) per layer for these rows
+        self._rows_key, self._gathered = None, {}         # (A_U, B_U, E) per layer for these rows
         self.version = 0                                  # bumped by every change of the stacks
 
     @torch.no_grad()
@@ -126,7 +133,7 @@ class StackedLora:
         if key != self._rows_key:
             self._rows_key, self._gathered = key, {}
         self.single = slots[0] if len(set(slots)) == 1 else None      # one adapter: its weights, not b copies
-        self.rows = None if self.single == NO_ADAPTER_SLOT else torch.tensor(slots, dtype=torch.long)
+        self.rows = None if self.single == NO_ADAPTER_SLOT else slots
         layers = [(layer, layer._disable_adapters) for layer, _ in self.layers.values()]
         for layer, _ in layers:
             layer._disable_adapters = True
@@ -149,13 +156,25 @@ class StackedLora:
             a, b = stack.a[self.single], stack.b[self.single]                           # (in, r), (r, out)
             delta = (x.reshape(-1, shape[-1]).to(a.dtype) @ a) @ b                      # (b s, r) -> (b s, out)
             return output + delta.reshape(*shape[:-1], delta.shape[-1]).to(output.dtype)
-        pair = self._gathered.get(id(module))
-        if pair is None:
-            rows = self.rows.to(stack.a.device)
-            pair = self._gathered[id(module)] = (stack.a.index_select(0, rows), stack.b.index_select(0, rows))
-        flat = x.reshape(shape[0], -1, shape[-1]).to(pair[0].dtype)                     # (b, s, in)
-        delta = torch.bmm(torch.bmm(flat, pair[0]), pair[1])                            # (b, s, r) -> (b, s, out)
+        got = self._gathered.get(id(module))
+        if got is None:
+            got = self._gathered[id(module)] = self._concatenated(stack)
+        a_u, b_u, mask = got                                       # (in, u r), (u r, out), (b, u r)
+        flat = x.reshape(shape[0], -1, shape[-1]).to(a_u.dtype)                         # (b, s, in)
+        low = (flat @ a_u) * mask[:, None, :]                                           # (b, s, u r): own block only
+        delta = low @ b_u                                                               # (b, s, out)
         return output + delta.reshape(*shape[:-1], delta.shape[-1]).to(output.dtype)
+
+    def _concatenated(self, stack: _LayerStack) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(A_U^T (in, u r), B_U (u r, out), E (b, u r)) for the rows' u distinct slots."""
+        distinct = sorted(set(self.rows))
+        index = torch.tensor(distinct, dtype=torch.long, device=stack.a.device)
+        u, (_, d_in, r) = len(distinct), stack.a.shape
+        a_u = stack.a.index_select(0, index).permute(1, 0, 2).reshape(d_in, u * r)     # (in, u r)
+        b_u = stack.b.index_select(0, index).reshape(u * r, -1)                         # (u r, out)
+        block = torch.tensor([distinct.index(k) for k in self.rows], device=stack.a.device)   # (b,)
+        mask = (torch.arange(u * r, device=stack.a.device) // r == block[:, None]).to(stack.a.dtype)
+        return a_u, b_u, mask
 
     def close(self) -> None:
         for handle in self._hooks.values():

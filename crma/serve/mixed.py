@@ -1,7 +1,7 @@
 """One forward pass over batch rows that each have their own domain adapter and backbone version.
 
 LoRA part (`lora_mixing`):
-- `gather` (the default): stacked adapter weights gathered per row, two batched matmuls per LoRA layer
+- `gather` (the default): stacked adapter weights, two dense matmuls per LoRA layer
   whatever the adapter mix (lora_rows.py); the stacks follow adapter loads and unloads incrementally.
 - `peft`: PEFT's own mixed-adapter inference, kept as the reference the tests compare against. Every
   LoRA layer's forward takes `adapter_names` (one name per row, "__base__" for none) and loops over the

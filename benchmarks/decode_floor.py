@@ -1,0 +1,122 @@
+"""How fast can one decoding stream be with torch on this CPU? Prints its figures and writes
+benchmarks/results/decode_floor.{json,md}.
+
+    .venv/bin/python benchmarks/decode_floor.py --threads 2               # an idle machine
+    .venv/bin/python benchmarks/decode_floor.py --threads 2 --no-compile  # without the slow torch.compile part
+
+SmolLM2-135M in float32, batch 1, one new token per step, all measured side by side in one process:
+
+1. memory read rate: `torch.sum` over one buffer as large as the model's weight matrices (every
+   matrix is read once per token, so this bounds any torch decoding step from below);
+2. the weights' GEMV floor: every nn.Linear of the model (the tied LM head included) applied once to a
+   single row with torch.nn.functional.linear, nothing else;
+3. the plain transformers model (no adapter, no CRMA) decoding greedily with its DynamicCache, eager;
+4. the same model under torch.compile(dynamic=True) (inductor): its compile time, its step time, and
+   whether its greedy tokens equal eager's.
+
+The per-token time of crma's own single stream (decode_bench.py) sits above (3), which sits above (2).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+from transformers import DynamicCache
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from crma.io import write_text  # noqa: E402
+from crma.method.models import load_model  # noqa: E402
+
+
+def median_ms(fn, repeats: int) -> float:
+    fn()
+    times = []
+    for _ in range(repeats):
+        started = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - started)
+    return round(1e3 * statistics.median(times), 2)
+
+
+def decode(forward, config, prompt: torch.Tensor, steps: int) -> tuple[list[int], float]:
+    """(greedy tokens, median ms per decoding step) of `forward` (a causal LM or a compiled one)."""
+    with torch.inference_mode():
+        cache = DynamicCache(config=config)
+        out = forward(input_ids=prompt, cache=cache, use_cache=True, logits_to_keep=1)
+        tokens, times = [int(out.logits[0, -1].argmax())], []
+        for _ in range(steps):
+            started = time.perf_counter()
+            out = forward(input_ids=torch.tensor([[tokens[-1]]]), cache=cache, use_cache=True, logits_to_keep=1)
+            tokens.append(int(out.logits[0, -1].argmax()))
+            times.append(time.perf_counter() - started)
+    return tokens, round(1e3 * statistics.median(times), 2)
+
+
+def markdown(res: dict) -> str:
+    m = res["machine"]
+    rows = [("memory read (torch.sum over the weights' size)", f"{res['read_ms']} ms ({res['read_gb_s']} GB/s)"),
+            (f"every linear once, batch 1 ({res['weights_mb']} MB)", f"{res['gemv_ms']} ms"),
+            ("plain transformers model, eager", f"{res['eager_ms']} ms per token")]
+    if "compiled_ms" in res:
+        rows += [("same, torch.compile(dynamic=True)",
+                  f"{res['compiled_ms']} ms per token (compile and first run {res['compile_s']} s; "
+                  f"greedy equal to eager: {res['compiled_greedy_equal']})")]
+    lines = [f"# Single-stream floor (float32, {m['threads']} torch thread(s), {m['cpus']} CPUs)", "",
+             f"Load average before/after: {m['load_before']} / {m['load_after']}", "",
+             "| figure | value |", "|---|---|", *[f"| {a} | {b} |" for a, b in rows], ""]
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--threads", type=int, default=os.cpu_count())
+    ap.add_argument("--steps", type=int, default=40, help="decoding steps per measurement")
+    ap.add_argument("--no-compile", dest="compile", action="store_false", help="skip torch.compile (minutes)")
+    ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "decode_floor")
+    args = ap.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    load_before = [round(x, 2) for x in os.getloadavg()]
+    model, _ = load_model("smollm2-135m", dtype=torch.float32)
+    model.eval()
+    linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    rows = {m: torch.randn(1, m.in_features) for m in linears}
+    weights = sum(m.weight.numel() for m in linears)
+    buffer = torch.randn(weights)
+
+    def gemv():
+        for m in linears:
+            torch.nn.functional.linear(rows[m], m.weight)
+
+    res = {"torch": torch.__version__, "weights_mb": round(4 * weights / 1e6, 1)}
+    res["read_ms"] = median_ms(buffer.sum, 10)
+    res["read_gb_s"] = round(4 * weights / 1e6 / res["read_ms"], 1)
+    res["gemv_ms"] = median_ms(gemv, 10)
+    prompt = torch.arange(100, 150).unsqueeze(0)
+    eager_tokens, res["eager_ms"] = decode(model, model.config, prompt, args.steps)
+    if args.compile:
+        started = time.perf_counter()
+        compiled = torch.compile(model, dynamic=True)
+        decode(compiled, model.config, prompt, 2)
+        res["compile_s"] = round(time.perf_counter() - started, 1)
+        tokens, res["compiled_ms"] = decode(compiled, model.config, prompt, args.steps)
+        res["compiled_greedy_equal"] = tokens == eager_tokens
+        _, res["eager_ms_after"] = decode(model, model.config, prompt, args.steps)   # drift check
+    res["machine"] = {"threads": args.threads, "cpus": os.cpu_count(), "load_before": load_before,
+                      "load_after": [round(x, 2) for x in os.getloadavg()]}
+    write_text(args.out.with_suffix(".json"), json.dumps(res, indent=1) + "\n")
+    report = markdown(res)
+    write_text(args.out.with_suffix(".md"), report)
+    print(report)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
