@@ -155,6 +155,7 @@ def test_protocols_find_their_corpus_in_the_repository():
     assert estimate_left({}, ["naive"]) is None
 
 
+@pytest.mark.slow                  # end to end, 40-70 s on 2 idle cores (tiny:llama)
 def test_smoke_grid_resume_jobs_and_report(tmp_path, capsys):
     out = tmp_path / "bench"
     assert main(["bench", "--protocol", "smoke", "--out", str(out), "--seeds", "0", "--quiet"]) == 0

@@ -192,6 +192,7 @@ def test_two_gloo_processes_train_one_model_and_stop_together(tmp_path):
     assert [p.name for p in busy.iterdir()] == ["notes.txt"] and (busy / "notes.txt").read_text() == "keep me"
 
 
+@pytest.mark.slow                  # end to end, 40-70 s on 2 idle cores (tiny:llama)
 def test_two_process_run_matches_one_process_and_one_process_writes(tmp_path):
     """`accelerate launch -m crma run` on 2 processes: the same loss matrices as 1 process with the same
     global batch, every file written by exactly one process (the main one), a store that verifies."""

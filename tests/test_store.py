@@ -254,6 +254,7 @@ def test_generate_greedy_is_deterministic_and_streams(added_store):
         generate(live, "x", domain="legal")
 
 
+@pytest.mark.slow                  # end to end, 40-70 s on 2 idle cores (tiny:llama)
 def test_demo_builds_a_store_answers_and_prints_pinned_and_latest(tmp_path, capsys):
     from crma.config import CRMAConfig, LoraSettings
     from crma.demo import DEMO_QUESTIONS, run_demo
