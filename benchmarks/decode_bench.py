@@ -30,7 +30,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -39,7 +38,7 @@ import time
 from pathlib import Path
 
 import torch
-from bench_stats import pct
+from bench_stats import load_average, load_line, machine, pct, write_results
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -47,7 +46,6 @@ sys.path.insert(0, str(ROOT))
 from crma.config import CRMAConfig, LoraSettings  # noqa: E402
 from crma.data import prompt_ids  # noqa: E402
 from crma.engine.live import LiveModel  # noqa: E402
-from crma.io import write_text  # noqa: E402
 from crma.method.adapters import add_adapter  # noqa: E402
 from crma.method.models import SMOLLM2_GGUF, load_model, smollm2_dir  # noqa: E402
 from crma.serve.batch import BatchCache, new_cache  # noqa: E402
@@ -303,8 +301,7 @@ def markdown(res: dict) -> str:
     m = res["machine"]
     lines = [f"# Decoding benchmark ({'quick mode, ' if res['quick'] else ''}{res['dtype']}, "
              f"{m['threads']} torch thread(s), {m['cpus']} CPUs)", "",
-             f"Load average before/after: {m['load_before']} / {m['load_after']}"
-             + (" — **not an idle machine: these are not final figures**" if m["loaded"] else ""), "",
+             load_line(m), "",
              "| figure | value |", "|---|---|"]
     step = res["step"]
     for name, v in step.items():
@@ -351,7 +348,7 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     steps, repeats, max_tokens = (5, 1, 12) if args.quick else (20, 3, 64)
-    load_before = [round(x, 2) for x in os.getloadavg()]
+    load_before = load_average()
     live, registry, snap = build(16, getattr(torch, args.dtype))
     tok = live.tokenizer
     prompts = [prompt_ids(tok, [{"role": "user", "content": q}]) for q in QUESTIONS]
@@ -375,18 +372,8 @@ def main(argv=None) -> int:
             res["llamacpp"][name] = llamacpp(args.llamacpp, path(), args.threads, text, max_tokens, repeats)
         else:
             res["llamacpp"][name] = f"skipped: no node-llama-cpp in {args.llamacpp}"
-    load_after = [round(x, 2) for x in os.getloadavg()]
-    cpus = os.cpu_count()
-    res["machine"] = {"threads": args.threads, "cpus": cpus, "load_before": load_before, "load_after": load_after,
-                      # other work: load before the run, or after it beyond this run's own threads
-                      "loaded": load_before[0] > 0.5 or load_after[0] > args.threads + 0.5,
-                      "platform": platform.platform(),
-                      "processor": platform.processor()}
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    write_text(args.out.with_suffix(".json"), json.dumps(res, indent=1) + "\n")
-    report = markdown(res)
-    write_text(args.out.with_suffix(".md"), report)
-    print(report)
+    res["machine"] = machine(args.threads, load_before)
+    write_results(args.out, res, markdown(res))
     return 0
 
 

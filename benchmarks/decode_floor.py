@@ -19,7 +19,6 @@ The per-token time of crma's own single stream (decode_bench.py) sits above (3),
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import sys
@@ -27,12 +26,12 @@ import time
 from pathlib import Path
 
 import torch
+from bench_stats import load_average, load_line, machine, write_results
 from transformers import DynamicCache
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from crma.io import write_text  # noqa: E402
 from crma.method.models import load_model  # noqa: E402
 
 
@@ -70,7 +69,7 @@ def markdown(res: dict) -> str:
                   f"{res['compiled_ms']} ms per token (compile and first run {res['compile_s']} s; "
                   f"greedy equal to eager: {res['compiled_greedy_equal']})")]
     lines = [f"# Single-stream floor (float32, {m['threads']} torch thread(s), {m['cpus']} CPUs)", "",
-             f"Load average before/after: {m['load_before']} / {m['load_after']}", "",
+             load_line(m), "",
              "| figure | value |", "|---|---|", *[f"| {a} | {b} |" for a, b in rows], ""]
     return "\n".join(lines)
 
@@ -83,7 +82,7 @@ def main(argv=None) -> int:
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "decode_floor")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
-    load_before = [round(x, 2) for x in os.getloadavg()]
+    load_before = load_average()
     model, _ = load_model("smollm2-135m", dtype=torch.float32)
     model.eval()
     linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
@@ -109,12 +108,8 @@ def main(argv=None) -> int:
         tokens, res["compiled_ms"] = decode(compiled, model.config, prompt, args.steps)
         res["compiled_greedy_equal"] = tokens == eager_tokens
         _, res["eager_ms_after"] = decode(model, model.config, prompt, args.steps)   # drift check
-    res["machine"] = {"threads": args.threads, "cpus": os.cpu_count(), "load_before": load_before,
-                      "load_after": [round(x, 2) for x in os.getloadavg()]}
-    write_text(args.out.with_suffix(".json"), json.dumps(res, indent=1) + "\n")
-    report = markdown(res)
-    write_text(args.out.with_suffix(".md"), report)
-    print(report)
+    res["machine"] = machine(args.threads, load_before)
+    write_results(args.out, res, markdown(res))
     return 0
 
 
