@@ -2,12 +2,21 @@
 from __future__ import annotations
 
 import json
+import os
 import random
 from pathlib import Path
 
 import pytest
+import torch
 
 from crma.config import DomainSpec, RunConfig, TrainConfig
+from crma.engine.run import continual_run
+from tests.forked import kill_running
+
+# One torch thread everywhere: in this process (the fixture below), in every `crma` subprocess a test
+# starts, and in every server a test opens (Server.open sets $OMP_NUM_THREADS threads, else one per core:
+# two xdist workers at two threads each on two cores run several times slower than at one).
+os.environ["OMP_NUM_THREADS"] = "1"
 
 FAMILIES = ("llama", "mistral", "gemma2", "phi3", "qwen2", "gpt2")
 
@@ -41,22 +50,35 @@ def tiny_run_config(domains, out, condition, model="tiny:llama", **train) -> Run
                      train=TrainConfig(**settings))
 
 
+class _Runs(dict):
+    """condition -> continual_run result (+ "_dir"), each run the first time a test asks for it."""
+
+    def __init__(self, domains: list[DomainSpec], root: Path):
+        super().__init__()
+        self.domains, self.root = domains, root
+
+    def __missing__(self, condition: str) -> dict:
+        out = self.root / condition
+        self[condition] = continual_run(tiny_run_config(self.domains, out, condition), progress=False) | {"_dir": out}
+        return self[condition]
+
+
 @pytest.fixture(scope="session")
 def conflict_runs(conflicting_domains, tmp_path_factory) -> dict[str, dict]:
-    """The three conditions on the conflicting domains (tiny:llama), run once for the whole session."""
-    from crma.engine.run import continual_run
-
-    root = tmp_path_factory.mktemp("runs")
-    return {c: continual_run(tiny_run_config(conflicting_domains, root / c, c), progress=False)
-            | {"_dir": root / c} for c in ("naive", "frozen", "modular")}
+    """naive, frozen and modular on the conflicting domains (tiny:llama), each run once per session
+    (per xdist worker) when a test first needs it."""
+    return _Runs(conflicting_domains, tmp_path_factory.mktemp("runs"))
 
 
-@pytest.fixture(autouse=True, scope="session")
+@pytest.fixture(autouse=True)
 def _one_thread():
-    """Tiny models run fastest on one thread, and one thread cannot oversubscribe a busy 2-core box."""
-    import torch
-
-    threads = torch.get_num_threads()
+    """Tiny models run fastest on one thread, and one thread cannot oversubscribe a busy 2-core box.
+    Set before every test: a test that opens a server with --threads must not leave its count behind."""
     torch.set_num_threads(1)
+
+
+@pytest.fixture(autouse=True)
+def _no_child_left():
+    """A test that fails before killing its `crma` child (tests/forked.py) does not leave it running."""
     yield
-    torch.set_num_threads(threads)
+    kill_running()

@@ -2,9 +2,6 @@
 names, the writer lock, rollback/remove, the validation gate, generation."""
 import os
 import shutil
-import signal
-import subprocess
-import sys
 import time
 
 import pytest
@@ -20,6 +17,7 @@ from crma.engine.loss import mean_loss
 from crma.engine.run import evaluate_row
 from crma.routing import route_texts
 from crma.store import Store, StoreError, StoreLocked
+from tests.forked import Crma
 
 TRAIN = ["--model", "tiny:llama", "--epochs", "3", "--lr", "1e-2", "--batch-size", "8", "--max-len", "64",
          "--eval-batch-size", "8"]
@@ -119,40 +117,33 @@ def test_bad_domain_names_are_refused(name, tmp_path, capsys, conflicting_domain
         DomainSpec(name, spec.train)
 
 
-def test_second_writer_gets_a_clear_error(added_store):
+def test_second_writer_gets_a_clear_error(added_store, tmp_path):
     root, _ = added_store
     before = (root / "manifest.json").read_bytes()
     with Store.writer(root, "crma test holder"):
         with pytest.raises(StoreLocked, match=f"pid.*{os.getpid()}.*crma test holder"):
             with Store.writer(root, "second"):
                 pass
-        out = subprocess.run([sys.executable, "-m", "crma", "store", "remove", str(root), "up"],
-                             capture_output=True, text=True, timeout=120)
-        assert out.returncode == 2 and "another writer holds the store lock" in out.stderr
+        second = Crma(["store", "remove", str(root), "up"], tmp_path / "out", tmp_path / "err")
+        assert second.wait(timeout=120) == 2 and "another writer holds the store lock" in second.output()[1]
         assert Store(root).domains() == ["up", "down"]                 # readers are not blocked
     assert (root / "manifest.json").read_bytes() == before
 
 
 def _add_and_kill(root, spec, point: str | None, tmp_path) -> None:
-    """Start `crma add` in a subprocess and SIGKILL it at `point` (None: during training)."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "CRMA_STORE_PAUSE": point or ""}
-    args = [sys.executable, "-m", "crma", "add", "--store", str(root), "--domain", spec.name,
-            "--data", f"{spec.train}:{spec.holdout}", *TRAIN]
+    """Start `crma add` in a second process and SIGKILL it at `point` (None: during training)."""
+    args = ["add", "--store", str(root), "--domain", spec.name, "--data", f"{spec.train}:{spec.holdout}", *TRAIN]
     if point is None:
         args[args.index("--epochs") + 1] = "200"
-    proc = subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    want = f"CRMA_STORE_PAUSED {point}".encode() if point else b"train down"
-    stream = proc.stdout if point else proc.stderr
-    seen, deadline = b"", time.time() + 120
-    os.set_blocking(stream.fileno(), False)
-    while want not in seen and time.time() < deadline and proc.poll() is None:
-        chunk = stream.read()
-        seen += chunk or b""
+    proc = Crma(args, tmp_path / "add.out", tmp_path / "add.err", {"CRMA_STORE_PAUSE": point or ""})
+    want, stream = (f"CRMA_STORE_PAUSED {point}", 0) if point else ("train down", 1)
+    deadline = time.time() + 120
+    while want not in proc.output()[stream] and time.time() < deadline and proc.poll() is None:
         time.sleep(0.05)
-    assert want in seen, (point, seen[-500:], proc.poll())
+    assert want in proc.output()[stream], (point, proc.output()[stream][-500:], proc.poll())
     if point is None:
         time.sleep(0.5)                                                # a few optimizer steps in
-    proc.send_signal(signal.SIGKILL)
+    proc.kill()
     proc.wait(timeout=30)
 
 

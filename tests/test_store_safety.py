@@ -9,8 +9,6 @@ import json
 import os
 import shutil
 import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -21,6 +19,7 @@ from crma.cli import main
 from crma.engine.live import LiveModel
 from crma.store import Store, StoreError, sweep_orphans
 from tests.conftest import write_cycle_domain
+from tests.forked import Crma
 
 FAST = ["--epochs", "1", "--lr", "1e-2", "--batch-size", "8", "--max-len", "48", "--eval-batch-size", "8",
         "--min-gain", "-100"]                       # always registered: these tests are about the store
@@ -121,15 +120,12 @@ def test_frozen_store_keeps_concurrent_adds_of_other_domains_and_refuses_the_sam
     assert store.adapter_meta("mid")["version"] == 2 and sorted(store.manifest["adapters"]["mid"]) == ["1", "2"]
 
 
-def _start(args: list[str], tmp_path: Path, name: str, pause: str, resume: Path | None = None) -> subprocess.Popen:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "CRMA_STORE_PAUSE": pause}
-    if resume is not None:
-        env["CRMA_STORE_RESUME"] = str(resume)
-    out, err = (open(tmp_path / f"{name}.{s}", "wb") for s in ("out", "err"))
-    return subprocess.Popen([sys.executable, "-m", "crma", *args], env=env, stdout=out, stderr=err)
+def _start(args: list[str], tmp_path: Path, name: str, pause: str, resume: Path | None = None) -> Crma:
+    env = {"CRMA_STORE_PAUSE": pause} | ({"CRMA_STORE_RESUME": str(resume)} if resume is not None else {})
+    return Crma(args, tmp_path / f"{name}.out", tmp_path / f"{name}.err", env)
 
 
-def _wait_paused(procs: dict[str, subprocess.Popen], tmp_path: Path, point: str) -> None:
+def _wait_paused(procs: dict[str, Crma], tmp_path: Path, point: str) -> None:
     deadline = time.time() + 120
     waiting = set(procs)
     while waiting and time.time() < deadline:
