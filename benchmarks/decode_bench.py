@@ -52,7 +52,7 @@ from crma.serve.batch import BatchCache, new_cache  # noqa: E402
 from crma.serve.decoding import SamplingParams  # noqa: E402
 from crma.serve.mixed import MixedForward  # noqa: E402
 from crma.serve.registry import Registry, Route, Snapshot  # noqa: E402
-from crma.serve.scheduler import Request, Scheduler  # noqa: E402
+from crma.serve.scheduler import Request, Scheduler, in_passing_thread  # noqa: E402
 
 QUESTIONS = ["What is a good way to learn a new language?", "Explain photosynthesis in simple terms.",
              "How do I write a function that reverses a list?", "What are the symptoms of the flu?",
@@ -349,17 +349,19 @@ def main(argv=None) -> int:
     torch.set_num_threads(args.threads)
     steps, repeats, max_tokens = (5, 1, 12) if args.quick else (20, 3, 64)
     load_before = load_average()
-    live, registry, snap = build(16, getattr(torch, args.dtype))
+    # torch work off the main thread, as crma serve does (crma/serve/scheduler.py in_passing_thread): an
+    # OpenMP pool left on the main thread slows the scheduler's thread (benchmarks/thread_pools.py)
+    live, registry, snap = in_passing_thread(lambda: build(16, getattr(torch, args.dtype)))
     tok = live.tokenizer
     prompts = [prompt_ids(tok, [{"role": "user", "content": q}]) for q in QUESTIONS]
     res = {"quick": args.quick, "dtype": args.dtype, "torch": torch.__version__}
-    res["step"] = bench_step(live, registry, snap, prompts[0], steps, repeats)
+    res["step"] = in_passing_thread(lambda: bench_step(live, registry, snap, prompts[0], steps, repeats))
     print(json.dumps(res["step"], indent=1), flush=True)
     res["throughput"] = bench_throughput(live, registry, snap, prompts, max_tokens, repeats)
     print(json.dumps({k: v if k == "single_stream_tok_s" else {"ratio": v["ratio"]}
                       for k, v in res["throughput"].items()}, indent=1), flush=True)
     if args.bf16:
-        res["bf16"] = bench_bf16((live, registry, snap), prompts, max_tokens, repeats)
+        res["bf16"] = in_passing_thread(lambda: bench_bf16((live, registry, snap), prompts, max_tokens, repeats))
         print(json.dumps(res["bf16"], indent=1), flush=True)
     q4 = smollm2_dir() / SMOLLM2_GGUF
     text = tok.decode(prompts[0])

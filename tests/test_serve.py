@@ -577,6 +577,18 @@ def test_crma_serve_command_line(store):
         assert proc.wait(timeout=30) in (0, -signal.SIGTERM)    # the signal it caught
 
 
+def test_loading_runs_on_a_passing_thread_and_hands_back_its_result_or_error():
+    import threading
+
+    from crma.serve.scheduler import in_passing_thread
+
+    here = threading.get_ident()
+    ident, thread = in_passing_thread(lambda: (threading.get_ident(), threading.current_thread()))
+    assert ident != here and not thread.is_alive()                  # its OpenMP pool went with it
+    with pytest.raises(KeyError, match="missing"):
+        in_passing_thread(lambda: {}["missing"])
+
+
 def test_threads_default_to_every_usable_core_unless_limited(monkeypatch):
     from crma.serve.server import serving_threads
 

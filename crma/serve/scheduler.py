@@ -52,6 +52,29 @@ def _libc():
 _LIBC = _libc() if sys.platform.startswith("linux") else None
 
 
+def in_passing_thread(fn):
+    """fn() run on a new thread that ends when fn returns: for torch work outside the decoding thread
+    (loading a store, preparing a reload). An OpenMP thread pool belongs to the thread that started it
+    and lives as long as that thread; while two pools exist and their threads outnumber the cores,
+    libgomp stops spinning between parallel regions, and the decoding thread's many small regions each
+    wait for a sleeping worker (benchmarks/results/thread_pools.md: one SmolLM2 stream on 2 cores,
+    14.9 tok/s after loading on the main thread, 22.2 tok/s after loading on a passing thread)."""
+    box: dict = {}
+
+    def run():
+        try:
+            box["value"] = fn()
+        except BaseException as err:                    # noqa: BLE001 - raised again in the caller
+            box["error"] = err
+
+    thread = threading.Thread(target=run, name="crma-load", daemon=True)      # Ctrl-C does not wait for it
+    thread.start()
+    thread.join()
+    if "error" in box:
+        raise box["error"]
+    return box["value"]
+
+
 def release_free_memory() -> None:
     """Return the heap memory a finished batch freed to the OS (glibc's malloc_trim), so that the server's
     resident memory falls back after a burst instead of keeping its high-water mark."""

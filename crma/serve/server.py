@@ -22,7 +22,7 @@ from .auth import load_keys
 from .batch import new_cache
 from .config import ServeConfig
 from .registry import Registry
-from .scheduler import Scheduler
+from .scheduler import Scheduler, in_passing_thread
 from .telemetry import Telemetry
 from .watch import ManifestWatcher
 
@@ -57,6 +57,15 @@ class Server:
         """Load the store's base model, backbone and every current adapter (checksums verified)."""
         torch.set_num_threads(serving_threads(cfg.threads))                   # once, for the whole process
         keys = load_keys(list(cfg.api_key), cfg.api_key_file)        # bad keys: refused before the model loads
+        live, registry = in_passing_thread(lambda: cls._load(cfg))   # no OpenMP pool left on this thread
+        telemetry = Telemetry(cfg.route_log, cfg.route_log_bytes, cfg.route_log_backups, cfg.log_text)
+        scheduler = Scheduler(live, registry, max_batch=cfg.max_batch, max_queue=cfg.max_queue, mode=cfg.batching,
+                              lora_mixing=cfg.lora_mixing, telemetry=telemetry,
+                              prefix_cache_bytes=max(0, cfg.prefix_cache_mb) << 20)
+        return cls(cfg, live, registry, scheduler, telemetry, keys)
+
+    @staticmethod
+    def _load(cfg: ServeConfig) -> tuple[LiveModel, Registry]:
         store = Store(cfg.store)
         live = LiveModel.open(store, device=cfg.device, damaged_ok=True)   # damaged parts: see Registry.prepare
         try:
@@ -65,11 +74,7 @@ class Server:
             raise StoreError(f"{cfg.store}: {err}") from None
         registry = Registry(live, cfg.store, cfg.backbone, cfg.versions)
         registry.install(registry.prepare(force=True))
-        telemetry = Telemetry(cfg.route_log, cfg.route_log_bytes, cfg.route_log_backups, cfg.log_text)
-        scheduler = Scheduler(live, registry, max_batch=cfg.max_batch, max_queue=cfg.max_queue, mode=cfg.batching,
-                              lora_mixing=cfg.lora_mixing, telemetry=telemetry,
-                              prefix_cache_bytes=max(0, cfg.prefix_cache_mb) << 20)
-        return cls(cfg, live, registry, scheduler, telemetry, keys)
+        return live, registry
 
     def start(self) -> Server:
         self.scheduler.start()
@@ -89,7 +94,7 @@ class Server:
         with self.registry.reload_lock:
             started = time.perf_counter()
             try:
-                snap = self.registry.prepare(force)
+                snap = in_passing_thread(lambda: self.registry.prepare(force))   # from the watcher or a pool
                 if snap is None:
                     result = {"status": "unchanged"}
                 else:
