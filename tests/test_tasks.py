@@ -235,7 +235,7 @@ def _cycle_tasks(path, cycle: str, n: int, seed: int):
     return jsonl(path, rows)
 
 
-@pytest.mark.parametrize("condition", ["modular"])   # naive takes the same code path without the pinned view
+@pytest.mark.parametrize("condition", ["modular", "olora"])   # naive: modular's path without the pinned view
 def test_a_run_with_tasks_builds_the_accuracy_matrix(tmp_path, condition):
     """After every phase the seen domains and the next one are scored; pinned scores of earlier domains never
     change; ACC/BWT/FWT follow GEM's definitions from the matrix; an off-domain set is scored as routed traffic."""
@@ -265,6 +265,8 @@ def test_a_run_with_tasks_builds_the_accuracy_matrix(tmp_path, condition):
         assert A == [[L[0][0], L[0][1], None], [L[0][0], L[1][1], L[1][2]], [L[0][0], L[1][1], L[2][2]]]
     g = res["task_general"]["general"]
     assert len(g["routed"]) == 1 and sum(g["routed"][-1]["served"].values()) == 2 and 0 <= g["base"] <= 1
+    if condition == "olora":                         # no router: every item on all adapters summed, as it serves
+        assert g["routed"][-1]["served"] == {"all adapters summed": 2}
 
 
 def test_benchmark_task_summary_intervals_across_seeds_and_plot(tmp_path):

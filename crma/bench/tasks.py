@@ -105,18 +105,24 @@ def task_plot(out: Path, tasks: dict, names: list[str], save) -> list[str]:
     if not tasks:
         return []
     conds = list(tasks)
-    fig, axes = plt.subplots(1, len(conds), figsize=(3.2 * len(conds), 3.4), squeeze=False)
-    for ax, cond in zip(axes[0], conds):
+    cols = min(4, len(conds))
+    rows = -(-len(conds) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(2.9 * cols + 1.2, 3.0 * rows), squeeze=False)
+    for k, ax in enumerate(axes.flat):
+        if k >= len(conds):
+            ax.axis("off")
+            continue
+        cond = conds[k]
         M = [[v if v is not None else float("nan") for v in row] for row in tasks[cond]["matrix"]]
         im = ax.imshow(M, vmin=0, vmax=1, cmap="viridis")
         ax.set_title(cond, fontsize=9)
         ax.set_xticks(range(len(names)), names, rotation=60, fontsize=7)
-        ax.set_yticks(range(len(names)), [f"after {n}" for n in names], fontsize=7)
+        ax.set_yticks(range(len(names)), [f"after {n}" for n in names] if k % cols == 0 else [], fontsize=7)
         for i, row in enumerate(M):
             for j, v in enumerate(row):
-                if v == v:                                  # not NaN
-                    ax.text(j, i, f"{v:.2f}", ha="center", va="center", fontsize=6, color="w")
-    fig.colorbar(im, ax=axes[0].tolist(), shrink=0.8, label="task score")
+                if v == v:                                  # not NaN; dark text on the bright end of viridis
+                    ax.text(j, i, f"{v:.2f}", ha="center", va="center", fontsize=6, color="k" if v > 0.6 else "w")
+    fig.colorbar(im, ax=axes.ravel().tolist(), shrink=0.8, label="task score")
     name = save(fig, out / "task_matrices.png")
     plt.close(fig)
     return [name]

@@ -181,7 +181,7 @@ def continual_run(cfg: RunConfig, command: str | None = None, progress: bool = T
         if tasks is not None:
             tasks.score_phase(live, i, method)
             if i == len(data) - 1:
-                tasks.score_routed(live)
+                tasks.score_routed(live, method)
         results = build_results(cfg, command, base, latest, logs, names, i == len(data) - 1,
                                 pinned if modular else None, versions if modular else None,
                                 method.storage())

@@ -8,7 +8,8 @@ on the same backbone tensors, scored by the same deterministic code; `crma eval 
 test checks that it stays equal after later adds) and P[i][i+1] = A[i][i+1] (no adapter: the newest
 backbone). Before any phase every set is scored on the untouched base model (task_base). A task set named
 after no domain (e.g. general English) is an off-domain check: scored on the base model, and after the last
-phase as routed traffic (the router picks per item, adapters pinned) sees it.
+phase as the method serves it: routed traffic (the router picks per item, adapters pinned), or olora's every
+adapter summed.
 
     ACC, BWT, FWT (crma.tasks.metrics) of A and task_base, in results.json when the run has finished.
 """
@@ -74,8 +75,15 @@ class RunTasks:
         A = self.matrix
         return [[A[j][j] if j <= i else A[i][j] for j in range(len(row))] for i, row in enumerate(A)]
 
-    def score_routed(self, live: LiveModel) -> None:
+    def score_routed(self, live: LiveModel, method: Method) -> None:
+        """The off-domain sets as the method serves them: the router's pick per item (adapters pinned), or for
+        olora (method.summed, no router) every adapter summed on every item."""
         for name in self.general:
+            if method.summed:
+                items = self.sets[name].items
+                score = self._score(live, name, lambda: method.serving(live, None))
+                self.routed[name].append({"score": score, "served": {"all adapters summed": len(items)}})
+                continue
             got = score_tasks(live, self.sets[name].items, task=name, domain=AUTO, backbone="pinned", cfg=self.cfg,
                               progress=self.progress)
             self.routed[name].append({"score": got.score, "served": got.served})
