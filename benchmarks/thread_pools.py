@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import subprocess
 import sys
 from pathlib import Path
@@ -55,6 +56,19 @@ def single_stream(variant: str, threads: int, tokens: int, repeats: int) -> list
     return [round(r, 2) for r in rates[1:]]
 
 
+def markdown(res: dict) -> str:
+    m = res["machine"]
+    lines = [f"# Decoding thread vs where the model was loaded ({m['threads']} torch threads, {m['cpus']} CPUs)",
+             "", load_line(m), "",
+             "One greedy stream through the Scheduler (SmolLM2-135M fp32, CRMA backbone, one LoRA adapter), "
+             f"{res['tokens']} tokens, {res['requests_per_process']} requests per process, "
+             "two processes per variant.", "",
+             "| model loaded on | tokens/s (each request) | median |", "|---|---|---|"]
+    lines += [f"| {VARIANTS[v]} | {', '.join(map(str, r))} | {res['median_tok_s'][v]} |"
+              for v, r in res["tok_s"].items()]
+    return "\n".join(lines) + "\n"
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--threads", type=int, default=os.cpu_count())
@@ -67,22 +81,16 @@ def main(argv=None) -> int:
         print(json.dumps(single_stream(args.variant, args.threads, tokens, repeats)))
         return 0
     load_before = load_average()
-    res = {"threads": args.threads, "tokens": tokens, "torch": torch.__version__, "tok_s": {}}
+    res = {"threads": args.threads, "tokens": tokens, "requests_per_process": repeats, "torch": torch.__version__,
+           "tok_s": {}}
     for _ in range(2):                                             # alternated, two processes each
         for variant in VARIANTS:
             run = subprocess.run([sys.executable, __file__, "--variant", variant, "--threads", str(args.threads),
                                   *(["--quick"] if args.quick else [])], capture_output=True, text=True, check=True)
             res["tok_s"].setdefault(variant, []).extend(json.loads(run.stdout.strip().splitlines()[-1]))
-    res["median_tok_s"] = {v: sorted(r)[len(r) // 2] for v, r in res["tok_s"].items()}
+    res["median_tok_s"] = {v: round(statistics.median(r), 2) for v, r in res["tok_s"].items()}
     res["machine"] = machine(args.threads, load_before)
-    lines = [f"# Decoding thread vs where the model was loaded ({args.threads} torch threads, "
-             f"{os.cpu_count()} CPUs)", "", load_line(res["machine"]), "",
-             "One greedy stream through the Scheduler (SmolLM2-135M fp32, CRMA backbone, one LoRA adapter), "
-             f"{tokens} tokens, {repeats} requests per process, two processes per variant.", "",
-             "| model loaded on | tokens/s (each request) | median |", "|---|---|---|"]
-    lines += [f"| {VARIANTS[v]} | {', '.join(map(str, r))} | {res['median_tok_s'][v]} |"
-              for v, r in res["tok_s"].items()]
-    write_results(args.out, res, "\n".join(lines) + "\n")
+    write_results(args.out, res, markdown(res))
     return 0
 
 

@@ -82,6 +82,15 @@ class Crma:
     def output(self) -> tuple[str, str]:
         return (self.out.read_text(errors="replace"), self.err.read_text(errors="replace"))
 
+    def wait_for(self, text: str, stream: int = 0, timeout: float = 120) -> None:
+        """Until `text` is in the child's stdout (stream 0) or stderr (1); fails with the end of its stderr
+        when the child ends first or `timeout` seconds pass."""
+        deadline = time.monotonic() + timeout
+        while text not in self.output()[stream]:
+            assert self.poll() is None and time.monotonic() < deadline, \
+                (self.args, text, self.poll(), self.output()[1][-2000:])
+            time.sleep(0.05)
+
 
 def kill_running() -> None:
     """SIGKILL and reap every child a test left running (a failed assertion before its kill)."""

@@ -31,6 +31,7 @@ from crma.engine.live import LiveModel
 from crma.routing import route_texts
 from crma.serve.app import create_app
 from crma.serve.config import ServeConfig
+from crma.serve.scheduler import in_passing_thread
 from crma.serve.server import Server
 from crma.store import Store
 from tests.conftest import write_cycle_domain
@@ -578,10 +579,6 @@ def test_crma_serve_command_line(store):
 
 
 def test_loading_runs_on_a_passing_thread_and_hands_back_its_result_or_error():
-    import threading
-
-    from crma.serve.scheduler import in_passing_thread
-
     here = threading.get_ident()
     ident, thread = in_passing_thread(lambda: (threading.get_ident(), threading.current_thread()))
     assert ident != here and not thread.is_alive()                  # its OpenMP pool went with it

@@ -136,11 +136,7 @@ def _add_and_kill(root, spec, point: str | None, tmp_path) -> None:
     if point is None:
         args[args.index("--epochs") + 1] = "200"
     proc = Crma(args, tmp_path / "add.out", tmp_path / "add.err", {"CRMA_STORE_PAUSE": point or ""})
-    want, stream = (f"CRMA_STORE_PAUSED {point}", 0) if point else ("train down", 1)
-    deadline = time.time() + 120
-    while want not in proc.output()[stream] and time.time() < deadline and proc.poll() is None:
-        time.sleep(0.05)
-    assert want in proc.output()[stream], (point, proc.output()[stream][-500:], proc.poll())
+    proc.wait_for(*((f"CRMA_STORE_PAUSED {point}", 0) if point else ("train down", 1)))
     if point is None:
         time.sleep(0.5)                                                # a few optimizer steps in
     proc.kill()

@@ -57,8 +57,8 @@ def in_passing_thread(fn):
     (loading a store, preparing a reload). An OpenMP thread pool belongs to the thread that started it
     and lives as long as that thread; while two pools exist and their threads outnumber the cores,
     libgomp stops spinning between parallel regions, and the decoding thread's many small regions each
-    wait for a sleeping worker (benchmarks/results/thread_pools.md: one SmolLM2 stream on 2 cores,
-    14.9 tok/s after loading on the main thread, 22.2 tok/s after loading on a passing thread)."""
+    wait for a sleeping worker (benchmarks/results/thread_pools.md: one SmolLM2 stream on 2 cores, median
+    16.9 tok/s after loading on the main thread, 20.7 tok/s after loading on a passing thread)."""
     box: dict = {}
 
     def run():
