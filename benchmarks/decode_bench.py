@@ -10,6 +10,8 @@ measured side by side (the compared variants alternate, repeats interleaved):
 
 1. one 16-row decoding step (MixedForward + the preallocated BatchCache): 16 distinct adapters on
    3 backbone versions vs one adapter on one version (ratio), and PEFT's reference path for the former;
+   steps of 16, 3 and 1 rows as served (packed oneDNN linear layers and crma's own decoding step,
+   crma/serve/linear.py and step.py) against transformers' forward with plain F.linear;
 2. throughput of 16 concurrent greedy chat requests through the scheduler over 16 and over 5 adapters,
    mixed batches vs one adapter at a time (`per-adapter`): ratios of generated tokens/s;
 3. time to first token p50/p95 of those 16 concurrent chat requests (mixed, 16 adapters), in the steady
@@ -119,9 +121,11 @@ def build(adapters: int, dtype: torch.dtype, seed: int = 0):
 
 
 # ---- 1. one 16-row decoding step ----------------------------------------------------------------------
-def step_times(live, registry, routes, mixing: str, prompt: list[int], steps: int) -> list[float]:
-    """Seconds of each of `steps` decoding steps of a batch of len(routes) rows (after their prefills)."""
-    forward, batch = MixedForward(live, registry, mixing), BatchCache()
+def step_times(live, registry, routes, mixing: str, prompt: list[int], steps: int, fast: bool = True) -> list[float]:
+    """Seconds of each of `steps` decoding steps of a batch of len(routes) rows (after their prefills);
+    `fast`: the packed linear layers and crma's own decoding step (linear.py, step.py), as served by
+    default; else transformers' forward with plain F.linear."""
+    forward, batch = MixedForward(live, registry, mixing, packed_linears=fast, decode_step=fast), BatchCache()
     with torch.inference_mode():
         for route in routes:
             cache = new_cache(live.model.config)
@@ -142,12 +146,18 @@ def step_times(live, registry, routes, mixing: str, prompt: list[int], steps: in
 def bench_step(live, registry, snap, prompt, steps: int, repeats: int) -> dict:
     mixed = [snap.routes[f"d{k}"] for k in range(16)]              # 16 adapters, versions 1, 2, 3
     one = [snap.routes["d0"]] * 16                                 # one adapter, one version
-    runs = {"16 adapters, 3 backbone versions": (mixed, "gather"), "1 adapter, 1 backbone version": (one, "gather"),
-            "16 adapters, PEFT adapter_names (reference)": (mixed, "peft")}
+    runs = {"16 rows, 16 adapters, 3 backbone versions": (mixed, "gather", True),
+            "16 rows, 1 adapter, 1 backbone version": (one, "gather", True),
+            "16 rows, 16 adapters, PEFT adapter_names (reference)": (mixed, "peft", False),
+            "16 rows, 16 adapters, 3 backbone versions, transformers + F.linear": (mixed, "gather", False)}
+    for rows in (16, 3, 1):                   # packed linears and crma's step (the default) against neither
+        runs[f"{rows} rows, 1 adapter, transformers + F.linear"] = (one[:rows], "gather", False)
+        if rows < 16:
+            runs[f"{rows} rows, 1 adapter"] = (one[:rows], "gather", True)
     got = {name: [] for name in runs}
     for _ in range(repeats):
-        for name, (routes, mixing) in runs.items():
-            got[name] += step_times(live, registry, routes, mixing, prompt, steps)
+        for name, (routes, mixing, fast) in runs.items():
+            got[name] += step_times(live, registry, routes, mixing, prompt, steps, fast)
     out = {name: {"median_ms": round(1e3 * median(t), 2), "p10_ms": round(1e3 * pct(t, 0.1), 2),
                   "steps": len(t)} for name, t in got.items()}
     names = list(runs)
@@ -306,7 +316,7 @@ def markdown(res: dict) -> str:
     step = res["step"]
     for name, v in step.items():
         if isinstance(v, dict):
-            lines.append(f"| 16-row step, {name} | {v['median_ms']} ms (p10 {v['p10_ms']}) |")
+            lines.append(f"| decoding step, {name} | {v['median_ms']} ms (p10 {v['p10_ms']}) |")
     lines.append(f"| 16-row step, 16 adapters vs 1 | **{step['ratio_16_vs_1']}x** (target <= 1.10) |")
     thr = res["throughput"]
     for spread, target in (("16 adapters", 6), ("5 adapters", 3.5)):

@@ -9,7 +9,8 @@ SmolLM2-135M in float32, batch 1, one new token per step, all measured side by s
 1. memory read rate: `torch.sum` over one buffer as large as the model's weight matrices (every
    matrix is read once per token, so this bounds any torch decoding step from below);
 2. the weights' GEMV floor: every nn.Linear of the model (the tied LM head included) applied once to a
-   single row with torch.nn.functional.linear, nothing else;
+   single row with torch.nn.functional.linear, nothing else, and the same with oneDNN's GEMM on weights
+   packed once (crma/serve/linear.py, what `crma serve` uses);
 3. the plain transformers model (no adapter, no CRMA) decoding greedily with its DynamicCache, eager;
 4. the same model under torch.compile(dynamic=True) (inductor): its compile time, its step time, and
    whether its greedy tokens equal eager's.
@@ -33,6 +34,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from crma.method.models import load_model  # noqa: E402
+from crma.serve.linear import pack, packed_linear  # noqa: E402
 
 
 def median_ms(fn, repeats: int) -> float:
@@ -63,6 +65,7 @@ def markdown(res: dict) -> str:
     m = res["machine"]
     rows = [("memory read (torch.sum over the weights' size)", f"{res['read_ms']} ms ({res['read_gb_s']} GB/s)"),
             (f"every linear once, batch 1 ({res['weights_mb']} MB)", f"{res['gemv_ms']} ms"),
+            ("the same, oneDNN GEMMs on packed weights (crma serve's)", f"{res['packed_gemv_ms']} ms"),
             ("plain transformers model, eager", f"{res['eager_ms']} ms per token")]
     if "compiled_ms" in res:
         rows += [("same, torch.compile(dynamic=True)",
@@ -98,6 +101,13 @@ def main(argv=None) -> int:
     res["read_ms"] = median_ms(buffer.sum, 10)
     res["read_gb_s"] = round(4 * weights / 1e6 / res["read_ms"], 1)
     res["gemv_ms"] = median_ms(gemv, 10)
+    packed = {m: pack(m.weight) for m in linears}
+
+    def packed_gemv():
+        for m in linears:
+            packed_linear(rows[m], packed[m], None, m.out_features)
+
+    res["packed_gemv_ms"] = median_ms(packed_gemv, 10)
     prompt = torch.arange(100, 150).unsqueeze(0)
     eager_tokens, res["eager_ms"] = decode(model, model.config, prompt, args.steps)
     if args.compile:

@@ -68,13 +68,18 @@ def evaluate_store(live: LiveModel, data: dict[str, str], modes: tuple[str, ...]
     return out
 
 
+def _pct(now: float, recorded: float) -> float:
+    """100 (now - recorded) / recorded to 2 decimals; a change that rounds to zero is +0.00, not -0.00."""
+    return round(100 * (now - recorded) / recorded, 2) + 0.0
+
+
 def format_eval(rows: list[DomainEval], store: Store) -> str:
     modes = list(rows[0].loss) if rows else []
     head = f"{'domain':<14}{'adapter':>8}{'recorded':>10}" + "".join(f"{m:>10}{'change':>9}{'bb':>5}"
                                                                      for m in modes) + "  data"
     lines = [f"crma eval: {store.root} ({store.condition}, {store.model_spec})", head]
     for r in rows:
-        cells = "".join((f"{r.loss[m]:>10.4f}{100 * (r.loss[m] - r.recorded) / r.recorded:>+8.2f}%"
+        cells = "".join((f"{r.loss[m]:>10.4f}{_pct(r.loss[m], r.recorded):>+8.2f}%"
                          if r.loss[m] is not None else f"{'damaged':>10}{'-':>9}")
                         + f"{('v' + str(r.backbone[m])) if r.backbone[m] else '-':>5}" for m in modes)
         lines.append(f"{r.domain:<14}{'v' + str(r.version):>8}{r.recorded:>10.4f}{cells}  "

@@ -7,7 +7,10 @@
     registry.py   snapshots of the store's manifest; hot reload; what stays loaded for requests in flight
     scheduler.py  continuous batching in one model-owning thread: admit, prefill, step, retire
     mixed.py      one forward over rows with different LoRA adapters (PEFT adapter_names) and backbone versions
-    lora_rows.py  opt-in `--lora-mixing gather`: per-row LoRA from stacked adapter weights
+    lora_rows.py  `--lora-mixing gather` (default): per-row LoRA from stacked adapter weights
+    step.py       the decoding step of Llama-family models in plain torch calls (no transformers modules)
+    linear.py     float32 CPU linear layers as oneDNN GEMMs on weights packed once
+    prefill.py    batched prefill with reused prompt prefixes
     batch.py      the running batch's left-padded KV cache
     decoding.py   sampling (greedy / seeded top-p) and stop-string-safe incremental detokenising
     watch.py      --watch: reload when the manifest changes

@@ -63,9 +63,15 @@ class ServeConfig:
     batching: str = opt("mixed", choices=("mixed", "per-adapter"),
                         help="per-adapter: one adapter at a time (a baseline for benchmarks)")
     lora_mixing: str = opt("gather", choices=("gather", "peft"),
-                           help="LoRA of a batch's rows: the stacked weights of its distinct adapters, one pair of "
-                                "dense matmuls per layer whatever the adapter mix, or PEFT's adapter_names loop "
+                           help="LoRA of a batch's rows: each row's slice of the stacked adapter weights, one pair "
+                                "of batched matmuls per layer whatever the adapter mix, or PEFT's adapter_names loop "
                                 "(the reference)")
+    packed_linears: bool = opt(True, help="float32 linear layers on the CPU as oneDNN GEMMs on weights packed once "
+                                          "(faster than F.linear, most for a few rows; holds the linear weights "
+                                          "twice; docs/serving.md)")
+    decode_step: bool = opt(True, help="decoding steps of Llama-family models (llama, mistral, qwen2) in crma's own "
+                                       "torch code rather than transformers' forward (the same arithmetic with less "
+                                       "overhead; docs/serving.md)")
     prefix_cache_mb: int = opt(256, help="memory for reused prompt prefixes' KV (the chat template's system prompt "
                                          "per adapter and backbone version); 0: off")
     threads: int | None = opt(None, help="torch threads, set once (default: $OMP_NUM_THREADS when set, else every "

@@ -6,23 +6,25 @@ adapter). A row b with slot k_b gets
 
     y_b = W x_b + x_b A_{k_b}^T (s_{k_b} B_{k_b})^T
 
-as two dense matmuls per layer whatever the adapter mix: the u distinct slots of the batch are
-concatenated along the rank, A_U^T (in, u r) and B_U (u r, out), and a 0/1 mask E (b, u r) keeps
-only row b's own block:
+as two batched matmuls per layer whatever the adapter mix: the rows' slices of the stacks are gathered
+once, A_R^T (b, in, r) and B_R (b, r, out), and kept while the rows' slots stay the same (consecutive
+decoding steps), so a step only multiplies:
 
-    delta = ((X A_U^T) * E) B_U            X (b s, in) -> (b s, u r) -> (b s, out)
+    delta = bmm(bmm(X, A_R^T), B_R)            X (b, s, in) -> (b, s, r) -> (b, s, out)
 
-Each distinct adapter's weights are read once per step (a per-row gather would read b copies), and
-the products are plain GEMMs over all rows rather than b tiny ones. Rows that all share one adapter
-take its weights directly, rows without any adapter nothing. PEFT's own mixed-adapter path loops over
-the adapters inside every LoRA layer (~100 ms of a 16-row SmolLM2 step with five adapters).
-PEFT computes W x (its adapters are switched off for the forward); a forward hook on the LoRA layer
-adds the rows' updates.
+That is r (in + out) multiply-adds per row and layer. The alternative, concatenating the u distinct
+adapters along the rank and masking each row to its own block, reads each adapter once but does u
+times the work: over 16 rank-8 adapters on every projection of SmolLM2, about 30% of the base model's
+own multiply-adds. With the gathered copies a 16-row step over 16 adapters costs what a step over one
+adapter costs (benchmarks/results/decode_bench.md). Rows that all
+share one adapter take its weights directly, rows without any adapter nothing. PEFT's own mixed-adapter
+path loops over the adapters inside every LoRA layer (~100 ms of a 16-row SmolLM2 step with five
+adapters). Under transformers' forward PEFT computes W x (its adapters are switched off) and a forward
+hook on the LoRA layer adds the rows' updates; crma's own decoding step (step.py) calls `update`.
 
 Loading or unloading an adapter updates the stacks incrementally (`sync`): a new adapter takes a free
 slot (the stacks double when full) and only its own weights are copied; a dropped adapter's slot is
-freed. The concatenated weights and the mask are kept while the rows' slots stay the same
-(consecutive decoding steps).
+freed.
 """
 from __future__ import annotations
 
@@ -32,6 +34,10 @@ import torch
 from peft.tuners.lora import LoraLayer
 
 NO_ADAPTER_SLOT = 0
+
+
+def _as(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    return t if t.dtype == dtype else t.to(dtype)
 
 
 class _LayerStack:
@@ -78,7 +84,7 @@ class StackedLora:
         self.ok = True                                    # False: some layer is not plain LoRA
         self._hooks: dict[int, object] = {}
         self._model_id, self._names, self._slot_of = None, frozenset(), {}
-        self._rows_key, self._gathered = None, {}         # (A_U, B_U, E) per layer for these rows
+        self._rows_key, self._gathered = None, {}         # (A_R, B_R) per layer for these rows
         self.version = 0                                  # bumped by every change of the stacks
 
     @torch.no_grad()
@@ -125,16 +131,17 @@ class StackedLora:
         return self.ok
 
     @contextmanager
-    def rows_using(self, adapters: list[str | None]):
+    def rows_using(self, adapters: list[str | None], peft_off: bool = True):
         """Context: the hooked model adds to row b the LoRA update of adapters[b] (None: none), with
-        PEFT's own adapters switched off (PEFT computes the base layers only)."""
+        PEFT's own adapters switched off (PEFT computes the base layers only); `peft_off=False` leaves
+        PEFT's layers alone, for a caller that computes the base layers itself and calls `update`."""
         slots = tuple(NO_ADAPTER_SLOT if a is None else self._slot_of[a] for a in adapters)
         key = (self.version, slots)
         if key != self._rows_key:
             self._rows_key, self._gathered = key, {}
         self.single = slots[0] if len(set(slots)) == 1 else None      # one adapter: its weights, not b copies
         self.rows = None if self.single == NO_ADAPTER_SLOT else slots
-        layers = [(layer, layer._disable_adapters) for layer, _ in self.layers.values()]
+        layers = [(layer, layer._disable_adapters) for layer, _ in self.layers.values()] if peft_off else []
         for layer, _ in layers:
             layer._disable_adapters = True
         try:
@@ -145,36 +152,33 @@ class StackedLora:
                 layer._disable_adapters = before
 
     def _hook(self, module, args, output):
+        return self.update(module, args[0], output)
+
+    def update(self, module: LoraLayer, x: torch.Tensor, output: torch.Tensor) -> torch.Tensor:
+        """output (..., out) of `module`'s base layer plus the rows' LoRA updates for its input x (..., in)
+        (the hook's work; decode steps outside transformers call it directly). Unchanged outside rows_using."""
         if self.rows is None:
             return output
         stack = self.layers[id(module)][1]
         if stack is None:
             return output
-        x = args[0]
         shape = x.shape
         if self.single is not None:                    # every row the same adapter: read its weights once
             a, b = stack.a[self.single], stack.b[self.single]                           # (in, r), (r, out)
-            delta = (x.reshape(-1, shape[-1]).to(a.dtype) @ a) @ b                      # (b s, r) -> (b s, out)
-            return output + delta.reshape(*shape[:-1], delta.shape[-1]).to(output.dtype)
+            delta = (_as(x.reshape(-1, shape[-1]), a.dtype) @ a) @ b                    # (b s, r) -> (b s, out)
+            return output + _as(delta.reshape(*shape[:-1], delta.shape[-1]), output.dtype)
         got = self._gathered.get(id(module))
         if got is None:
-            got = self._gathered[id(module)] = self._concatenated(stack)
-        a_u, b_u, mask = got                                       # (in, u r), (u r, out), (b, u r)
-        flat = x.reshape(shape[0], -1, shape[-1]).to(a_u.dtype)                         # (b, s, in)
-        low = (flat @ a_u) * mask[:, None, :]                                           # (b, s, u r): own block only
-        delta = low @ b_u                                                               # (b, s, out)
-        return output + delta.reshape(*shape[:-1], delta.shape[-1]).to(output.dtype)
+            got = self._gathered[id(module)] = self._per_row(stack)
+        a_r, b_r = got                                                                  # (b, in, r), (b, r, out)
+        flat = _as(x.reshape(shape[0], -1, shape[-1]), a_r.dtype)                       # (b, s, in)
+        delta = torch.bmm(torch.bmm(flat, a_r), b_r)                                    # (b, s, out)
+        return output + _as(delta.reshape(*shape[:-1], delta.shape[-1]), output.dtype)
 
-    def _concatenated(self, stack: _LayerStack) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(A_U^T (in, u r), B_U (u r, out), E (b, u r)) for the rows' u distinct slots."""
-        distinct = sorted(set(self.rows))
-        index = torch.tensor(distinct, dtype=torch.long, device=stack.a.device)
-        u, (_, d_in, r) = len(distinct), stack.a.shape
-        a_u = stack.a.index_select(0, index).permute(1, 0, 2).reshape(d_in, u * r)     # (in, u r)
-        b_u = stack.b.index_select(0, index).reshape(u * r, -1)                         # (u r, out)
-        block = torch.tensor([distinct.index(k) for k in self.rows], device=stack.a.device)   # (b,)
-        mask = (torch.arange(u * r, device=stack.a.device) // r == block[:, None]).to(stack.a.dtype)
-        return a_u, b_u, mask
+    def _per_row(self, stack: _LayerStack) -> tuple[torch.Tensor, torch.Tensor]:
+        """(A_R^T (b, in, r), B_R (b, r, out)): each row's slot of the two stacks."""
+        index = torch.tensor(self.rows, dtype=torch.long, device=stack.a.device)
+        return stack.a.index_select(0, index), stack.b.index_select(0, index)
 
     def close(self) -> None:
         for handle in self._hooks.values():

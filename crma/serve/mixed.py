@@ -1,14 +1,21 @@
 """One forward pass over batch rows that each have their own domain adapter and backbone version.
 
 LoRA part (`lora_mixing`):
-- `gather` (the default): stacked adapter weights, two dense matmuls per LoRA layer
-  whatever the adapter mix (lora_rows.py); the stacks follow adapter loads and unloads incrementally.
+- `gather` (the default): each row's slice of the stacked adapter weights, two batched matmuls per
+  LoRA layer whatever the adapter mix (lora_rows.py); the stacks follow adapter loads and unloads incrementally.
 - `peft`: PEFT's own mixed-adapter inference, kept as the reference the tests compare against. Every
   LoRA layer's forward takes `adapter_names` (one name per row, "__base__" for none) and loops over the
   adapters present; a batch whose rows all use one adapter takes PEFT's ordinary path with that adapter
   active. One persistent pre-hook per LoRA layer passes the step's names (PEFT's own
   `model(..., adapter_names=...)` registers and removes a hook on every LoRA layer at every call).
 A model whose LoRA layers are not plain LoRA (DoRA or another variant) always takes PEFT's path.
+
+Decoding steps (one new token per row in the batch cache) of Llama-family models run in crma's own
+step (step.py: the same arithmetic without transformers' modules) unless `decode_step` is off;
+prefills, other families and PEFT's path run transformers' forward.
+
+Base layers: float32 linear layers on the CPU take `PackedLinears` (linear.py: oneDNN GEMMs on weights
+packed once) unless `packed_linears` is off.
 
 CRMA part: `CRMABackbone.per_row` gathers, for every row, the operators of its backbone version
 from a stack precomputed once per set of versions (no Sinkhorn or QR per step).
@@ -21,7 +28,10 @@ import torch
 from peft import PeftModel
 from peft.tuners.lora import LoraLayer
 
+from .batch import SlotLayer
+from .linear import PackedLinears
 from .lora_rows import StackedLora
+from .step import DecodeStep, supports
 
 NO_ADAPTER = "__base__"
 LORA_MIXING = ("gather", "peft")
@@ -30,11 +40,15 @@ LORA_MIXING = ("gather", "peft")
 class MixedForward:
     """Runs `live.model` on rows routed to (adapter name or None, backbone version) each."""
 
-    def __init__(self, live, registry, lora_mixing: str = "gather"):
+    def __init__(self, live, registry, lora_mixing: str = "gather", packed_linears: bool = True,
+                 decode_step: bool = True):
         if lora_mixing not in LORA_MIXING:
             raise ValueError(f"lora_mixing must be one of {LORA_MIXING}, got {lora_mixing!r}")
         self.live, self.registry, self.lora_mixing = live, registry, lora_mixing
         self.stacked = StackedLora()
+        self.packed = PackedLinears() if packed_linears else None
+        self.decode_step = decode_step
+        self._step_key, self._step = None, None
         self._names: list[str] | None = None     # what the pre-hooks pass; None outside our forward
         self._hooked: dict[int, object] = {}     # id(LoRA layer) -> hook handle
         self._scanned_for: tuple | None = None
@@ -65,6 +79,15 @@ class MixedForward:
         else:
             self._names = [a or NO_ADAPTER for a in adapters]
 
+    def _decode_step(self, model) -> DecodeStep | None:
+        """The model's DecodeStep (built again when the model, its adapters or the backbone changed), or
+        None for a model it does not support."""
+        key = (id(model), tuple(sorted(self.live.adapters.items())), id(self.live.backbone))
+        if key != self._step_key:
+            self._step = DecodeStep(model, self.stacked, self.live.backbone) if supports(model) else None
+            self._step_key = key
+        return self._step
+
     def __call__(self, input_ids: torch.Tensor, routes: list, cache, attention_mask=None,
                  position_ids=None, all_positions: bool = False) -> torch.Tensor:
         """Logits of the last position, (rows, vocab), or of every position, (rows, s, vocab); `cache` is
@@ -75,14 +98,23 @@ class MixedForward:
         if missing:                  # PEFT would silently skip an adapter it does not have
             raise RuntimeError(f"adapters not loaded: {sorted(missing)}")
         backbone, stack = self.live.backbone, self.registry.stack
+        if self.packed is not None:
+            self.packed.install(model)
+        step = None
+        if (self.decode_step and input_ids.shape[1] == 1 and not all_positions and attention_mask is not None
+                and position_ids is not None and cache is not None and isinstance(cache.layers[0], SlotLayer)):
+            step = self._decode_step(model)                  # one new token per row in the batch cache
         with ExitStack() as scope:
             if isinstance(model, PeftModel):
                 if self.lora_mixing == "gather" and self.stacked.sync(model, self.live.adapters):
-                    scope.enter_context(self.stacked.rows_using(adapters))
+                    scope.enter_context(self.stacked.rows_using(adapters, peft_off=step is None))
                 else:
                     self._peft_rows(model, adapters)
+                    step = None
             if backbone is not None:
                 scope.enter_context(backbone.per_row(stack, stack.rows([r.backbone_version for r in routes])))
+            if step is not None:
+                return step(input_ids, cache, attention_mask, position_ids)
             try:
                 out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                             cache=cache, use_cache=True, logits_to_keep=0 if all_positions else 1)
@@ -92,6 +124,8 @@ class MixedForward:
 
     def close(self) -> None:
         self.stacked.close()
+        if self.packed is not None:
+            self.packed.remove()
         for handle in self._hooked.values():
             handle.remove()
         self._hooked.clear()

@@ -88,12 +88,13 @@ class QueueFull(Exception):
 
 class Scheduler:
     def __init__(self, live, registry: Registry, max_batch: int = 16, max_queue: int = 64, mode: str = "mixed",
-                 lora_mixing: str = "gather", telemetry=None, prefix_cache_bytes: int = 256 << 20):
+                 lora_mixing: str = "gather", telemetry=None, prefix_cache_bytes: int = 256 << 20,
+                 packed_linears: bool = True, decode_step: bool = True):
         if mode not in ("mixed", "per-adapter"):
             raise ValueError(f"mode must be mixed or per-adapter, got {mode!r}")
         self.live, self.registry, self.telemetry = live, registry, telemetry
         self.max_batch, self.max_queue, self.mode = max_batch, max_queue, mode
-        self.forward = MixedForward(live, registry, lora_mixing)
+        self.forward = MixedForward(live, registry, lora_mixing, packed_linears, decode_step)
         self.batch = BatchCache()
         self.prefixes = PrefixCache(prefix_cache_bytes)
         self.pad_id = live.tokenizer.pad_token_id or 0

@@ -61,7 +61,8 @@ class Server:
         telemetry = Telemetry(cfg.route_log, cfg.route_log_bytes, cfg.route_log_backups, cfg.log_text)
         scheduler = Scheduler(live, registry, max_batch=cfg.max_batch, max_queue=cfg.max_queue, mode=cfg.batching,
                               lora_mixing=cfg.lora_mixing, telemetry=telemetry,
-                              prefix_cache_bytes=max(0, cfg.prefix_cache_mb) << 20)
+                              prefix_cache_bytes=max(0, cfg.prefix_cache_mb) << 20, packed_linears=cfg.packed_linears,
+                              decode_step=cfg.decode_step)
         return cls(cfg, live, registry, scheduler, telemetry, keys)
 
     @staticmethod
@@ -143,6 +144,7 @@ class Server:
                 "manifest_updated": cur.updated, **self.scheduler.load(), "loaded_adapters": self.registry.loaded(),
                 "held_snapshots": self.registry.held(), "stats": dict(self.scheduler.stats),
                 "last_reload": self.last_reload, "uptime_s": round(time.time() - self.started, 1),
-                "batching": self.cfg.batching, "lora_mixing": self.cfg.lora_mixing, "max_batch": self.cfg.max_batch,
-                "watch": self.cfg.watch}
+                "batching": self.cfg.batching, "lora_mixing": self.cfg.lora_mixing,
+                "packed_linears": self.cfg.packed_linears, "decode_step": self.cfg.decode_step,
+                "max_batch": self.cfg.max_batch, "watch": self.cfg.watch}
 
