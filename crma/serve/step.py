@@ -59,8 +59,10 @@ def _linear_of(module: nn.Module) -> nn.Module:
 
 
 def rms_norm(h: torch.Tensor, norm: nn.Module) -> torch.Tensor:
-    """rmsnorm(h) g = h / sqrt(mean(h^2) + eps) * g, in float32 and cast back first, as LlamaRMSNorm."""
-    x = F.rms_norm(h.float(), (h.shape[-1],), eps=norm.variance_epsilon)
+    """rmsnorm(h) g = h / sqrt(mean(h^2) + eps) * g, in float32 and cast back first, as LlamaRMSNorm
+    (written out: torch's F.rms_norm is slower here on one row)."""
+    x = h.float()
+    x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + norm.variance_epsilon)
     return norm.weight * x.to(h.dtype)
 
 
