@@ -17,21 +17,15 @@ from crma.serve.console import tail_records
 from crma.serve.telemetry import Telemetry, bucket_quantile
 from crma.store import Store
 from crma.store.summary import describe
-from tests.conftest import write_cycle_domain
-from tests.test_serve import add, copy_store, serving, wait_for
+from tests.test_serve import add, copy_store, serving, wait_for, write_cycles
 
-CYCLES = {"up": "abcd", "down": "dcba", "zig": "xyzw"}
 TOKEN = "admin-s3cret"
 KEY, LIMITED = "key-0123456789", "key-down-only"
 
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("console_data")
-    for k, (name, cycle) in enumerate(CYCLES.items()):
-        write_cycle_domain(root / f"{name}.jsonl", cycle, 24, 300 + k)
-        write_cycle_domain(root / f"{name}_hold.jsonl", cycle, 6, 400 + k)
-    return root
+    return write_cycles(tmp_path_factory.mktemp("console_data"), 300)
 
 
 @pytest.fixture(scope="module")

@@ -3,7 +3,6 @@ every model (stream and not), mixed batches equal to one request at a time, hot 
 flow, the watcher, a corrupted store refused, every bad input, a full queue, client disconnects."""
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import shutil
@@ -13,7 +12,6 @@ import subprocess
 import sys
 import threading
 import time
-import warnings
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
@@ -21,7 +19,6 @@ from pathlib import Path
 import httpx
 import openai
 import pytest
-import torch
 import uvicorn
 from openai import OpenAI
 
@@ -49,13 +46,17 @@ def add(root: Path, data: Path, name: str, seed: int = 0) -> None:
                  f"{data / name}.jsonl:{data / name}_hold.jsonl", "--seed", str(seed), *TRAIN]) == 0
 
 
+def write_cycles(root: Path, seed: int) -> Path:
+    """Every CYCLES domain's training (24 passages) and holdout (6) files in `root`, seeded from `seed`."""
+    for k, (name, cycle) in enumerate(CYCLES.items()):
+        write_cycle_domain(root / f"{name}.jsonl", cycle, 24, seed + k)
+        write_cycle_domain(root / f"{name}_hold.jsonl", cycle, 6, seed + 100 + k)
+    return root
+
+
 @pytest.fixture(scope="module")
 def data(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("serve_data")
-    for k, (name, cycle) in enumerate(CYCLES.items()):
-        write_cycle_domain(root / f"{name}.jsonl", cycle, 24, 100 + k)
-        write_cycle_domain(root / f"{name}_hold.jsonl", cycle, 6, 200 + k)
-    return root
+    return write_cycles(tmp_path_factory.mktemp("serve_data"), 100)
 
 
 @pytest.fixture(scope="module")
@@ -132,224 +133,6 @@ def complete(c: OpenAI, model: str, prompt: str, max_tokens: int, stream: bool =
         text += (choice.delta.content or "") if chat else choice.text
         finish = choice.finish_reason or finish
     return text, finish, info
-
-
-# ---- the CRMA per-row gather -----------------------------------------------------------------------
-def test_per_row_backbone_versions_match_each_row_alone():
-    from crma.config import CRMAConfig
-    from crma.method.backbone import CRMABackbone
-    from crma.method.models import load_model
-
-    model, _ = load_model("tiny:llama")
-    backbone = CRMABackbone.for_model(model, CRMAConfig()).attach(model)
-    gen = torch.Generator().manual_seed(0)
-    states = {}
-    with torch.no_grad():
-        for v in (1, 2, 3):
-            for block in backbone.crma_blocks:
-                block.crma_theta.add_(torch.randn(block.crma_theta.shape, generator=gen))
-                block.crma_gate.fill_(0.5 * v)
-                block.crma_read.add_(0.3 * torch.randn(block.crma_read.shape, generator=gen))
-                block.crma_write.add_(0.3 * torch.randn(block.crma_write.shape, generator=gen))
-            states[v] = {k: t.clone() for k, t in backbone.state_dict().items()}
-        stack = backbone.stack_versions(states)
-        ids = torch.randint(0, 256, (5, 11), generator=gen)
-        versions = [2, 1, 3, 3, 1]
-        with backbone.per_row(stack, stack.rows(versions)):
-            mixed = model(input_ids=ids).logits
-        assert all(b.row_operators is None for b in backbone.crma_blocks)
-        with backbone.bypassed():
-            base = model(input_ids=ids).logits
-        for row, v in enumerate(versions):
-            backbone.load_state_dict(states[v])
-            alone = model(input_ids=ids[row:row + 1]).logits[0]      # the single-version path, row alone
-            assert (mixed[row] - alone).abs().max().item() <= 1e-5   # fp32 rounding only (batched GEMMs)
-            assert (alone - base[row]).abs().max().item() > 1e-3     # versions really differ from the base
-            other = states[1 if v != 1 else 2]
-            backbone.load_state_dict(other)
-            assert (mixed[row] - model(input_ids=ids[row:row + 1]).logits[0]).abs().max().item() > 1e-4
-
-
-def test_stacked_lora_gather_matches_peft_adapter_names(store):
-    """The default --lora-mixing gather computes what PEFT's adapter_names computes, row by row, also after
-    an adapter was loaded and another dropped (the stacks change incrementally: the others keep their slots)."""
-    from crma.serve.batch import BatchCache, new_cache
-    from crma.serve.mixed import MixedForward
-    from crma.serve.registry import Registry
-
-    live = LiveModel.open(Store(store))
-    registry = Registry(live, store)
-    registry.install(registry.prepare(force=True))
-
-    def run(routes, mixing):
-        forward, batch, steps = MixedForward(live, registry, mixing), BatchCache(), []
-        for k, route in enumerate(routes):
-            ids = torch.tensor([list(b"abcdxyzw"[: 3 + k])])
-            cache = new_cache(live.model.config)
-            forward(ids, [route], cache)
-            batch.add(cache, torch.ones_like(ids), [0])
-        for _ in range(4):
-            mask, positions = batch.step_inputs()
-            steps.append(forward(torch.full((len(routes), 1), 97), routes, batch.cache, mask, positions))
-            batch.stepped()
-        forward.close()
-        return forward.stacked, torch.stack(steps)                           # (steps, rows, vocab)
-
-    def check(routes):
-        _, peft = run(routes, "peft")
-        stacked, gather = run(routes, "gather")
-        assert (peft - gather).abs().max().item() <= 1e-5
-        assert torch.equal(peft.argmax(-1), gather.argmax(-1))
-
-    with torch.inference_mode():
-        routes = [registry.current.routes[m] for m in ("up", "base", "down", "zig", "up", "zig")]
-        check(routes)
-        check([routes[2]] * 3)                                                  # one adapter: shared weights
-        forward = MixedForward(live, registry)
-        assert forward.lora_mixing == "gather"
-        forward.stacked.sync(live.model, live.adapters)
-        slots = dict(forward.stacked.slots)
-        layer, stack = next(v for v in forward.stacked.layers.values() if v[1] is not None)
-        kept = stack.a.clone()
-        live.load_adapter_as("extra@v1", "up", 1, Store(store))                 # hot add: one new slot
-        with warnings.catch_warnings():                                        # "adapter ... was active"
-            warnings.simplefilter("ignore", UserWarning)
-            live.drop_adapter("down@v1")                                       # unload: its slot freed
-        forward.stacked.sync(live.model, live.adapters)
-        now = forward.stacked.slots
-        assert {k: v for k, v in now.items() if k in slots} == {k: v for k, v in slots.items() if k in now}
-        assert ("extra@v1", 1) in now and ("down@v1", 1) not in now
-        for key, slot in now.items():
-            if key in slots:                                                   # untouched by the change
-                assert torch.equal(stack.a[slot], kept[slot])
-        assert stack.a[slots[("down@v1", 1)]].abs().sum() == 0 or slots[("down@v1", 1)] == now[("extra@v1", 1)]
-        forward.close()
-        extra = dataclasses.replace(routes[0], adapter="extra@v1")
-        check([extra, routes[1], routes[3], extra, routes[0]])
-
-
-def test_packed_linear_equals_f_linear():
-    """packed_linear computes F.linear (bias or not, any leading shape, any row count); only float32 CPU
-    nn.Linear layers take it."""
-    from torch import nn
-
-    from crma.serve.linear import pack, packed_linear, packs
-
-    gen = torch.Generator().manual_seed(0)
-    weight, bias = torch.randn(12, 5, generator=gen), torch.randn(12, generator=gen)
-    packed = pack(weight)
-    for x in (torch.randn(5, generator=gen), torch.randn(3, 5, generator=gen), torch.randn(2, 40, 5, generator=gen),
-              torch.randn(5, 3, generator=gen).T):                          # a non-contiguous input
-        for b in (None, bias):
-            got, want = packed_linear(x, packed, b, 12), torch.nn.functional.linear(x, weight, b)
-            assert got.shape == want.shape and torch.allclose(got, want, atol=1e-5)
-    assert packs(nn.Linear(5, 12)) and not packs(nn.Linear(5, 12).to(torch.bfloat16))
-    assert not packs(nn.Embedding(5, 12))
-
-
-def test_packed_linears_and_decode_step_serve_the_same_logits(store):
-    """MixedForward gives the model's linear layers the packed forward (the LM head and PEFT's base layers
-    included) and decodes with its own step (step.py): mixed-adapter prefills and decoding steps give the
-    logits of transformers' forward with F.linear; closing the forward restores every layer's own forward;
-    under autograd the layers compute F.linear."""
-    from crma.serve.batch import BatchCache, new_cache
-    from crma.serve.mixed import MixedForward
-    from crma.serve.registry import Registry
-
-    live = LiveModel.open(Store(store))
-    registry = Registry(live, store)
-    registry.install(registry.prepare(force=True))
-    routes = [registry.current.routes[m] for m in ("up", "base", "down", "zig")]
-
-    def run(fast):
-        forward, batch, out = MixedForward(live, registry, packed_linears=fast, decode_step=fast), BatchCache(), []
-        for k, route in enumerate(routes):
-            ids = torch.tensor([list(b"abcdxyzw"[: 3 + k])])
-            cache = new_cache(live.model.config)
-            out.append(forward(ids, [route], cache)[0])
-            batch.add(cache, torch.ones_like(ids), [0])
-        patched = list(forward.packed.modules) if fast else []
-        for _ in range(3):
-            mask, positions = batch.step_inputs()
-            out.extend(forward(torch.full((len(routes), 1), 97), routes, batch.cache, mask, positions))
-            batch.stepped()
-        assert (forward._step is not None) == fast                           # the step really decoded
-        if fast:
-            lm_head = live.model.get_output_embeddings()
-            with torch.inference_mode(False), torch.enable_grad():
-                x = torch.randn(2, lm_head.in_features, requires_grad=True)
-                lm_head(x).sum().backward()                                  # autograd: F.linear's gradient
-            assert torch.allclose(x.grad, lm_head.weight.sum(0).expand(2, -1), atol=1e-4)
-        forward.close()
-        return torch.stack(out), patched
-
-    with torch.inference_mode():
-        plain, _ = run(False)
-        fast, patched = run(True)
-    linears = [m for m in live.model.modules() if type(m) is torch.nn.Linear]
-    assert len(patched) == len(linears) > 20 and live.model.get_output_embeddings() in patched
-    assert all("forward" not in m.__dict__ for m in linears)                # close() restored them
-    assert (plain - fast).abs().max().item() <= 1e-4 and torch.equal(plain.argmax(-1), fast.argmax(-1))
-
-
-@pytest.mark.parametrize("family", ["llama", "mistral", "qwen2"])
-def test_decode_step_equals_transformers_forward(family):
-    """DecodeStep computes transformers' own decoding step (qwen2: biased q/k/v; grouped-query attention),
-    with left-padded rows of different lengths and a CRMA backbone at a different version per row."""
-    from crma.config import CRMAConfig
-    from crma.method.backbone import CRMABackbone
-    from crma.method.models import load_model
-    from crma.serve.batch import BatchCache, new_cache
-    from crma.serve.step import DecodeStep, supports
-
-    model, _ = load_model(f"tiny:{family}")
-    assert supports(model)
-    backbone = CRMABackbone.for_model(model, CRMAConfig()).attach(model)
-    gen = torch.Generator().manual_seed(1)
-    states = {}
-    with torch.no_grad():
-        for v in (1, 2):
-            for block in backbone.crma_blocks:
-                block.crma_theta.add_(torch.randn(block.crma_theta.shape, generator=gen))
-                block.crma_gate.fill_(0.4 * v)
-            states[v] = {k: t.clone() for k, t in backbone.state_dict().items()}
-    stack = backbone.stack_versions(states)
-    rows = stack.rows([2, 1, 2])
-    step = DecodeStep(model, None, backbone)
-    caches, logits = [BatchCache(), BatchCache()], [[], []]
-    with torch.inference_mode():
-        for i, n in enumerate((5, 9, 2)):                                     # prompts of different lengths
-            ids = torch.randint(0, 256, (1, n), generator=gen)
-            for batch in caches:
-                cache = new_cache(model.config)
-                with backbone.per_row(stack, rows[i:i + 1]):
-                    model(input_ids=ids, cache=cache, use_cache=True)
-                batch.add(cache, torch.ones_like(ids), [0])
-    with torch.inference_mode(), backbone.per_row(stack, rows):
-        token = torch.randint(0, 256, (3, 1), generator=gen)
-        for _ in range(4):
-            for k, batch in enumerate(caches):
-                mask, positions = batch.step_inputs()
-                if k == 0:
-                    out = model(input_ids=token, attention_mask=mask, position_ids=positions, cache=batch.cache,
-                                use_cache=True, logits_to_keep=1).logits[:, -1]
-                else:
-                    out = step(token, batch.cache, mask, positions)
-                logits[k].append(out)
-                batch.stepped()
-            token = logits[0][-1].argmax(-1, keepdim=True)
-    want, got = torch.stack(logits[0]), torch.stack(logits[1])                # (steps, rows, vocab)
-    assert (want - got).abs().max().item() <= 1e-5 and torch.equal(want.argmax(-1), got.argmax(-1))
-    keys = [torch.stack([layer.keys for layer in batch.cache.layers]) for batch in caches]
-    assert torch.allclose(keys[0], keys[1], atol=1e-5)                       # the same keys written in place
-
-
-@pytest.mark.parametrize("family", ["gpt2", "gemma2", "phi3"])
-def test_decode_step_refuses_other_families(family):
-    from crma.method.models import load_model
-    from crma.serve.step import supports
-
-    assert not supports(load_model(f"tiny:{family}")[0])
 
 
 # ---- the OpenAI surface through the official client ------------------------------------------------

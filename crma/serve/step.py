@@ -9,7 +9,7 @@ the rows' LoRA updates (`StackedLora.update`) and CRMA operators (`CRMABlock.row
     h_0   = E[token]                                           (b, d)
     per block l:
       x   = rmsnorm(h) g_in
-      q, k, v = x Wq^T + dq, x Wk^T + dk, x Wv^T + dv           LoRA rows' updates d = ((x A_U) * E) B_U
+      q, k, v = x Wq^T + dq, x Wk^T + dk, x Wv^T + dv           LoRA rows' updates d = (x A_R^T) B_R
       q, k = rope(q, pos), rope(k, pos)                         rope(x) = x cos + rotate_half(x) sin
       K_l[:, :, T], V_l[:, :, T] = k, v                         the batch cache's preallocated columns
       a   = softmax(q K_l^T / sqrt(hd) + mask) V_l              grouped-query: q heads share kv heads
