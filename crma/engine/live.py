@@ -20,7 +20,7 @@ from peft import PeftModel
 from ..config import CRMAConfig, DeviceConfig
 from ..method.adapters import active, load_adapter
 from ..method.backbone import BACKBONE_FILE, CRMABackbone
-from ..method.models import fingerprint
+from ..method.models import base_model, fingerprint
 from ..runtime import load_placed
 from ..store import Store, StoreError, verify_files
 
@@ -72,7 +72,7 @@ class LiveModel:
 
     def create_backbone(self, cfg: CRMAConfig, seed: int = 0) -> CRMABackbone:
         """Attach a fresh backbone (identity at init) to the model."""
-        base = self.model.get_base_model() if isinstance(self.model, PeftModel) else self.model
+        base = base_model(self.model)
         self.backbone = CRMABackbone.for_model(base, cfg, seed=seed).attach(base)
         return self.backbone
 

@@ -133,6 +133,11 @@ def load_model(spec: str, seed: int = 0, dtype: torch.dtype = torch.float32, loa
     return model, tokenizer
 
 
+def base_model(model: nn.Module) -> nn.Module:
+    """The causal LM under a PeftModel (or the model itself)."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
 def family(model: nn.Module) -> str:
     return model.config.model_type
 
@@ -182,8 +187,7 @@ def fingerprint(model: nn.Module) -> dict:
     so a store built in fp32 on a CPU opens in bf16 on a GPU (the same with or without PEFT adapters).
     Computed once per model object and kept on it (crma never changes base weights): a sharded model's
     later calls then need no collective gather."""
-    if hasattr(model, "get_base_model"):
-        model = model.get_base_model()
+    model = base_model(model)
     if getattr(model, "_crma_fingerprint", None) is not None:
         return dict(model._crma_fingerprint)
     cfg = model.config

@@ -30,19 +30,16 @@ import torch.nn.functional as F
 from peft.tuners.lora import LoraLayer
 from torch import nn
 
+from ..method.models import base_model
+
 FAMILIES = ("llama", "mistral", "qwen2")
 _PROJECTIONS = (("self_attn", "q_proj"), ("self_attn", "k_proj"), ("self_attn", "v_proj"), ("self_attn", "o_proj"),
                 ("mlp", "gate_proj"), ("mlp", "up_proj"), ("mlp", "down_proj"))
 
 
-def _base(model: nn.Module) -> nn.Module:
-    """The causal LM under a PeftModel (or the model itself)."""
-    return model.get_base_model() if hasattr(model, "get_base_model") else model
-
-
 def supports(model: nn.Module) -> bool:
     """Whether `model` is a Llama-family decoder this step computes exactly."""
-    base = _base(model)
+    base = base_model(model)
     cfg = base.config
     inner = getattr(base, "model", None)
     if cfg.model_type not in FAMILIES or getattr(cfg, "hidden_act", None) != "silu" or inner is None:
@@ -76,7 +73,7 @@ class DecodeStep:
     """The decoding step of one model; `lora` is MixedForward's StackedLora (its rows set per call)."""
 
     def __init__(self, model: nn.Module, lora=None, backbone=None):
-        base = _base(model)
+        base = base_model(model)
         inner = base.model
         self.embed, self.norm, self.rotary = inner.embed_tokens, inner.norm, inner.rotary_emb
         self.lm_head = base.get_output_embeddings()
