@@ -124,7 +124,7 @@ def test_packed_linear_equals_f_linear():
     nn.Linear layers take it."""
     from torch import nn
 
-    from crma.serve.linear import pack, packed_linear, packs
+    from crma.serve.linear import PackedGroup, pack, packed_linear, packs
 
     gen = torch.Generator().manual_seed(0)
     weight, bias = torch.randn(12, 5, generator=gen), torch.randn(12, generator=gen)
@@ -136,6 +136,11 @@ def test_packed_linear_equals_f_linear():
             assert got.shape == want.shape and torch.allclose(got, want, atol=1e-5)
     assert packs(nn.Linear(5, 12)) and not packs(nn.Linear(5, 12).to(torch.bfloat16))
     assert not packs(nn.Embedding(5, 12))
+    layers = (nn.Linear(5, 12), nn.Linear(5, 4, bias=False), nn.Linear(5, 6))     # one input, stacked outputs
+    x = torch.randn(3, 5, generator=gen)
+    got = PackedGroup(layers)(x)
+    assert [tuple(y.shape) for y in got] == [(3, 12), (3, 4), (3, 6)]
+    assert all(torch.allclose(y, layer(x), atol=1e-5) for y, layer in zip(got, layers, strict=True))
 
 
 def test_packed_linears_and_decode_step_serve_the_same_logits(store):
@@ -146,6 +151,7 @@ def test_packed_linears_and_decode_step_serve_the_same_logits(store):
     from crma.serve.batch import BatchCache, new_cache
     from crma.serve.mixed import MixedForward
     from crma.serve.registry import Registry
+    from crma.serve.step import fused_groups
 
     live = LiveModel.open(Store(store))
     registry = Registry(live, store)
@@ -160,6 +166,10 @@ def test_packed_linears_and_decode_step_serve_the_same_logits(store):
             out.append(forward(ids, [route], cache)[0])
             batch.add(cache, torch.ones_like(ids), [0])
         patched = list(forward.packed.modules) if fast else []
+        if fast:                                   # q|k|v and gate|up of every block packed as one GEMM each
+            groups = fused_groups(live.model)
+            assert len(forward.packed.groups) == len(groups) == 2 * live.model.config.num_hidden_layers
+            patched += [m for group in groups for m in group if "forward" not in m.__dict__]
         for _ in range(3):
             mask, positions = batch.step_inputs()
             out.extend(forward(torch.full((len(routes), 1), 97), routes, batch.cache, mask, positions))
@@ -178,23 +188,29 @@ def test_packed_linears_and_decode_step_serve_the_same_logits(store):
         plain, _ = run(False)
         fast, patched = run(True)
     linears = [m for m in live.model.modules() if type(m) is torch.nn.Linear]
-    assert len(patched) == len(linears) > 20 and live.model.get_output_embeddings() in patched
+    assert len({id(m) for m in patched}) == len(patched) == len(linears) > 20    # alone or in a group, once
+    assert live.model.get_output_embeddings() in patched
     assert all("forward" not in m.__dict__ for m in linears)                # close() restored them
     assert (plain - fast).abs().max().item() <= 1e-4 and torch.equal(plain.argmax(-1), fast.argmax(-1))
 
 
-@pytest.mark.parametrize("family", ["llama", "mistral", "qwen2"])
-def test_decode_step_equals_transformers_forward(family):
+@pytest.mark.parametrize("family,grouped", [("llama", True), ("mistral", False), ("qwen2", True), ("qwen2", False)])
+def test_decode_step_equals_transformers_forward(family, grouped):
     """DecodeStep computes transformers' own decoding step (qwen2: biased q/k/v; grouped-query attention),
-    with left-padded rows of different lengths and a CRMA backbone at a different version per row."""
+    with left-padded rows of different lengths and a CRMA backbone at a different version per row; its
+    q|k|v and gate|up projections one packed GEMM each (`grouped`) or one GEMM per layer."""
     from crma.config import CRMAConfig
     from crma.method.backbone import CRMABackbone
     from crma.method.models import load_model
     from crma.serve.batch import BatchCache, new_cache
-    from crma.serve.step import DecodeStep, supports
+    from crma.serve.linear import PackedLinears
+    from crma.serve.step import DecodeStep, fused_groups, supports
 
     model, _ = load_model(f"tiny:{family}")
     assert supports(model)
+    linears = PackedLinears() if grouped else None
+    if grouped:
+        linears.install(model, fused_groups)
     backbone = CRMABackbone.for_model(model, CRMAConfig()).attach(model)
     gen = torch.Generator().manual_seed(1)
     states = {}
@@ -206,7 +222,8 @@ def test_decode_step_equals_transformers_forward(family):
             states[v] = {k: t.clone() for k, t in backbone.state_dict().items()}
     stack = backbone.stack_versions(states)
     rows = stack.rows([2, 1, 2])
-    step = DecodeStep(model, None, backbone)
+    step = DecodeStep(model, None, backbone, linears)
+    assert all((qkv.packed is not None) == grouped for _, qkv, *_ in step.blocks)
     caches, logits = [BatchCache(), BatchCache()], [[], []]
     with torch.inference_mode():
         for i, n in enumerate((5, 9, 2)):                                     # prompts of different lengths
@@ -233,6 +250,8 @@ def test_decode_step_equals_transformers_forward(family):
     assert (want - got).abs().max().item() <= 1e-5 and torch.equal(want.argmax(-1), got.argmax(-1))
     keys = [torch.stack([layer.keys for layer in batch.cache.layers]) for batch in caches]
     assert torch.allclose(keys[0], keys[1], atol=1e-5)                       # the same keys written in place
+    if grouped:
+        linears.remove()
 
 
 @pytest.mark.parametrize("family", ["gpt2", "gemma2", "phi3"])

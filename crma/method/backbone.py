@@ -19,7 +19,7 @@ from torch import nn
 
 from ..config import CRMAConfig
 from ..io import atomic_path
-from .layer import CRMABlock, crma_operators
+from .layer import CRMABlock, folded_operators
 from .models import decoder_layers, family, fingerprint, mlp_out_weight
 
 BACKBONE_FILE = "crma_backbone.safetensors"
@@ -32,8 +32,8 @@ class FingerprintError(ValueError):
 class VersionStack:
     """Several backbone versions' operators, stacked per block (serving: one batch, many versions).
 
-    `keys[i]` names the i-th stacked version; `blocks[layer]` is (R^T (V, d, n), M^T (V, n, n),
-    W^T (V, n, d), alpha (V,)), each version's crma_operators exactly as a single forward computes them."""
+    `keys[i]` names the i-th stacked version; `blocks[layer]` is ((M R)^T (V, d, n), (alpha W)^T (V, n, d)),
+    each version's folded_operators, computed once per set of versions (no Sinkhorn or QR per step)."""
 
     def __init__(self, keys: list, blocks: list[tuple[torch.Tensor, ...]]):
         self.keys = list(keys)
@@ -125,9 +125,9 @@ class CRMABackbone(nn.Module):
         device = next(self.parameters()).device
         blocks = []
         for i, block in enumerate(self.crma_blocks):
-            ops = [crma_operators(*(states[k][f"crma_blocks.{i}.crma_{p}"].to(device).float()
-                                    for p in ("read", "theta", "write", "gate")), block.cfg) for k in keys]
-            blocks.append(tuple(torch.stack([o[j] for o in ops]).contiguous() for j in range(4)))
+            ops = [folded_operators(*(states[k][f"crma_blocks.{i}.crma_{p}"].to(device).float()
+                                   for p in ("read", "theta", "write", "gate")), block.cfg) for k in keys]
+            blocks.append(tuple(torch.stack([o[j] for o in ops]).contiguous() for j in range(2)))
         return VersionStack(keys, blocks)
 
     @contextmanager

@@ -42,24 +42,29 @@ def orthonormal_columns(a: torch.Tensor) -> torch.Tensor:
 def crma_operators(read: torch.Tensor, theta: torch.Tensor, write: torch.Tensor, gate: torch.Tensor,
                    cfg: CRMAConfig) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """The pieces `CRMABlock.delta` computes on every forward, from one set of block parameters:
-    (R^T (d, n), M^T (n, n), W^T (n, d), alpha ()). Serving computes them once per backbone version."""
+    (R^T (d, n), M^T (n, n), W^T (n, d), alpha ())."""
     r_t = orthonormal_columns(read)                                   # (d, n) = R^T
     w_t = orthonormal_columns(write).T                                # (n, d) = W^T
     m_t = mixing_matrix(theta, cfg.tau, cfg.sinkhorn_iters).T         # (n, n) = M^T
     return r_t, m_t, w_t, cfg.rho * torch.tanh(gate)
 
 
-def delta_rows(h: torch.Tensor, read: torch.Tensor, mix_t: torch.Tensor, write_t: torch.Tensor,
-               alpha: torch.Tensor) -> torch.Tensor:
-    """dh = alpha_b * W_b M_b R_b h for every batch row b with its own operators: h (b, ..., d),
-    read (b, d, n), mix_t (b, n, n), write_t (b, n, d), alpha (b,) (crma_operators stacked per row).
-    The same three products as CRMABlock.delta, batched over rows; returns (b, ..., d) in h's dtype."""
+def folded_operators(read: torch.Tensor, theta: torch.Tensor, write: torch.Tensor, gate: torch.Tensor,
+                  cfg: CRMAConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """crma_operators folded into the two factors of dh = (alpha W)(M R) h, for serving:
+    (R^T M^T (d, n), alpha W^T (n, d)). The same map as CRMABlock.delta (rounding aside)."""
+    r_t, m_t, w_t, alpha = crma_operators(read, theta, write, gate, cfg)
+    return r_t @ m_t, alpha * w_t
+
+
+def delta_rows(h: torch.Tensor, read_mix: torch.Tensor, write_scaled: torch.Tensor) -> torch.Tensor:
+    """dh_b = (alpha_b W_b)(M_b R_b) h_b for every batch row b with its own operators: h (b, ..., d),
+    read_mix (b, d, n) = (M_b R_b)^T, write_scaled (b, n, d) = (alpha_b W_b)^T (folded_operators
+    stacked per row). Computed on h.float() (the caller keeps autocast off: `fp32`); returns (b, ..., d)
+    in h's dtype."""
     shape = h.shape
-    with fp32(h):
-        x = h.float().reshape(shape[0], -1, shape[-1])                # (b, s, d)
-        streams = torch.bmm(x, read)                                  # (b, s, n) = R h
-        mixed = torch.bmm(streams, mix_t)                             # (b, s, n) = M R h
-        out = alpha.reshape(-1, 1, 1) * torch.bmm(mixed, write_t)     # (b, s, d)
+    x = h.float().reshape(shape[0], -1, shape[-1])                    # (b, s, d)
+    out = torch.bmm(torch.bmm(x, read_mix), write_scaled)             # (b, s, n) -> (b, s, d)
     return out.reshape(shape).to(h.dtype)
 
 
@@ -106,13 +111,9 @@ class CRMABlock(nn.Module):
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         if self.row_operators is not None:
-            return h + delta_rows(h, *self.row_operators)
+            with fp32(h):
+                return h + delta_rows(h, *self.row_operators)
         return h + self.delta(h)
-
-    @torch.no_grad()
-    def operators(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """crma_operators of this block's current parameters."""
-        return crma_operators(self.crma_read, self.crma_theta, self.crma_write, self.crma_gate, self.cfg)
 
     @torch.no_grad()
     def stats(self) -> dict[str, float]:

@@ -20,7 +20,9 @@ adapter costs (benchmarks/results/decode_bench.md). Rows that all
 share one adapter take its weights directly, rows without any adapter nothing. PEFT's own mixed-adapter
 path loops over the adapters inside every LoRA layer (~100 ms of a 16-row SmolLM2 step with five
 adapters). Under transformers' forward PEFT computes W x (its adapters are switched off) and a forward
-hook on the LoRA layer adds the rows' updates; crma's own decoding step (step.py) calls `update`.
+hook on the LoRA layer adds the rows' updates; crma's own decoding step (step.py) calls `add` for
+each group of projections that read one input (q, k, v; gate, up), which takes one A product per group:
+U = X [A_q^T | A_k^T | A_v^T], then y_q += U_q B_q and so on, in place.
 
 Loading or unloading an adapter updates the stacks incrementally (`sync`): a new adapter takes a free
 slot (the stacks double when full) and only its own weights are copied; a dropped adapter's slot is
@@ -29,6 +31,7 @@ freed.
 from __future__ import annotations
 
 from contextlib import contextmanager
+from itertools import accumulate
 
 import torch
 from peft.tuners.lora import LoraLayer
@@ -84,7 +87,7 @@ class StackedLora:
         self.ok = True                                    # False: some layer is not plain LoRA
         self._hooks: dict[int, object] = {}
         self._model_id, self._names, self._slot_of = None, frozenset(), {}
-        self._rows_key, self._gathered = None, {}         # (A_R, B_R) per layer for these rows
+        self._rows_key, self._gathered = None, {}         # _weights per group of layers, for these rows
         self.version = 0                                  # bumped by every change of the stacks
 
     @torch.no_grad()
@@ -134,7 +137,7 @@ class StackedLora:
     def rows_using(self, adapters: list[str | None], peft_off: bool = True):
         """Context: the hooked model adds to row b the LoRA update of adapters[b] (None: none), with
         PEFT's own adapters switched off (PEFT computes the base layers only); `peft_off=False` leaves
-        PEFT's layers alone, for a caller that computes the base layers itself and calls `update`."""
+        PEFT's layers alone, for a caller that computes the base layers itself and calls `add`."""
         slots = tuple(NO_ADAPTER_SLOT if a is None else self._slot_of[a] for a in adapters)
         key = (self.version, slots)
         if key != self._rows_key:
@@ -152,33 +155,59 @@ class StackedLora:
                 layer._disable_adapters = before
 
     def _hook(self, module, args, output):
-        return self.update(module, args[0], output)
+        self.add((module,), args[0], (output,))
+        return output
 
-    def update(self, module: LoraLayer, x: torch.Tensor, output: torch.Tensor) -> torch.Tensor:
-        """output (..., out) of `module`'s base layer plus the rows' LoRA updates for its input x (..., in)
-        (the hook's work; decode steps outside transformers call it directly). Unchanged outside rows_using."""
+    def add(self, modules: tuple, x: torch.Tensor, outputs) -> None:
+        """outputs[i] (..., out_i) += the rows' LoRA update of modules[i], in place, for the input x (..., in)
+        the modules share (a block's q, k, v projections, say; modules without LoRA are skipped): one
+        product with their A^T side by side, then one per module with its B,
+
+            U = X [A_1^T | A_2^T | ...],   y_i += U[:, R_i] B_i       (R_i: module i's columns of U)
+
+        (the hook does this for one module under transformers' forward; crma's decoding step, step.py,
+        for its groups). Nothing outside rows_using."""
         if self.rows is None:
-            return output
-        stack = self.layers[id(module)][1]
-        if stack is None:
-            return output
-        shape = x.shape
-        if self.single is not None:                    # every row the same adapter: read its weights once
-            a, b = stack.a[self.single], stack.b[self.single]                           # (in, r), (r, out)
-            delta = (_as(x.reshape(-1, shape[-1]), a.dtype) @ a) @ b                    # (b s, r) -> (b s, out)
-            return output + _as(delta.reshape(*shape[:-1], delta.shape[-1]), output.dtype)
-        got = self._gathered.get(id(module))
+            return
+        got = self._weights(modules)
         if got is None:
-            got = self._gathered[id(module)] = self._per_row(stack)
-        a_r, b_r = got                                                                  # (b, in, r), (b, r, out)
-        flat = _as(x.reshape(shape[0], -1, shape[-1]), a_r.dtype)                       # (b, s, in)
-        delta = torch.bmm(torch.bmm(flat, a_r), b_r)                                    # (b, s, out)
-        return output + _as(delta.reshape(*shape[:-1], delta.shape[-1]), output.dtype)
+            return
+        a, parts = got                                 # (in, R) for one adapter, else (b, in, R); [(i, lo, hi, B)]
+        if a.dim() == 2:
+            u = _as(x.reshape(-1, x.shape[-1]), a.dtype) @ a                            # (n, R)
+            for i, lo, hi, b in parts:
+                y = outputs[i].view(-1, outputs[i].shape[-1])                           # (n, out_i)
+                if y.dtype == b.dtype:
+                    y.addmm_(u[:, lo:hi], b)
+                else:
+                    y.add_(u[:, lo:hi] @ b)
+        else:
+            u = torch.bmm(_as(x.reshape(x.shape[0], -1, x.shape[-1]), a.dtype), a)      # (b, s, R)
+            for i, lo, hi, b in parts:                                                  # b: (b, r_i, out_i)
+                outputs[i].view(x.shape[0], -1, outputs[i].shape[-1]).add_(torch.bmm(u[..., lo:hi], b))
 
-    def _per_row(self, stack: _LayerStack) -> tuple[torch.Tensor, torch.Tensor]:
-        """(A_R^T (b, in, r), B_R (b, r, out)): each row's slot of the two stacks."""
-        index = torch.tensor(self.rows, dtype=torch.long, device=stack.a.device)
-        return stack.a.index_select(0, index), stack.b.index_select(0, index)
+    def _weights(self, modules: tuple):
+        """(A^T side by side, [(output index, first and last column of U, B)]) of `modules` for these rows:
+        the one adapter's slices, else each row's slice gathered; kept while the rows stay the same."""
+        key = tuple(id(m) for m in modules)
+        if key in self._gathered:
+            return self._gathered[key]
+        found = [(i, self.layers[id(m)][1]) for i, m in enumerate(modules) if id(m) in self.layers]
+        found = [(i, stack) for i, stack in found if stack is not None]
+        got = None
+        if found:
+            if self.single is not None:                # one adapter: its weights, not b copies
+                a_parts, b_parts = [s.a[self.single] for _, s in found], [s.b[self.single] for _, s in found]
+            else:
+                index = torch.tensor(self.rows, dtype=torch.long, device=found[0][1].a.device)
+                a_parts = [s.a.index_select(0, index) for _, s in found]                # (b, in, r_i)
+                b_parts = [s.b.index_select(0, index) for _, s in found]                # (b, r_i, out_i)
+            ends = list(accumulate(p.shape[-1] for p in a_parts))
+            parts = [(i, end - p.shape[-1], end, b) for (i, _), p, end, b in zip(found, a_parts, ends, b_parts,
+                                                                                   strict=True)]
+            got = (a_parts[0] if len(a_parts) == 1 else torch.cat(a_parts, -1), parts)
+        self._gathered[key] = got
+        return got
 
     def close(self) -> None:
         for handle in self._hooks.values():

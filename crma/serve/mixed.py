@@ -15,7 +15,9 @@ step (step.py: the same arithmetic without transformers' modules) unless `decode
 prefills, other families and PEFT's path run transformers' forward.
 
 Base layers: float32 linear layers on the CPU take `PackedLinears` (linear.py: oneDNN GEMMs on weights
-packed once) unless `packed_linears` is off.
+packed once) unless `packed_linears` is off; with the decoding step, each block's q, k, v projections
+and its gate and up projections are packed as one GEMM each (the step reads them so; prefills run
+those layers' own F.linear).
 
 CRMA part: `CRMABackbone.per_row` gathers, for every row, the operators of its backbone version
 from a stack precomputed once per set of versions (no Sinkhorn or QR per step).
@@ -31,7 +33,7 @@ from peft.tuners.lora import LoraLayer
 from .batch import SlotLayer
 from .linear import PackedLinears
 from .lora_rows import StackedLora
-from .step import DecodeStep, supports
+from .step import DecodeStep, fused_groups, supports
 
 NO_ADAPTER = "__base__"
 LORA_MIXING = ("gather", "peft")
@@ -84,9 +86,13 @@ class MixedForward:
         None for a model it does not support."""
         key = (id(model), tuple(sorted(self.live.adapters.items())), id(self.live.backbone))
         if key != self._step_key:
-            self._step = DecodeStep(model, self.stacked, self.live.backbone) if supports(model) else None
+            self._step = DecodeStep(model, self.stacked, self.live.backbone, self.packed) if supports(model) else None
             self._step_key = key
         return self._step
+
+    def _groups(self, model) -> list:
+        """The linear layers PackedLinears packs together: those crma's decoding step reads as groups."""
+        return fused_groups(model) if self.decode_step and supports(model) else []
 
     def __call__(self, input_ids: torch.Tensor, routes: list, cache, attention_mask=None,
                  position_ids=None, all_positions: bool = False) -> torch.Tensor:
@@ -99,7 +105,7 @@ class MixedForward:
             raise RuntimeError(f"adapters not loaded: {sorted(missing)}")
         backbone, stack = self.live.backbone, self.registry.stack
         if self.packed is not None:
-            self.packed.install(model)
+            self.packed.install(model, self._groups)
         step = None
         if (self.decode_step and input_ids.shape[1] == 1 and not all_positions and attention_mask is not None
                 and position_ids is not None and cache is not None and isinstance(cache.layers[0], SlotLayer)):

@@ -4,20 +4,26 @@ transformers' modules: the same arithmetic as the model's own forward for one ne
 A decoding step is bound by the weights' GEMMs, but on a CPU the rest of transformers' forward (module
 calls, hooks, PEFT's LoRA wrappers, per-call argument handling) costs several milliseconds more.
 This step walks the decoder blocks itself, reading the model's own weights (no copies) and applying
-the rows' LoRA updates (`StackedLora.update`) and CRMA operators (`CRMABlock.row_operators`) directly:
+the rows' LoRA updates (`StackedLora.add`) and CRMA operators (`CRMABlock.row_operators`) directly:
 
     h_0   = E[token]                                           (b, d)
     per block l:
       x   = rmsnorm(h) g_in
-      q, k, v = x Wq^T + dq, x Wk^T + dk, x Wv^T + dv           LoRA rows' updates d = (x A_R^T) B_R
+      [q | k | v] = x [Wq; Wk; Wv]^T + U [Bq | Bk | Bv]       one GEMM (packed group), LoRA rows' update
+                                                                with U = x [Aq^T | Ak^T | Av^T] (lora_rows.py)
       q, k = rope(q, pos), rope(k, pos)                         rope(x) = x cos + rotate_half(x) sin
       K_l[:, :, T], V_l[:, :, T] = k, v                         the batch cache's preallocated columns
       a   = softmax(q K_l^T / sqrt(hd) + mask) V_l              grouped-query: q heads share kv heads
       h   = h + a Wo^T + do
       x   = rmsnorm(h) g_post
-      h   = h + (silu(x Wg^T + dg) * (x Wu^T + du)) Wd^T + dd
-      h   = h + alpha_b W_b M_b R_b h                           CRMA, the row's backbone version
+      [g | u] = x [Wg; Wu]^T + dg|u                             one GEMM (packed group)
+      h   = h + (silu(g) * u) Wd^T + dd
+      h   = h + (alpha_b W_b)(M_b R_b) h                        CRMA, the row's backbone version
     logits = rmsnorm(h) g_out W_lm^T
+
+The projections of a group are one GEMM when PackedLinears packed them together (`fused_groups`),
+else one GEMM each. Attention is written out (two matmuls and a softmax over the mask added once per
+step): for one query per row it costs less than torch's fused attention from a few rows on.
 
 `supports(model)` says whether a model has this structure; MixedForward uses the step for decoding
 steps of such models and transformers' forward for everything else (prefills, other families, PEFT's
@@ -30,6 +36,7 @@ import torch.nn.functional as F
 from peft.tuners.lora import LoraLayer
 from torch import nn
 
+from ..method.layer import delta_rows
 from ..method.models import base_model
 
 FAMILIES = ("llama", "mistral", "qwen2")
@@ -55,6 +62,16 @@ def _linear_of(module: nn.Module) -> nn.Module:
     return module.base_layer if isinstance(module, LoraLayer) else module
 
 
+def fused_groups(model: nn.Module) -> list[tuple[nn.Linear, ...]]:
+    """The base linear layers of every block that read one input: (q, k, v) and (gate, up)."""
+    groups = []
+    for block in base_model(model).model.layers:
+        attn, mlp = block.self_attn, block.mlp
+        groups += [tuple(_linear_of(m) for m in (attn.q_proj, attn.k_proj, attn.v_proj)),
+                   (_linear_of(mlp.gate_proj), _linear_of(mlp.up_proj))]
+    return groups
+
+
 def rms_norm(h: torch.Tensor, norm: nn.Module) -> torch.Tensor:
     """rmsnorm(h) g = h / sqrt(mean(h^2) + eps) * g, in float32 and cast back first, as LlamaRMSNorm
     (written out: torch's F.rms_norm is slower here on one row)."""
@@ -63,60 +80,87 @@ def rms_norm(h: torch.Tensor, norm: nn.Module) -> torch.Tensor:
     return norm.weight * x.to(h.dtype)
 
 
-def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x cos + rotate_half(x) sin, rotate_half([x1, x2]) = [-x2, x1]: x (b, heads, hd), cos/sin (b, 1, hd)."""
-    half = x.shape[-1] // 2
-    return x * cos + torch.cat((-x[..., half:], x[..., :half]), -1) * sin
+def signed_sin(sin: torch.Tensor) -> torch.Tensor:
+    """s = [-sin_1 | sin_2] (the halves of sin), so that rotate_half(x) sin = roll(x, hd / 2) s."""
+    half = sin.shape[-1] // 2
+    return torch.cat((-sin[..., :half], sin[..., half:]), -1)
+
+
+def rope(x: torch.Tensor, cos: torch.Tensor, sin_s: torch.Tensor) -> torch.Tensor:
+    """x cos + rotate_half(x) sin = x cos + roll(x, hd / 2) s, rotate_half([x1, x2]) = [-x2, x1], s =
+    signed_sin(sin): x (b, heads, hd), cos/s (b, 1, hd)."""
+    return torch.addcmul(x * cos, torch.roll(x, x.shape[-1] // 2, -1), sin_s)
+
+
+def attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, bias: torch.Tensor,
+              scale: float) -> torch.Tensor:
+    """softmax(q K^T scale + bias) V for one query per row, grouped: q (b, KV, G, hd) (G query heads per
+    kv head), keys/values (b, KV, T, hd), bias (b, 1, 1, T) (0 or -inf) -> (b, KV, G, hd). The softmax
+    in float32, as transformers' eager attention."""
+    scores = torch.matmul(q, keys.transpose(-1, -2)).mul_(scale).add_(bias)          # (b, KV, G, T)
+    return torch.matmul(torch.softmax(scores, -1, dtype=torch.float32).to(q.dtype), values)
+
+
+class _Projections:
+    """Linear layers that read one input (with or without LoRA): their outputs for x, plus the rows' LoRA
+    updates; one GEMM when PackedLinears packed them as a group."""
+
+    def __init__(self, modules: tuple[nn.Module, ...], linears=None):
+        self.modules, self.base = modules, tuple(_linear_of(m) for m in modules)
+        self.packed = linears.group(self.base) if linears is not None else None
+
+    def __call__(self, x: torch.Tensor, lora) -> list[torch.Tensor]:
+        ys = self.packed(x) if self.packed is not None else [m.forward(x) for m in self.base]
+        if lora is not None:
+            lora.add(self.modules, x, ys)
+        return ys
 
 
 class DecodeStep:
-    """The decoding step of one model; `lora` is MixedForward's StackedLora (its rows set per call)."""
+    """The decoding step of one model; `lora` is MixedForward's StackedLora (its rows set per call),
+    `linears` its PackedLinears (groups packed with `fused_groups`) or None."""
 
-    def __init__(self, model: nn.Module, lora=None, backbone=None):
+    def __init__(self, model: nn.Module, lora=None, backbone=None, linears=None):
         base = base_model(model)
         inner = base.model
         self.embed, self.norm, self.rotary = inner.embed_tokens, inner.norm, inner.rotary_emb
         self.lm_head = base.get_output_embeddings()
         self.blocks = []
         for block in inner.layers:
-            attn = block.self_attn
-            self.blocks.append((block.input_layernorm, attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj,
-                                block.post_attention_layernorm, block.mlp.gate_proj, block.mlp.up_proj,
-                                block.mlp.down_proj))
+            attn, mlp = block.self_attn, block.mlp
+            self.blocks.append((block.input_layernorm, _Projections((attn.q_proj, attn.k_proj, attn.v_proj), linears),
+                                _Projections((attn.o_proj,)), block.post_attention_layernorm,
+                                _Projections((mlp.gate_proj, mlp.up_proj), linears), _Projections((mlp.down_proj,))))
         attn = inner.layers[0].self_attn
         self.heads, self.kv_heads = base.config.num_attention_heads, base.config.num_key_value_heads
         self.head_dim, self.scale = attn.head_dim, attn.scaling
         self.lora, self.backbone = lora, backbone
-
-    def _linear(self, module: nn.Module, x: torch.Tensor) -> torch.Tensor:
-        """module's base linear layer on x (its own forward: packed or not), plus the rows' LoRA update."""
-        if isinstance(module, LoraLayer):
-            y = module.base_layer.forward(x)
-            return y if self.lora is None else self.lora.update(module, x, y)
-        return module.forward(x)
 
     def __call__(self, input_ids: torch.Tensor, cache, attention_mask: torch.Tensor,
                  position_ids: torch.Tensor) -> torch.Tensor:
         """Next-token logits (b, vocab) for input_ids (b, 1) at position_ids (b, 1), attending over
         attention_mask (b, T + 1) (1: a real token); writes the rows' keys and values into `cache`
         (the batch cache's SlotLayers) at column T."""
-        b = input_ids.shape[0]
+        b, lora = input_ids.shape[0], self.lora
         h = self.embed(input_ids)[:, 0]                                               # (b, d)
         cos, sin = self.rotary(h, position_ids)                                       # (b, 1, hd)
-        mask = attention_mask.bool()[:, None, None, :]                                # (b, 1, 1, T + 1)
+        sin = signed_sin(sin)
+        bias = torch.zeros(attention_mask.shape, dtype=h.dtype, device=h.device)
+        bias = bias.masked_fill_(attention_mask == 0, float("-inf"))[:, None, None, :]   # (b, 1, 1, T + 1)
         group, hd = self.heads // self.kv_heads, self.head_dim
         crma = self.backbone.crma_blocks if self.backbone is not None and self.backbone.enabled else None
-        for i, (norm_in, q_p, k_p, v_p, o_p, norm_post, gate_p, up_p, down_p) in enumerate(self.blocks):
+        for i, (norm_in, qkv, o_proj, norm_post, gate_up, down) in enumerate(self.blocks):
             x = rms_norm(h, norm_in)                                                  # (b, d)
-            q = rope(self._linear(q_p, x).view(b, self.heads, hd), cos, sin)          # (b, H, hd)
-            k = rope(self._linear(k_p, x).view(b, self.kv_heads, hd), cos, sin)       # (b, KV, hd)
-            v = self._linear(v_p, x).view(b, self.kv_heads, hd)                       # (b, KV, hd)
-            keys, values = cache.layers[i].update(k[:, :, None], v[:, :, None])       # (b, KV, T + 1, hd)
-            a = F.scaled_dot_product_attention(q.view(b, self.kv_heads, group, hd), keys, values,
-                                               attn_mask=mask, scale=self.scale)     # (b, KV, G, hd)
-            h = h + self._linear(o_p, a.reshape(b, self.heads * hd))                  # (b, d)
+            q, k, v = qkv(x, lora)                                                    # (b, H hd), (b, KV hd) x 2
+            q = rope(q.view(b, self.heads, hd), cos, sin)                             # (b, H, hd)
+            k = rope(k.view(b, self.kv_heads, hd), cos, sin)                          # (b, KV, hd)
+            keys, values = cache.layers[i].update(k[:, :, None], v.view(b, self.kv_heads, 1, hd))
+            a = attention(q.view(b, self.kv_heads, group, hd), keys, values, bias, self.scale)
+            h = h + o_proj(a.reshape(b, self.heads * hd), lora)[0]                    # (b, d)
             x = rms_norm(h, norm_post)
-            h = h + self._linear(down_p, F.silu(self._linear(gate_p, x)) * self._linear(up_p, x))
-            if crma is not None:
-                h = crma[i](h)                                                        # h + alpha W M R h per row
+            g, u = gate_up(x, lora)                                                   # (b, I) x 2
+            h = h + down(F.silu(g) * u, lora)[0]
+            if crma is not None:                                                      # h + alpha W M R h per row
+                ops = crma[i].row_operators
+                h = crma[i](h) if ops is None else h + delta_rows(h, *ops)
         return self.lm_head.forward(rms_norm(h, self.norm))                           # (b, vocab)
