@@ -137,10 +137,17 @@ def test_packed_linear_equals_f_linear():
     assert packs(nn.Linear(5, 12)) and not packs(nn.Linear(5, 12).to(torch.bfloat16))
     assert not packs(nn.Embedding(5, 12))
     layers = (nn.Linear(5, 12), nn.Linear(5, 4, bias=False), nn.Linear(5, 6))     # one input, stacked outputs
-    x = torch.randn(3, 5, generator=gen)
-    got = PackedGroup(layers)(x)
+    x, other = torch.randn(3, 5, generator=gen), torch.randn(2, 7, 5, generator=gen)
+    group = PackedGroup(layers)
+    got = group(x)
     assert [tuple(y.shape) for y in got] == [(3, 12), (3, 4), (3, 6)]
     assert all(torch.allclose(y, layer(x), atol=1e-5) for y, layer in zip(got, layers, strict=True))
+    for i in (2, 0, 1):                               # layer by layer, inputs interleaved: each its own part
+        assert torch.allclose(group.member(i, x), layers[i](x), atol=1e-5)
+        assert torch.allclose(group.member(i, other), layers[i](other), atol=1e-5)
+    for i in (0, 1, 2):                               # as transformers calls them: one GEMM for the three
+        assert torch.allclose(group.member(i, x), layers[i](x), atol=1e-5)
+    assert group._x is None                           # nothing kept once the last layer took its part
 
 
 def test_packed_linears_and_decode_step_serve_the_same_logits(store):
@@ -169,7 +176,6 @@ def test_packed_linears_and_decode_step_serve_the_same_logits(store):
         if fast:                                   # q|k|v and gate|up of every block packed as one GEMM each
             groups = fused_groups(live.model)
             assert len(forward.packed.groups) == len(groups) == 2 * live.model.config.num_hidden_layers
-            patched += [m for group in groups for m in group if "forward" not in m.__dict__]
         for _ in range(3):
             mask, positions = batch.step_inputs()
             out.extend(forward(torch.full((len(routes), 1), 97), routes, batch.cache, mask, positions))

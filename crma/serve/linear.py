@@ -17,9 +17,10 @@ can be packed as one group: one GEMM over their weights stacked along the output
 
     [y_1 | y_2 | ...] = x [W_1; W_2; ...]^T + [b_1 | b_2 | ...]
 
-whose outputs are column views of one result (crma's decoding step, step.py, uses them). At a few
-rows this costs about 10% less than the separate GEMMs (fewer, larger products). A grouped layer's own
-forward stays `F.linear` (prefills read it), so every weight is still held twice, not three times.
+whose outputs are column views of one result: fewer, larger GEMMs (benchmarks/decode_floor.py).
+crma's decoding step (step.py) calls the group; transformers' forward (prefills) calls the layers one
+after another on the same input tensor, and each grouped layer's forward takes its part of the
+group's result for that tensor, computed at the first of them (kept until the last took its part).
 
 Used for float32 nn.Linear layers on the CPU when torch has oneDNN; bfloat16 `F.linear` runs on oneDNN
 already, and anything that needs gradients takes `F.linear`.
@@ -60,6 +61,12 @@ def _forward(module: nn.Linear, packed: torch.Tensor, x: torch.Tensor) -> torch.
     return packed_linear(x, packed, module.bias, module.out_features)
 
 
+def _member_forward(module: nn.Linear, group: PackedGroup, i: int, x: torch.Tensor) -> torch.Tensor:
+    if x.requires_grad or (module.weight.requires_grad and torch.is_grad_enabled()):
+        return F.linear(x, module.weight, module.bias)
+    return group.member(i, x)
+
+
 def packs(module: nn.Module) -> bool:
     """Whether `module` takes the packed forward."""
     return (type(module) is nn.Linear and module.weight.dtype == torch.float32
@@ -75,9 +82,20 @@ class PackedGroup:
         self.packed = pack(torch.cat([m.weight.detach() for m in modules]))                  # (sum out, in)
         biases = [m.bias if m.bias is not None else m.weight.new_zeros(m.out_features) for m in modules]
         self.bias = torch.cat(biases).detach() if any(m.bias is not None for m in modules) else None
+        self._x, self._ys = None, None                 # the last input and its outputs, for `member`
 
     def __call__(self, x: torch.Tensor) -> list[torch.Tensor]:
         return list(packed_linear(x, self.packed, self.bias, sum(self.sizes)).split(self.sizes, -1))
+
+    def member(self, i: int, x: torch.Tensor) -> torch.Tensor:
+        """Layer i's output for x: its part of the group's result for this very tensor x, computed once
+        for the group's layers called one after another on it (any order; another x computes again)."""
+        if self._x is not x:
+            self._x, self._ys = x, self(x)
+        y = self._ys[i]
+        if i == len(self.sizes) - 1:
+            self._x, self._ys = None, None
+        return y
 
 
 class PackedLinears:
@@ -90,18 +108,21 @@ class PackedLinears:
 
     def install(self, model: nn.Module, groups=lambda model: ()) -> int:
         """Pack `model`'s linear layers (once per model), those of each tuple that `groups(model)` lists
-        together (each layer in one group at most); returns how many take the packed forward alone."""
+        together (each layer in one group at most); returns how many take a packed forward."""
         if self._model is not None and self._model() is model:
             return len(self.modules)
         self.remove()
         self._model = weakref.ref(model)
-        for group in groups(model):
-            if all(packs(m) for m in group):
-                self.groups[tuple(id(m) for m in group)] = PackedGroup(tuple(group))
-        grouped = {i for key in self.groups for i in key}
+        for layers in groups(model):
+            if all(packs(m) for m in layers):
+                group = self.groups[tuple(id(m) for m in layers)] = PackedGroup(tuple(layers))
+                for i, module in enumerate(layers):                                        # instance attribute
+                    module.forward = functools.partial(_member_forward, module, group, i)
+                    self.modules.append(module)
+        grouped = {id(m) for m in self.modules}
         for module in model.modules():
             if packs(module) and id(module) not in grouped:
-                module.forward = functools.partial(_forward, module, pack(module.weight))   # instance attribute
+                module.forward = functools.partial(_forward, module, pack(module.weight))
                 self.modules.append(module)
         return len(self.modules)
 
