@@ -9,8 +9,9 @@ SmolLM2-135M in float32, batch 1, one new token per step, all measured side by s
 1. memory read rate: `torch.sum` over one buffer as large as the model's weight matrices (every
    matrix is read once per token, so this bounds any torch decoding step from below);
 2. the weights' GEMV floor: every nn.Linear of the model (the tied LM head included) applied once to a
-   single row with torch.nn.functional.linear, nothing else, and the same with oneDNN's GEMM on weights
-   packed once (crma/serve/linear.py, what `crma serve` uses);
+   single row with torch.nn.functional.linear, nothing else, the same with oneDNN's GEMM on weights
+   packed once (crma/serve/linear.py), and with each block's q|k|v and gate|up packed as one GEMM each
+   (what crma's decoding step uses);
 3. the plain transformers model (no adapter, no CRMA) decoding greedily with its DynamicCache, eager;
 4. the same model under torch.compile(dynamic=True) (inductor): its compile time, its step time, and
    whether its greedy tokens equal eager's.
@@ -34,7 +35,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from crma.method.models import load_model  # noqa: E402
-from crma.serve.linear import pack, packed_linear  # noqa: E402
+from crma.serve.linear import PackedGroup, pack, packed_linear  # noqa: E402
+from crma.serve.step import fused_groups  # noqa: E402
 
 
 def median_ms(fn, repeats: int) -> float:
@@ -65,7 +67,8 @@ def markdown(res: dict) -> str:
     m = res["machine"]
     rows = [("memory read (torch.sum over the weights' size)", f"{res['read_ms']} ms ({res['read_gb_s']} GB/s)"),
             (f"every linear once, batch 1 ({res['weights_mb']} MB)", f"{res['gemv_ms']} ms"),
-            ("the same, oneDNN GEMMs on packed weights (crma serve's)", f"{res['packed_gemv_ms']} ms"),
+            ("the same, oneDNN GEMMs on packed weights", f"{res['packed_gemv_ms']} ms"),
+            ("the same, q\\|k\\|v and gate\\|up one GEMM each (crma's decoding step)", f"{res['grouped_gemv_ms']} ms"),
             ("plain transformers model, eager", f"{res['eager_ms']} ms per token")]
     if "compiled_ms" in res:
         rows += [("same, torch.compile(dynamic=True)",
@@ -108,6 +111,18 @@ def main(argv=None) -> int:
             packed_linear(rows[m], packed[m], None, m.out_features)
 
     res["packed_gemv_ms"] = median_ms(packed_gemv, 10)
+    layer_groups = fused_groups(model)
+    groups = [(PackedGroup(g), torch.randn(1, g[0].in_features)) for g in layer_groups]
+    grouped = {id(m) for g in layer_groups for m in g}
+    alone = [m for m in linears if id(m) not in grouped]
+
+    def grouped_gemv():
+        for m in alone:
+            packed_linear(rows[m], packed[m], None, m.out_features)
+        for group, x in groups:
+            group(x)
+
+    res["grouped_gemv_ms"] = median_ms(grouped_gemv, 10)
     prompt = torch.arange(100, 150).unsqueeze(0)
     eager_tokens, res["eager_ms"] = decode(model, model.config, prompt, args.steps)
     if args.compile:
