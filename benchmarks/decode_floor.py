@@ -14,9 +14,14 @@ SmolLM2-135M in float32, batch 1, one new token per step, all measured side by s
    (what crma's decoding step uses);
 3. the plain transformers model (no adapter, no CRMA) decoding greedily with its DynamicCache, eager;
 4. the same model under torch.compile(dynamic=True) (inductor): its compile time, its step time, and
-   whether its greedy tokens equal eager's.
+   whether its greedy tokens equal eager's;
+5. crma's own decoding step (crma/serve/step.py) on the same plain model, with the packed and grouped
+   linear layers and the batch cache, as `crma serve` decodes, and whether its greedy tokens equal eager's;
+6. attention for one query per row over 128 cached columns with SmolLM2's heads, at 1, 3 and 16 rows:
+   torch's fused F.scaled_dot_product_attention (boolean mask) against the written-out attention of
+   crma's decoding step (crma/serve/step.py `attention`, additive mask), microseconds per call.
 
-The per-token time of crma's own single stream (decode_bench.py) sits above (3), which sits above (2).
+crma's single stream (decode_bench.py) adds LoRA and CRMA to (5); (5) sits above (2).
 """
 from __future__ import annotations
 
@@ -25,9 +30,11 @@ import os
 import statistics
 import sys
 import time
+from functools import partial
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from bench_stats import load_average, load_line, machine, write_results
 from transformers import DynamicCache
 
@@ -35,8 +42,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from crma.method.models import load_model  # noqa: E402
-from crma.serve.linear import PackedGroup, pack, packed_linear  # noqa: E402
-from crma.serve.step import fused_groups  # noqa: E402
+from crma.serve.batch import BatchCache, new_cache  # noqa: E402
+from crma.serve.linear import PackedGroup, PackedLinears, pack, packed_linear  # noqa: E402
+from crma.serve.step import DecodeStep, attention, fused_groups  # noqa: E402
 
 
 def median_ms(fn, repeats: int) -> float:
@@ -63,13 +71,68 @@ def decode(forward, config, prompt: torch.Tensor, steps: int) -> tuple[list[int]
     return tokens, round(1e3 * statistics.median(times), 2)
 
 
+def median_us(fn, repeats: int = 500) -> float:
+    for _ in range(20):
+        fn()
+    times = []
+    for _ in range(repeats):
+        started = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - started)
+    return round(1e6 * statistics.median(times), 1)
+
+
+def crma_step(model, prompt: torch.Tensor, steps: int) -> tuple[list[int], float]:
+    """(greedy tokens, median ms per step) of crma's decoding step (step.py) on the plain model, with the
+    packed and grouped linear layers and the batch cache, as `crma serve` decodes (no adapter, no CRMA)."""
+    linears = PackedLinears()
+    linears.install(model, fused_groups)
+    step, batch = DecodeStep(model, None, None, linears), BatchCache()
+    with torch.inference_mode():
+        cache = new_cache(model.config)
+        tokens = [int(model(input_ids=prompt, cache=cache, use_cache=True).logits[0, -1].argmax())]
+        batch.add(cache, torch.ones_like(prompt), [0])
+        times = []
+        for _ in range(steps):
+            mask, positions = batch.step_inputs()
+            started = time.perf_counter()
+            logits = step(torch.tensor([[tokens[-1]]]), batch.cache, mask, positions)
+            times.append(time.perf_counter() - started)
+            tokens.append(int(logits[0].argmax()))
+            batch.stepped()
+    linears.remove()
+    return tokens, round(1e3 * statistics.median(times), 2)
+
+
+def bench_attention(config, columns: int = 128) -> dict:
+    """{rows: (fused, written-out) microseconds per call} for one query per row over `columns` cached
+    columns (views of a larger preallocated cache, as served), the first row's first 8 columns padding."""
+    kv, heads = config.num_key_value_heads, config.num_attention_heads
+    hd = getattr(config, "head_dim", None) or config.hidden_size // heads
+    out = {}
+    with torch.inference_mode():
+        for b in (1, 3, 16):
+            keys, values = (torch.randn(b, kv, 2 * columns, hd)[:, :, :columns] for _ in range(2))
+            q = torch.randn(b, kv, heads // kv, hd)
+            mask = torch.ones(b, 1, 1, columns, dtype=torch.bool)
+            mask[0, ..., :8] = False
+            bias = torch.zeros(mask.shape).masked_fill_(~mask, float("-inf"))
+            scale = hd ** -0.5
+            fused = median_us(partial(F.scaled_dot_product_attention, q, keys, values, attn_mask=mask, scale=scale))
+            written = median_us(partial(attention, q, keys, values, bias, scale))
+            out[b] = (fused, written)
+    return out
+
+
 def markdown(res: dict) -> str:
     m = res["machine"]
     rows = [("memory read (torch.sum over the weights' size)", f"{res['read_ms']} ms ({res['read_gb_s']} GB/s)"),
             (f"every linear once, batch 1 ({res['weights_mb']} MB)", f"{res['gemv_ms']} ms"),
             ("the same, oneDNN GEMMs on packed weights", f"{res['packed_gemv_ms']} ms"),
             ("the same, q\\|k\\|v and gate\\|up one GEMM each (crma's decoding step)", f"{res['grouped_gemv_ms']} ms"),
-            ("plain transformers model, eager", f"{res['eager_ms']} ms per token")]
+            ("plain transformers model, eager", f"{res['eager_ms']} ms per token"),
+            ("the same model, crma's decoding step (packed, grouped; no adapter, no CRMA)",
+             f"{res['crma_step_ms']} ms per token (greedy equal to eager: {res['crma_step_greedy_equal']})")]
     if "compiled_ms" in res:
         rows += [("same, torch.compile(dynamic=True)",
                   f"{res['compiled_ms']} ms per token (compile and first run {res['compile_s']} s; "
@@ -77,6 +140,10 @@ def markdown(res: dict) -> str:
     lines = [f"# Single-stream floor (float32, {m['threads']} torch thread(s), {m['cpus']} CPUs)", "",
              load_line(m), "",
              "| figure | value |", "|---|---|", *[f"| {a} | {b} |" for a, b in rows], ""]
+    if "attention_us" in res:
+        lines += ["Attention, one query per row over 128 cached columns (microseconds per call, one layer):", "",
+                  "| rows | torch's fused attention | crma's step (written out) |", "|---|---|---|",
+                  *[f"| {b} | {f} | {w} |" for b, (f, w) in res["attention_us"].items()], ""]
     return "\n".join(lines)
 
 
@@ -123,8 +190,11 @@ def main(argv=None) -> int:
             group(x)
 
     res["grouped_gemv_ms"] = median_ms(grouped_gemv, 10)
+    res["attention_us"] = bench_attention(model.config)
     prompt = torch.arange(100, 150).unsqueeze(0)
     eager_tokens, res["eager_ms"] = decode(model, model.config, prompt, args.steps)
+    tokens, res["crma_step_ms"] = crma_step(model, prompt, args.steps)
+    res["crma_step_greedy_equal"] = tokens == eager_tokens
     if args.compile:
         started = time.perf_counter()
         compiled = torch.compile(model, dynamic=True)

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import functools
 import weakref
+from collections.abc import Callable, Iterable
 
 import torch
 import torch.nn.functional as F
@@ -106,7 +107,7 @@ class PackedLinears:
     def __init__(self):
         self._model, self.modules, self.groups = None, [], {}
 
-    def install(self, model: nn.Module, groups=lambda model: ()) -> int:
+    def install(self, model: nn.Module, groups: Callable[[nn.Module], Iterable[tuple]] = lambda model: ()) -> int:
         """Pack `model`'s linear layers (once per model), those of each tuple that `groups(model)` lists
         together (each layer in one group at most); returns how many take a packed forward."""
         if self._model is not None and self._model() is model:

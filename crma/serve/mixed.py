@@ -16,8 +16,8 @@ prefills, other families and PEFT's path run transformers' forward.
 
 Base layers: float32 linear layers on the CPU take `PackedLinears` (linear.py: oneDNN GEMMs on weights
 packed once) unless `packed_linears` is off; with the decoding step, each block's q, k, v projections
-and its gate and up projections are packed as one GEMM each (the step reads them so; prefills run
-those layers' own F.linear).
+and its gate and up projections are packed as one GEMM each (PackedGroup), for decoding steps and
+prefills alike.
 
 CRMA part: `CRMABackbone.per_row` gathers, for every row, the operators of its backbone version
 from a stack precomputed once per set of versions (no Sinkhorn or QR per step).

@@ -23,7 +23,8 @@ the rows' LoRA updates (`StackedLora.add`) and CRMA operators (`CRMABlock.row_op
 
 The projections of a group are one GEMM when PackedLinears packed them together (`fused_groups`),
 else one GEMM each. Attention is written out (two matmuls and a softmax over the mask added once per
-step): for one query per row it costs less than torch's fused attention from a few rows on.
+step): for one query per row it costs less than torch's fused attention from three rows on and about
+the same on one (benchmarks/decode_floor.py).
 
 `supports(model)` says whether a model has this structure; MixedForward uses the step for decoding
 steps of such models and transformers' forward for everything else (prefills, other families, PEFT's
