@@ -90,8 +90,8 @@ class PackedGroup:
 
     def member(self, i: int, x: torch.Tensor) -> torch.Tensor:
         """Layer i's output for x: its part of the group's result for this very tensor x, computed once
-        for the group's layers called one after another on it (any order; another x computes again)."""
-        if self._x is not x:
+        for the group's layers called one after another on it (layer 0 and any other x compute again)."""
+        if i == 0 or self._x is not x:            # the first layer always starts afresh: nothing stale
             self._x, self._ys = x, self(x)
         y = self._ys[i]
         if i == len(self.sizes) - 1:
