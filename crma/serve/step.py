@@ -74,8 +74,9 @@ def fused_groups(model: nn.Module) -> list[tuple[nn.Linear, ...]]:
 
 
 def rms_norm(h: torch.Tensor, norm: nn.Module) -> torch.Tensor:
-    """rmsnorm(h) g = h / sqrt(mean(h^2) + eps) * g, in float32 and cast back first, as LlamaRMSNorm
-    (written out: torch's F.rms_norm is slower here on one row)."""
+    """rmsnorm(h) g = h / sqrt(mean(h^2) + eps) * g, in float32 and cast back before the product with g,
+    as LlamaRMSNorm (written out so that bfloat16 rounds where it does; torch's F.rms_norm multiplies by g
+    in float32)."""
     x = h.float()
     x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + norm.variance_epsilon)
     return norm.weight * x.to(h.dtype)
