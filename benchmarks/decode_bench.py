@@ -17,7 +17,9 @@ measured side by side (the compared variants alternate, repeats interleaved):
 3. time to first token p50/p95 of those 16 concurrent chat requests (mixed, 16 adapters), in the steady
    state (a warm-up request per adapter first, so its system-prompt prefix is stored, in both modes);
 4. single stream: one request's decoding tokens/s through the scheduler vs llama.cpp on the same weights
-   (an F32 GGUF written from the Q4_1 GGUF crma loads, dequantized; that Q4_1 GGUF itself; with --bf16
+   (an F32 GGUF written from the Q4_1 GGUF crma loads, dequantized; crma and llama.cpp F32 alternate,
+   one request each, and the ratio is the median of the pairs' ratios, since this machine's speed
+   drifts within minutes; then that Q4_1 GGUF itself; with --bf16
    or --dtype bfloat16 also an F16 GGUF, against bfloat16) at the same thread count, through the npm
    package node-llama-cpp (a benchmark-only tool, installed with `npm install node-llama-cpp
    @node-llama-cpp/linux-x64` into --llamacpp; skipped when absent);
@@ -230,7 +232,9 @@ def serve(scheduler, snap, jobs: list[tuple[str, list[int]]], max_tokens: int) -
             "errors": sum(r.errored for r in reqs), "texts": [r.stream.text for r in reqs]}
 
 
-def bench_throughput(live, registry, snap, prompts, max_tokens: int, repeats: int) -> dict:
+def bench_throughput(live, registry, snap, prompts, max_tokens: int, repeats: int, paired=None) -> dict:
+    """Sections 2-4; `paired()` (llama.cpp F32's single stream, a dict or a reason it did not run) runs
+    right after each of crma's single-stream requests."""
     scheduler = Scheduler(live, registry, max_batch=16, max_queue=64).start()
     out = {}
     try:                 # steady state: every adapter has read the chat template's system prompt once
@@ -249,16 +253,24 @@ def bench_throughput(live, registry, snap, prompts, max_tokens: int, repeats: in
             out[f"{spread} adapters"] = {"runs": runs, "ratio": round(rate["mixed"] / rate["per-adapter"], 3),
                                          "greedy_texts_equal_across_modes": same}
         scheduler.mode = "mixed"
-        single = []
-        for _ in range(repeats):
+        single, pairs = [], []
+        for _ in range(2 * repeats - 1):
             req = Request(prompts[0], SamplingParams(max_tokens=max_tokens, temperature=0.0), "d0", snap)
             stamps = []
             ended = watch(req, stamps)
             scheduler.submit(req)
             ended.wait()
             decode = stamps[-1] - req.first_token_at
-            single.append((req.generated - 1) / decode if decode > 0 else None)
-        out["single_stream_tok_s"] = round(median([s for s in single if s]), 2)
+            single.append((req.generated - 1) / decode)
+            other = paired() if paired is not None else None
+            if isinstance(other, dict):
+                pairs.append((round(single[-1], 2), other["decode_tok_s"]))
+            elif other is not None:
+                out["single_stream_llamacpp"] = other                    # why llama.cpp did not run
+        out["single_stream_tok_s"] = round(median(single), 2)
+        if pairs:
+            out["single_stream_pairs"] = pairs                           # (crma, llama.cpp F32) tok/s, in turn
+            out["single_stream_ratio"] = round(median([a / b for a, b in pairs]), 3)
     finally:
         scheduler.stop()
     return out
@@ -331,10 +343,10 @@ def markdown(res: dict) -> str:
     for name, v in res["llamacpp"].items():
         value = v if isinstance(v, str) else f"{v['decode_tok_s']} tok/s"
         lines.append(f"| single stream, llama.cpp {name} | {value} |")
-    f32, f16 = res["llamacpp"].get("F32"), res["llamacpp"].get("F16")
-    if isinstance(f32, dict):
-        lines.append(f"| crma ({res['dtype']}) / llama.cpp F32 | "
-                     f"**{thr['single_stream_tok_s'] / f32['decode_tok_s']:.2f}x** (target >= 0.8 in float32) |")
+    f16 = res["llamacpp"].get("F16")
+    if "single_stream_ratio" in thr:
+        lines.append(f"| crma ({res['dtype']}) / llama.cpp F32, median of {len(thr['single_stream_pairs'])} "
+                     f"alternating pairs | **{thr['single_stream_ratio']:.2f}x** (target >= 0.8 in float32) |")
     if isinstance(f16, dict) and "bf16" in res:
         bf16 = res["bf16"]["single_stream_tok_s"]["bfloat16"]
         lines.append(f"| crma bfloat16 (MixedForward alone) / llama.cpp F16 | **{bf16 / f16['decode_tok_s']:.2f}x** |")
@@ -367,20 +379,32 @@ def main(argv=None) -> int:
     res = {"quick": args.quick, "dtype": args.dtype, "torch": torch.__version__}
     res["step"] = in_passing_thread(lambda: bench_step(live, registry, snap, prompts[0], steps, repeats))
     print(json.dumps(res["step"], indent=1), flush=True)
-    res["throughput"] = bench_throughput(live, registry, snap, prompts, max_tokens, repeats)
-    print(json.dumps({k: v if k == "single_stream_tok_s" else {"ratio": v["ratio"]}
+    text = tok.decode(prompts[0])
+    has_node = (args.llamacpp / "node_modules" / "node-llama-cpp").is_dir()
+    q4 = smollm2_dir() / SMOLLM2_GGUF
+    f32 = float_gguf(q4, args.llamacpp / "smollm2-135m-f32.gguf") if has_node else None
+
+    def paired() -> dict | str:
+        return llamacpp(args.llamacpp, f32, args.threads, text, max_tokens, 1) if has_node else \
+            f"skipped: no node-llama-cpp in {args.llamacpp}"
+
+    res["throughput"] = bench_throughput(live, registry, snap, prompts, max_tokens, repeats, paired)
+    print(json.dumps({k: {"ratio": v["ratio"]} if isinstance(v, dict) else v
                       for k, v in res["throughput"].items()}, indent=1), flush=True)
     if args.bf16:
         res["bf16"] = in_passing_thread(lambda: bench_bf16((live, registry, snap), prompts, max_tokens, repeats))
         print(json.dumps(res["bf16"], indent=1), flush=True)
-    q4 = smollm2_dir() / SMOLLM2_GGUF
-    text = tok.decode(prompts[0])
     res["llamacpp"] = {}
-    files = {"F32": lambda: float_gguf(q4, args.llamacpp / "smollm2-135m-f32.gguf"), "Q4_1": lambda: q4}
+    pairs = res["throughput"].get("single_stream_pairs")
+    if pairs:                                           # llama.cpp F32 as measured in turn with crma
+        res["llamacpp"]["F32"] = {"decode_tok_s": round(median([b for _, b in pairs]), 2), "runs": len(pairs)}
+    else:
+        res["llamacpp"]["F32"] = res["throughput"].get("single_stream_llamacpp", "not measured")
+    files = {"Q4_1": lambda: q4}
     if args.bf16 or args.dtype == "bfloat16":
         files["F16"] = lambda: float_gguf(q4, args.llamacpp / "smollm2-135m-f16.gguf", half=True)
     for name, path in files.items():
-        if (args.llamacpp / "node_modules").is_dir():
+        if has_node:
             res["llamacpp"][name] = llamacpp(args.llamacpp, path(), args.threads, text, max_tokens, repeats)
         else:
             res["llamacpp"][name] = f"skipped: no node-llama-cpp in {args.llamacpp}"
