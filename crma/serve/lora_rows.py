@@ -15,10 +15,10 @@ decoding steps), so a step only multiplies:
 That is r (in + out) multiply-adds per row and layer. The alternative, concatenating the u distinct
 adapters along the rank and masking each row to its own block, reads each adapter once but does u
 times the work: over 16 rank-8 adapters on every projection of SmolLM2, about 30% of the base model's
-own multiply-adds. With the gathered copies a 16-row SmolLM2 step over 16 adapters costs about 8% more
-than over one, mostly the reading of sixteen adapters' weights (benchmarks/results/decode_bench.md). Rows that all
-share one adapter take its weights directly, rows without any adapter nothing. PEFT's own mixed-adapter
-path loops over the adapters inside every LoRA layer (~100 ms of a 16-row SmolLM2 step with five
+own multiply-adds. With the gathered copies a 16-row SmolLM2 step over 16 adapters costs a few percent
+more than over one, mostly the reading of sixteen adapters' weights (benchmarks/results/decode_bench.md).
+Rows that all share one adapter take its weights directly, rows without any adapter nothing. PEFT's
+own mixed-adapter path loops over the adapters inside every LoRA layer (~100 ms of a 16-row SmolLM2 step with five
 adapters). Under transformers' forward PEFT computes W x (its adapters are switched off) and a forward
 hook on the LoRA layer adds the rows' updates; crma's own decoding step (step.py) calls `add` for
 each group of projections that read one input (q, k, v; gate, up), which takes one A product per group:
