@@ -47,14 +47,20 @@ from crma.serve.linear import PackedGroup, PackedLinears, pack, packed_linear  #
 from crma.serve.step import DecodeStep, attention, fused_groups  # noqa: E402
 
 
-def median_ms(fn, repeats: int) -> float:
-    fn()
+def median_time(fn, repeats: int, warmup: int = 1) -> float:
+    """Median seconds of `repeats` calls of fn, after `warmup` calls."""
+    for _ in range(warmup):
+        fn()
     times = []
     for _ in range(repeats):
         started = time.perf_counter()
         fn()
         times.append(time.perf_counter() - started)
-    return round(1e3 * statistics.median(times), 2)
+    return statistics.median(times)
+
+
+def median_ms(fn, repeats: int) -> float:
+    return round(1e3 * median_time(fn, repeats), 2)
 
 
 def decode(forward, config, prompt: torch.Tensor, steps: int) -> tuple[list[int], float]:
@@ -72,14 +78,7 @@ def decode(forward, config, prompt: torch.Tensor, steps: int) -> tuple[list[int]
 
 
 def median_us(fn, repeats: int = 500) -> float:
-    for _ in range(20):
-        fn()
-    times = []
-    for _ in range(repeats):
-        started = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - started)
-    return round(1e6 * statistics.median(times), 1)
+    return round(1e6 * median_time(fn, repeats, warmup=20), 1)
 
 
 def crma_step(model, prompt: torch.Tensor, steps: int) -> tuple[list[int], float]:

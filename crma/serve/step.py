@@ -63,14 +63,16 @@ def _linear_of(module: nn.Module) -> nn.Module:
     return module.base_layer if isinstance(module, LoraLayer) else module
 
 
+def _block_groups(block: nn.Module) -> tuple[tuple[nn.Module, ...], tuple[nn.Module, ...]]:
+    """A decoder block's projections that read one input: (q, k, v) and (gate, up), LoRA-wrapped or not."""
+    attn, mlp = block.self_attn, block.mlp
+    return (attn.q_proj, attn.k_proj, attn.v_proj), (mlp.gate_proj, mlp.up_proj)
+
+
 def fused_groups(model: nn.Module) -> list[tuple[nn.Linear, ...]]:
-    """The base linear layers of every block that read one input: (q, k, v) and (gate, up)."""
-    groups = []
-    for block in base_model(model).model.layers:
-        attn, mlp = block.self_attn, block.mlp
-        groups += [tuple(_linear_of(m) for m in (attn.q_proj, attn.k_proj, attn.v_proj)),
-                   (_linear_of(mlp.gate_proj), _linear_of(mlp.up_proj))]
-    return groups
+    """The base linear layers of every block that read one input (`_block_groups`), for PackedLinears."""
+    return [tuple(_linear_of(m) for m in group)
+            for block in base_model(model).model.layers for group in _block_groups(block)]
 
 
 def rms_norm(h: torch.Tensor, norm: nn.Module) -> torch.Tensor:
@@ -129,10 +131,10 @@ class DecodeStep:
         self.lm_head = base.get_output_embeddings()
         self.blocks = []
         for block in inner.layers:
-            attn, mlp = block.self_attn, block.mlp
-            self.blocks.append((block.input_layernorm, _Projections((attn.q_proj, attn.k_proj, attn.v_proj), linears),
-                                _Projections((attn.o_proj,)), block.post_attention_layernorm,
-                                _Projections((mlp.gate_proj, mlp.up_proj), linears), _Projections((mlp.down_proj,))))
+            qkv, gate_up = _block_groups(block)
+            self.blocks.append((block.input_layernorm, _Projections(qkv, linears),
+                                _Projections((block.self_attn.o_proj,)), block.post_attention_layernorm,
+                                _Projections(gate_up, linears), _Projections((block.mlp.down_proj,))))
         attn = inner.layers[0].self_attn
         self.heads, self.kv_heads = base.config.num_attention_heads, base.config.num_key_value_heads
         self.head_dim, self.scale = attn.head_dim, attn.scaling
