@@ -16,15 +16,16 @@ measured side by side (the compared variants alternate, repeats interleaved):
    mixed batches vs one adapter at a time (`per-adapter`): ratios of generated tokens/s;
 3. time to first token p50/p95 of those 16 concurrent chat requests (mixed, 16 adapters), in the steady
    state (a warm-up request per adapter first, so its system-prompt prefix is stored, in both modes);
-4. single stream: one request's decoding tokens/s through the scheduler vs llama.cpp on the same weights
-   (an F32 GGUF written from the Q4_1 GGUF crma loads, dequantized; crma and llama.cpp F32 alternate,
-   one request each, and the ratio is the median of the pairs' ratios, since this machine's speed
-   drifts within minutes; then that Q4_1 GGUF itself; with --bf16
-   or --dtype bfloat16 also an F16 GGUF, against bfloat16) at the same thread count, through the npm
-   package node-llama-cpp (a benchmark-only tool, installed with `npm install node-llama-cpp
-   @node-llama-cpp/linux-x64` into --llamacpp; skipped when absent);
-5. with --bf16: bfloat16's greedy texts against float32's (same adapters and backbone versions) and
-   both single-stream speeds.
+4. single stream, in rounds (one warm-up round, then 5): one greedy request alone per contender, in
+   turn, each through its own scheduler for crma: crma as served (adapter d0 and CRMA), crma on the
+   base weights alone (no adapter, no CRMA: the same arithmetic llama.cpp does), and llama.cpp on the
+   same weights (an F32 GGUF written from the Q4_1 GGUF crma loads, dequantized) at the same thread
+   count, through the npm package node-llama-cpp (a benchmark-only tool, installed with `npm install
+   node-llama-cpp @node-llama-cpp/linux-x64` into --llamacpp; skipped when absent); with --bf16 also
+   crma in bfloat16 (served and base weights alone) against an F16 GGUF. A ratio is the median over
+   the rounds of the two contenders' ratio in that round (this machine's speed drifts within minutes).
+   Then the Q4_1 GGUF itself;
+5. with --bf16: bfloat16's greedy texts against float32's (same adapters and backbone versions).
 
 The results record the thread count, the CPU count and the load average before and after the run: a
 figure measured on a loaded machine is labelled so and is not a final figure.
@@ -39,6 +40,7 @@ import subprocess
 import sys
 import threading
 import time
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -184,21 +186,16 @@ def greedy(live, registry, route, prompt: list[int], tokens: int) -> tuple[list[
     return out, (tokens - 1) / (time.perf_counter() - started)
 
 
-def bench_bf16(fp32, prompts, tokens: int, repeats: int) -> dict:
-    """Greedy agreement of bfloat16 with float32 (same adapters and backbone versions) and both speeds."""
-    bf16 = build(16, torch.bfloat16)
-    agree, first_diff, speed = [], [], {"float32": [], "bfloat16": []}
+def bench_bf16(fp32, bf16, prompts, tokens: int, repeats: int) -> dict:
+    """Greedy agreement of bfloat16 with float32 (same adapters and backbone versions)."""
+    agree, first_diff = [], []
     for k, prompt in enumerate(prompts[: 4 if repeats == 1 else 16]):
-        got = {}
-        for name, (live, registry, snap) in (("float32", fp32), ("bfloat16", bf16)):
-            got[name], rate = greedy(live, registry, snap.routes[f"d{k}"], prompt, tokens)
-            speed[name].append(rate)
-        a, b = got["float32"], got["bfloat16"]
+        a, b = (greedy(live, registry, snap.routes[f"d{k}"], prompt, tokens)[0]
+                for live, registry, snap in (fp32, bf16))
         agree.append(a == b)
         first_diff.append(next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), len(a)))
     return {"prompts": len(agree), "tokens": tokens, "identical_greedy": sum(agree),
-            "first_difference_median": median(first_diff),
-            "single_stream_tok_s": {name: round(median(v), 2) for name, v in speed.items()}}
+            "first_difference_median": median(first_diff)}
 
 
 # ---- 2./3. concurrent requests through the scheduler -----------------------------------------------------
@@ -232,9 +229,8 @@ def serve(scheduler, snap, jobs: list[tuple[str, list[int]]], max_tokens: int) -
             "errors": sum(r.errored for r in reqs), "texts": [r.stream.text for r in reqs]}
 
 
-def bench_throughput(live, registry, snap, prompts, max_tokens: int, repeats: int, paired=None) -> dict:
-    """Sections 2-4; `paired()` (llama.cpp F32's single stream, a dict or a reason it did not run) runs
-    right after each of crma's single-stream requests."""
+def bench_throughput(live, registry, snap, prompts, max_tokens: int, repeats: int) -> dict:
+    """Sections 2 and 3."""
     scheduler = Scheduler(live, registry, max_batch=16, max_queue=64).start()
     out = {}
     try:                 # steady state: every adapter has read the chat template's system prompt once
@@ -252,28 +248,67 @@ def bench_throughput(live, registry, snap, prompts, max_tokens: int, repeats: in
             rate = {mode: median([r["tokens_per_s"] for r in rs]) for mode, rs in runs.items()}
             out[f"{spread} adapters"] = {"runs": runs, "ratio": round(rate["mixed"] / rate["per-adapter"], 3),
                                          "greedy_texts_equal_across_modes": same}
-        scheduler.mode = "mixed"
-        single, pairs = [], []
-        for _ in range(2 * repeats - 1):
-            req = Request(prompts[0], SamplingParams(max_tokens=max_tokens, temperature=0.0), "d0", snap)
-            stamps = []
-            ended = watch(req, stamps)
-            scheduler.submit(req)
-            ended.wait()
-            decode = stamps[-1] - req.first_token_at
-            single.append((req.generated - 1) / decode)
-            other = paired() if paired is not None else None
-            if isinstance(other, dict):
-                pairs.append((round(single[-1], 2), other["decode_tok_s"]))
-            elif other is not None:
-                out["single_stream_llamacpp"] = other                    # why llama.cpp did not run
-        out["single_stream_tok_s"] = round(median(single), 2)
-        if pairs:
-            out["single_stream_pairs"] = pairs                           # (crma, llama.cpp F32) tok/s, in turn
-            out["single_stream_ratio"] = round(median([a / b for a, b in pairs]), 3)
     finally:
         scheduler.stop()
     return out
+
+
+# ---- 4. single stream ---------------------------------------------------------------------------------
+def plain(dtype: torch.dtype):
+    """(live, registry, snapshot) of SmolLM2 alone: no adapter, no CRMA backbone (route "base")."""
+    model, tokenizer = load_model("smollm2-135m", dtype=dtype)
+    live = LiveModel(model, tokenizer, "smollm2-135m", "modular")
+    live.model.eval()
+    registry = Registry(live, None)
+    snapshot = Snapshot(None, None, {"base": Route("base", None, None, None)}, 1, "bench")
+    registry.current = snapshot
+    return live, registry, snapshot
+
+
+def single_request(scheduler, snap, model: str, prompt: list[int], tokens: int) -> float:
+    """Decoding tokens/s of one greedy request alone through `scheduler` (first token to last)."""
+    req = Request(prompt, SamplingParams(max_tokens=tokens, temperature=0.0), model, snap)
+    stamps = []
+    ended = watch(req, stamps)
+    scheduler.submit(req)
+    ended.wait()
+    return (req.generated - 1) / (stamps[-1] - req.first_token_at)
+
+
+def bench_single(crma: dict, others: dict, prompt: list[int], tokens: int, rounds: int) -> dict:
+    """Section 4: in each of `rounds` rounds one request per contender, in turn: crma's
+    (name -> (live, registry, snapshot, model), each through its own scheduler) and `others`' (name ->
+    a callable giving tok/s, or a string: why it did not run); one warm-up round first. Returns every
+    round's tok/s per contender and their medians."""
+    schedulers = {name: Scheduler(live, registry, max_batch=16).start()
+                  for name, (live, registry, _, _) in crma.items()}
+    contenders = {name: partial(single_request, schedulers[name], snap, model, prompt, tokens)
+                  for name, (_, _, snap, model) in crma.items()} | others
+    out = {"rounds": [], "skipped": {}}
+    try:
+        for name in crma:
+            contenders[name]()
+        for _ in range(rounds):
+            got = {}
+            for name, run in contenders.items():
+                value = run()
+                if isinstance(value, str):
+                    out["skipped"][name] = value
+                else:
+                    got[name] = round(value, 2)
+            out["rounds"].append(got)
+    finally:
+        for scheduler in schedulers.values():
+            scheduler.stop()
+    out["tok_s"] = {name: median([r[name] for r in out["rounds"] if name in r])
+                    for name in contenders if any(name in r for r in out["rounds"])}
+    return out
+
+
+def ratio(single: dict, a: str, b: str) -> float | None:
+    """The median over the rounds of a's tok/s over b's (measured minutes apart at most, in turn)."""
+    pairs = [r[a] / r[b] for r in single["rounds"] if a in r and b in r]
+    return round(median(pairs), 3) if pairs else None
 
 
 # ---- 4. llama.cpp -------------------------------------------------------------------------------------
@@ -339,23 +374,22 @@ def markdown(res: dict) -> str:
     mixed = thr["16 adapters"]["runs"]["mixed"]
     lines.append(f"| TTFT, 16 concurrent chat requests (mixed) | p50 {median([r['ttft_p50_s'] for r in mixed])} s, "
                  f"p95 {median([r['ttft_p95_s'] for r in mixed])} s (target p50 <= 1 s) |")
-    lines.append(f"| single stream, crma | {thr['single_stream_tok_s']} tok/s |")
-    for name, v in res["llamacpp"].items():
-        value = v if isinstance(v, str) else f"{v['decode_tok_s']} tok/s"
-        lines.append(f"| single stream, llama.cpp {name} | {value} |")
-    f16 = res["llamacpp"].get("F16")
-    if "single_stream_ratio" in thr:
-        lines.append(f"| crma ({res['dtype']}) / llama.cpp F32, median of {len(thr['single_stream_pairs'])} "
-                     f"alternating pairs | **{thr['single_stream_ratio']:.2f}x** (target >= 0.8 in float32) |")
-    if isinstance(f16, dict) and "bf16" in res:
-        bf16 = res["bf16"]["single_stream_tok_s"]["bfloat16"]
-        lines.append(f"| crma bfloat16 (MixedForward alone) / llama.cpp F16 | **{bf16 / f16['decode_tok_s']:.2f}x** |")
+    single = res["single"]
+    for name, value in single["tok_s"].items():
+        lines.append(f"| single stream, {name} | {value} tok/s |")
+    for name, why in single["skipped"].items():
+        lines.append(f"| single stream, {name} | {why} |")
+    q4 = res["llamacpp_q4_1"]
+    q4 = q4 if isinstance(q4, str) else f"{q4['decode_tok_s']} tok/s"
+    lines.append(f"| single stream, llama.cpp Q4_1 | {q4} |")
+    for name, value in single["ratios"].items():
+        if value is not None:
+            target = " (target >= 0.8)" if name.startswith("crma / ") else ""
+            lines.append(f"| {name}, median of {len(single['rounds'])} rounds | **{value:.2f}x**{target} |")
     if "bf16" in res:
         v = res["bf16"]
         lines.append(f"| bfloat16 vs float32: identical greedy texts | {v['identical_greedy']} of {v['prompts']} "
                      f"({v['tokens']} tokens; first difference at token {v['first_difference_median']}, median) |")
-        lines.append(f"| single stream, float32 / bfloat16 (MixedForward alone) | "
-                     f"{v['single_stream_tok_s']['float32']} / {v['single_stream_tok_s']['bfloat16']} tok/s |")
     return "\n".join(lines) + "\n"
 
 
@@ -364,7 +398,7 @@ def main(argv=None) -> int:
     ap.add_argument("--quick", action="store_true", help="few steps and tokens: proves the script works")
     ap.add_argument("--threads", type=int, default=os.cpu_count(), help="torch and llama.cpp threads")
     ap.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
-    ap.add_argument("--bf16", action="store_true", help="also: bfloat16's greedy agreement with float32 and speed")
+    ap.add_argument("--bf16", action="store_true", help="also: bfloat16's speed and greedy agreement with float32")
     ap.add_argument("--llamacpp", type=Path, default=Path("/tmp/llamacpp"), help="folder with node-llama-cpp")
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "decode_bench")
     args = ap.parse_args(argv)
@@ -379,35 +413,42 @@ def main(argv=None) -> int:
     res = {"quick": args.quick, "dtype": args.dtype, "torch": torch.__version__}
     res["step"] = in_passing_thread(lambda: bench_step(live, registry, snap, prompts[0], steps, repeats))
     print(json.dumps(res["step"], indent=1), flush=True)
-    text = tok.decode(prompts[0])
+    res["throughput"] = bench_throughput(live, registry, snap, prompts, max_tokens, repeats)
+    print(json.dumps({k: v["ratio"] for k, v in res["throughput"].items()}, indent=1), flush=True)
+    dtype = getattr(torch, args.dtype)
+    half = args.bf16 and args.dtype == "float32"
+    bf16 = in_passing_thread(lambda: build(16, torch.bfloat16)) if half else None
+    if half:
+        res["bf16"] = in_passing_thread(lambda: bench_bf16((live, registry, snap), bf16, prompts, max_tokens, repeats))
+        print(json.dumps(res["bf16"], indent=1), flush=True)
+    crma = {"crma": (live, registry, snap, "d0"),
+            "crma, base weights alone": (*in_passing_thread(lambda: plain(dtype)), "base")}
+    if half:
+        crma |= {"crma bfloat16": (*bf16, "d0"),
+                 "crma bfloat16, base weights alone": (*in_passing_thread(lambda: plain(torch.bfloat16)), "base")}
     has_node = (args.llamacpp / "node_modules" / "node-llama-cpp").is_dir()
     q4 = smollm2_dir() / SMOLLM2_GGUF
-    f32 = float_gguf(q4, args.llamacpp / "smollm2-135m-f32.gguf") if has_node else None
+    ggufs = {"F32": "smollm2-135m-f32.gguf", "F16": "smollm2-135m-f16.gguf"}
+    ggufs = {name: float_gguf(q4, args.llamacpp / file, half=name == "F16") if has_node else None
+             for name, file in ggufs.items() if name == "F32" or half or args.dtype == "bfloat16"}
+    text = tok.decode(prompts[0])
 
-    def paired() -> dict | str:
-        return llamacpp(args.llamacpp, f32, args.threads, text, max_tokens, 1) if has_node else \
-            f"skipped: no node-llama-cpp in {args.llamacpp}"
+    def llama(gguf: Path | None):
+        def run() -> float | str:
+            got = llamacpp(args.llamacpp, gguf, args.threads, text, max_tokens, 1)
+            return got if isinstance(got, str) else got["decode_tok_s"]
+        return run
 
-    res["throughput"] = bench_throughput(live, registry, snap, prompts, max_tokens, repeats, paired)
-    print(json.dumps({k: {"ratio": v["ratio"]} if isinstance(v, dict) else v
-                      for k, v in res["throughput"].items()}, indent=1), flush=True)
-    if args.bf16:
-        res["bf16"] = in_passing_thread(lambda: bench_bf16((live, registry, snap), prompts, max_tokens, repeats))
-        print(json.dumps(res["bf16"], indent=1), flush=True)
-    res["llamacpp"] = {}
-    pairs = res["throughput"].get("single_stream_pairs")
-    if pairs:                                           # llama.cpp F32 as measured in turn with crma
-        res["llamacpp"]["F32"] = {"decode_tok_s": round(median([b for _, b in pairs]), 2), "runs": len(pairs)}
-    else:
-        res["llamacpp"]["F32"] = res["throughput"].get("single_stream_llamacpp", "not measured")
-    files = {"Q4_1": lambda: q4}
-    if args.bf16 or args.dtype == "bfloat16":
-        files["F16"] = lambda: float_gguf(q4, args.llamacpp / "smollm2-135m-f16.gguf", half=True)
-    for name, path in files.items():
-        if has_node:
-            res["llamacpp"][name] = llamacpp(args.llamacpp, path(), args.threads, text, max_tokens, repeats)
-        else:
-            res["llamacpp"][name] = f"skipped: no node-llama-cpp in {args.llamacpp}"
+    others = {f"llama.cpp {name}": llama(gguf) for name, gguf in ggufs.items()}
+    res["single"] = bench_single(crma, others, prompts[0], max_tokens, 2 * repeats - 1)
+    low = "F32" if args.dtype == "float32" else "F16"
+    res["single"]["ratios"] = {f"{a} / {b}": ratio(res["single"], a, b) for a, b in
+                               (("crma", f"llama.cpp {low}"), ("crma, base weights alone", f"llama.cpp {low}"),
+                                ("crma bfloat16", "llama.cpp F16"),
+                                ("crma bfloat16, base weights alone", "llama.cpp F16"))}
+    print(json.dumps(res["single"]["tok_s"] | res["single"]["ratios"], indent=1), flush=True)
+    res["llamacpp_q4_1"] = (llamacpp(args.llamacpp, q4, args.threads, text, max_tokens, repeats) if has_node
+                            else f"skipped: no node-llama-cpp in {args.llamacpp}")
     res["machine"] = machine(args.threads, load_before)
     write_results(args.out, res, markdown(res))
     return 0

@@ -19,7 +19,10 @@ SmolLM2-135M in float32, batch 1, one new token per step, all measured side by s
    linear layers and the batch cache, as `crma serve` decodes, and whether its greedy tokens equal eager's;
 6. attention for one query per row over 128 cached columns with SmolLM2's heads, at 1, 3 and 16 rows:
    torch's fused F.scaled_dot_product_attention (boolean mask) against the written-out attention of
-   crma's decoding step (crma/serve/step.py `attention`, additive mask), microseconds per call.
+   crma's decoding step (crma/serve/step.py `attention`, additive mask), microseconds per call;
+7. bfloat16: (2) with the weights in bfloat16 (F.linear, and oneDNN on packed bfloat16 weights), the
+   attention of (6) over a cache that grows by one column per call, as in decoding, with bfloat16
+   matmuls against crma's (float32 matmuls on the bfloat16 cache), and (5) on the model in bfloat16.
 
 crma's single stream (decode_bench.py) adds LoRA and CRMA to (5); (5) sits above (2).
 """
@@ -123,6 +126,32 @@ def bench_attention(config, columns: int = 128) -> dict:
     return out
 
 
+def bench_attention_bf16(config, columns: int = 128, calls: int = 200) -> dict:
+    """{rows: (bfloat16 matmuls, crma's) microseconds per call} over a bfloat16 cache whose length grows
+    by one column per call from `columns`, as in decoding (oneDNN sees a new shape at every call)."""
+    kv, heads = config.num_key_value_heads, config.num_attention_heads
+    hd = getattr(config, "head_dim", None) or config.hidden_size // heads
+    scale, out = hd ** -0.5, {}
+
+    def in_bf16(q, keys, values, bias):
+        scores = torch.matmul(q, keys.transpose(-1, -2)).mul_(scale).add_(bias.to(q.dtype))
+        return torch.matmul(torch.softmax(scores, -1, dtype=torch.float32).to(q.dtype), values)
+
+    with torch.inference_mode():
+        for b in (1, 16):
+            keys, values = (torch.randn(b, kv, columns + calls, hd, dtype=torch.bfloat16) for _ in range(2))
+            q = torch.randn(b, kv, heads // kv, hd, dtype=torch.bfloat16)
+            bias = torch.zeros(b, 1, 1, columns + calls)
+            times = []
+            for fn in (in_bf16, partial(attention, scale=scale)):
+                started = time.perf_counter()
+                for t in range(columns, columns + calls):
+                    fn(q, keys[:, :, :t], values[:, :, :t], bias[..., :t])
+                times.append(round(1e6 * (time.perf_counter() - started) / calls, 1))
+            out[b] = tuple(times)
+    return out
+
+
 def markdown(res: dict) -> str:
     m = res["machine"]
     rows = [("memory read (torch.sum over the weights' size)", f"{res['read_ms']} ms ({res['read_gb_s']} GB/s)"),
@@ -136,14 +165,45 @@ def markdown(res: dict) -> str:
         rows += [("same, torch.compile(dynamic=True)",
                   f"{res['compiled_ms']} ms per token (compile and first run {res['compile_s']} s; "
                   f"greedy equal to eager: {res['compiled_greedy_equal']})")]
-    lines = [f"# Single-stream floor (float32, {m['threads']} torch thread(s), {m['cpus']} CPUs)", "",
+    if "bf16" in res:
+        v = res["bf16"]
+        rows += [("bfloat16: every linear once, batch 1, F.linear", f"{v['gemv_ms']} ms"),
+                 ("bfloat16: the same, oneDNN GEMMs on packed weights", f"{v['packed_gemv_ms']} ms"),
+                 ("bfloat16: crma's decoding step on the model in bfloat16 (as (5))",
+                  f"{v['crma_step_ms']} ms per token")]
+    lines = [f"# Single-stream floor (float32 unless marked, {m['threads']} torch thread(s), {m['cpus']} CPUs)", "",
              load_line(m), "",
              "| figure | value |", "|---|---|", *[f"| {a} | {b} |" for a, b in rows], ""]
     if "attention_us" in res:
         lines += ["Attention, one query per row over 128 cached columns (microseconds per call, one layer):", "",
                   "| rows | torch's fused attention | crma's step (written out) |", "|---|---|---|",
                   *[f"| {b} | {f} | {w} |" for b, (f, w) in res["attention_us"].items()], ""]
+    if "bf16" in res:
+        lines += ["Attention over a bfloat16 cache growing by one column per call from 128, as in decoding "
+                  "(microseconds per call, one layer):", "",
+                  "| rows | bfloat16 matmuls | crma's step (float32 matmuls) |", "|---|---|---|",
+                  *[f"| {b} | {x} | {w} |" for b, (x, w) in res["bf16"]["attention_us"].items()], ""]
     return "\n".join(lines)
+
+
+def bench_bf16(steps: int) -> dict:
+    """(7): the GEMV floor of (2) and crma's step of (5) with SmolLM2 in bfloat16, and the attention."""
+    model, _ = load_model("smollm2-135m", dtype=torch.bfloat16)
+    model.eval()
+    linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    rows = {m: torch.randn(1, m.in_features, dtype=torch.bfloat16) for m in linears}
+    packed = {m: pack(m.weight) for m in linears}
+
+    def packed_gemv():
+        for m in linears:
+            packed_linear(rows[m], packed[m], None, m.out_features)
+
+    res = {"gemv_ms": median_ms(lambda: [F.linear(rows[m], m.weight) for m in linears], 10),
+           "packed_gemv_ms": median_ms(packed_gemv, 10)}
+    packed.clear()
+    _, res["crma_step_ms"] = crma_step(model, torch.arange(100, 150).unsqueeze(0), steps)
+    res["attention_us"] = bench_attention_bf16(model.config)
+    return res
 
 
 def main(argv=None) -> int:
@@ -202,6 +262,7 @@ def main(argv=None) -> int:
         tokens, res["compiled_ms"] = decode(compiled, model.config, prompt, args.steps)
         res["compiled_greedy_equal"] = tokens == eager_tokens
         _, res["eager_ms_after"] = decode(model, model.config, prompt, args.steps)   # drift check
+    res["bf16"] = bench_bf16(args.steps)
     res["machine"] = machine(args.threads, load_before)
     write_results(args.out, res, markdown(res))
     return 0

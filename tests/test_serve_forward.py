@@ -120,11 +120,11 @@ def test_stacked_lora_gather_matches_peft_adapter_names(store):
 
 
 def test_packed_linear_equals_f_linear():
-    """packed_linear computes F.linear (bias or not, any leading shape, any row count); only float32 CPU
-    nn.Linear layers take it."""
+    """packed_linear computes F.linear (bias or not, any leading shape, any row count), in bfloat16 too where
+    the CPU has it; only float32 (and such bfloat16) CPU nn.Linear layers take it."""
     from torch import nn
 
-    from crma.serve.linear import PackedGroup, pack, packed_linear, packs
+    from crma.serve.linear import PackedGroup, dtypes, pack, packed_linear, packs
 
     gen = torch.Generator().manual_seed(0)
     weight, bias = torch.randn(12, 5, generator=gen), torch.randn(12, generator=gen)
@@ -134,7 +134,13 @@ def test_packed_linear_equals_f_linear():
         for b in (None, bias):
             got, want = packed_linear(x, packed, b, 12), torch.nn.functional.linear(x, weight, b)
             assert got.shape == want.shape and torch.allclose(got, want, atol=1e-5)
-    assert packs(nn.Linear(5, 12)) and not packs(nn.Linear(5, 12).to(torch.bfloat16))
+    if torch.bfloat16 in dtypes():                  # rounded once from float32 accumulation, as F.linear
+        half, x = weight.bfloat16(), torch.randn(3, 5, generator=gen).bfloat16()
+        got = packed_linear(x, pack(half), bias.bfloat16(), 12)
+        want = torch.nn.functional.linear(x, half, bias.bfloat16())
+        assert got.dtype == torch.bfloat16 and torch.allclose(got.float(), want.float(), rtol=1e-2, atol=1e-2)
+    assert packs(nn.Linear(5, 12)) and not packs(nn.Linear(5, 12).to(torch.float16))
+    assert packs(nn.Linear(5, 12).to(torch.bfloat16)) == (torch.bfloat16 in dtypes())
     assert not packs(nn.Embedding(5, 12))
     layers = (nn.Linear(5, 12), nn.Linear(5, 4, bias=False), nn.Linear(5, 6))     # one input, stacked outputs
     x, other = torch.randn(3, 5, generator=gen), torch.randn(2, 7, 5, generator=gen)
@@ -200,11 +206,14 @@ def test_packed_linears_and_decode_step_serve_the_same_logits(store):
     assert (plain - fast).abs().max().item() <= 1e-4 and torch.equal(plain.argmax(-1), fast.argmax(-1))
 
 
-@pytest.mark.parametrize("family,grouped", [("llama", True), ("mistral", False), ("qwen2", True), ("qwen2", False)])
-def test_decode_step_equals_transformers_forward(family, grouped):
+@pytest.mark.parametrize("family,grouped,dtype", [("llama", True, "float32"), ("mistral", False, "float32"),
+                                                  ("qwen2", True, "float32"), ("qwen2", False, "float32"),
+                                                  ("qwen2", True, "bfloat16")])
+def test_decode_step_equals_transformers_forward(family, grouped, dtype):
     """DecodeStep computes transformers' own decoding step (qwen2: biased q/k/v; grouped-query attention),
     with left-padded rows of different lengths and a CRMA backbone at a different version per row; its
-    q|k|v and gate|up projections one packed GEMM each (`grouped`) or one GEMM per layer."""
+    q|k|v and gate|up projections one packed GEMM each (`grouped`) or one GEMM per layer. In bfloat16
+    (attention computed in float32, packed bfloat16 GEMMs where the CPU has them) up to bfloat16's rounding."""
     from crma.config import CRMAConfig
     from crma.method.backbone import CRMABackbone
     from crma.method.models import load_model
@@ -212,7 +221,7 @@ def test_decode_step_equals_transformers_forward(family, grouped):
     from crma.serve.linear import PackedLinears
     from crma.serve.step import DecodeStep, fused_groups, supports
 
-    model, _ = load_model(f"tiny:{family}")
+    model, _ = load_model(f"tiny:{family}", dtype=getattr(torch, dtype))
     assert supports(model)
     linears = PackedLinears() if grouped else None
     if grouped:
@@ -252,10 +261,14 @@ def test_decode_step_equals_transformers_forward(family, grouped):
                 logits[k].append(out)
                 batch.stepped()
             token = logits[0][-1].argmax(-1, keepdim=True)
-    want, got = torch.stack(logits[0]), torch.stack(logits[1])                # (steps, rows, vocab)
-    assert (want - got).abs().max().item() <= 1e-5 and torch.equal(want.argmax(-1), got.argmax(-1))
-    keys = [torch.stack([layer.keys for layer in batch.cache.layers]) for batch in caches]
-    assert torch.allclose(keys[0], keys[1], atol=1e-5)                       # the same keys written in place
+    want, got = torch.stack(logits[0]).float(), torch.stack(logits[1]).float()  # (steps, rows, vocab)
+    keys = [torch.stack([layer.keys for layer in batch.cache.layers]).float() for batch in caches]
+    if dtype == "float32":
+        assert (want - got).abs().max().item() <= 1e-5 and torch.equal(want.argmax(-1), got.argmax(-1))
+        assert torch.allclose(keys[0], keys[1], atol=1e-5)                   # the same keys written in place
+    else:                                  # a few bfloat16 roundings apart (want.std(): the logits' spread)
+        assert (want - got).abs().max().item() <= 0.05 * want.std().item()
+        assert (keys[0] - keys[1]).abs().max() <= 2 ** -6 * keys[0].abs().max()   # two bfloat16 ulps at most
     if grouped:
         linears.remove()
 

@@ -68,10 +68,15 @@ def _member_forward(module: nn.Linear, group: PackedGroup, i: int, x: torch.Tens
     return group.member(i, x)
 
 
+def dtypes() -> tuple[torch.dtype, ...]:
+    """The weight dtypes oneDNN packs here: float32, and bfloat16 where the CPU computes it natively."""
+    return (torch.float32, torch.bfloat16) if torch.ops.mkldnn._is_mkldnn_bf16_supported() else (torch.float32,)
+
+
 def packs(module: nn.Module) -> bool:
     """Whether `module` takes the packed forward."""
-    return (type(module) is nn.Linear and module.weight.dtype == torch.float32
-            and module.weight.device.type == "cpu" and available())
+    return (type(module) is nn.Linear and module.weight.device.type == "cpu" and available()
+            and module.weight.dtype in dtypes())
 
 
 class PackedGroup:

@@ -99,10 +99,15 @@ def rope(x: torch.Tensor, cos: torch.Tensor, sin_s: torch.Tensor) -> torch.Tenso
 def attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, bias: torch.Tensor,
               scale: float) -> torch.Tensor:
     """softmax(q K^T scale + bias) V for one query per row, grouped: q (b, KV, G, hd) (G query heads per
-    kv head), keys/values (b, KV, T, hd), bias (b, 1, 1, T) (0 or -inf) -> (b, KV, G, hd). The softmax
-    in float32, as transformers' eager attention."""
+    kv head), keys/values (b, KV, T, hd), bias (b, 1, 1, T) float32 (0 or -inf) -> (b, KV, G, hd) in q's
+    dtype. Computed in float32 whatever the model's dtype: on a CPU a bfloat16 matmul over a few rows
+    costs several times a float32 one, and oneDNN builds a new one for every key length T, i.e. at
+    every step (benchmarks/decode_floor.py); transformers' eager attention takes the softmax in float32 too."""
+    dtype = q.dtype
+    if dtype != torch.float32:
+        q, keys, values = q.float(), keys.float(), values.float()
     scores = torch.matmul(q, keys.transpose(-1, -2)).mul_(scale).add_(bias)          # (b, KV, G, T)
-    return torch.matmul(torch.softmax(scores, -1, dtype=torch.float32).to(q.dtype), values)
+    return torch.matmul(torch.softmax(scores, -1), values).to(dtype)
 
 
 class _Projections:
@@ -149,7 +154,7 @@ class DecodeStep:
         h = self.embed(input_ids)[:, 0]                                               # (b, d)
         cos, sin = self.rotary(h, position_ids)                                       # (b, 1, hd)
         sin = signed_sin(sin)
-        bias = torch.zeros(attention_mask.shape, dtype=h.dtype, device=h.device)
+        bias = torch.zeros(attention_mask.shape, dtype=torch.float32, device=h.device)
         bias = bias.masked_fill_(attention_mask == 0, float("-inf"))[:, None, None, :]   # (b, 1, 1, T + 1)
         group, hd = self.heads // self.kv_heads, self.head_dim
         crma = self.backbone.crma_blocks if self.backbone is not None and self.backbone.enabled else None
