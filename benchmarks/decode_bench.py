@@ -265,41 +265,40 @@ def plain(dtype: torch.dtype):
     return live, registry, snapshot
 
 
-def single_request(scheduler, snap, model: str, prompt: list[int], tokens: int) -> float:
-    """Decoding tokens/s of one greedy request alone through `scheduler` (first token to last)."""
-    req = Request(prompt, SamplingParams(max_tokens=tokens, temperature=0.0), model, snap)
-    stamps = []
-    ended = watch(req, stamps)
-    scheduler.submit(req)
-    ended.wait()
+def single_request(live, registry, snap, model: str, prompt: list[int], tokens: int) -> float:
+    """Decoding tokens/s of one greedy request alone (first token to last) through a scheduler started for
+    it and stopped after it: the thread that runs torch keeps an OpenMP pool while it lives, and pools
+    of idle schedulers beside the running one slow it down (docs/serving.md, Threads)."""
+    scheduler = Scheduler(live, registry, max_batch=16).start()
+    try:
+        req = Request(prompt, SamplingParams(max_tokens=tokens, temperature=0.0), model, snap)
+        stamps = []
+        ended = watch(req, stamps)
+        scheduler.submit(req)
+        ended.wait()
+    finally:
+        scheduler.stop()
     return (req.generated - 1) / (stamps[-1] - req.first_token_at)
 
 
 def bench_single(crma: dict, others: dict, prompt: list[int], tokens: int, rounds: int) -> dict:
-    """Section 4: in each of `rounds` rounds one request per contender, in turn: crma's
-    (name -> (live, registry, snapshot, model), each through its own scheduler) and `others`' (name ->
-    a callable giving tok/s, or a string: why it did not run); one warm-up round first. Returns every
-    round's tok/s per contender and their medians."""
-    schedulers = {name: Scheduler(live, registry, max_batch=16).start()
-                  for name, (live, registry, _, _) in crma.items()}
-    contenders = {name: partial(single_request, schedulers[name], snap, model, prompt, tokens)
-                  for name, (_, _, snap, model) in crma.items()} | others
+    """Section 4: in each of `rounds` rounds one request per contender, in turn: crma's (name -> (live,
+    registry, snapshot, model)) and `others`' (name -> a callable giving tok/s, or a string: why it did
+    not run); one warm-up round of crma's first. Returns every round's tok/s per contender and their
+    medians."""
+    contenders = {name: partial(single_request, *args, prompt, tokens) for name, args in crma.items()} | others
     out = {"rounds": [], "skipped": {}}
-    try:
-        for name in crma:
-            contenders[name]()
-        for _ in range(rounds):
-            got = {}
-            for name, run in contenders.items():
-                value = run()
-                if isinstance(value, str):
-                    out["skipped"][name] = value
-                else:
-                    got[name] = round(value, 2)
-            out["rounds"].append(got)
-    finally:
-        for scheduler in schedulers.values():
-            scheduler.stop()
+    for name in crma:
+        contenders[name]()
+    for _ in range(rounds):
+        got = {}
+        for name, run in contenders.items():
+            value = run()
+            if isinstance(value, str):
+                out["skipped"][name] = value
+            else:
+                got[name] = round(value, 2)
+        out["rounds"].append(got)
     out["tok_s"] = {name: median([r[name] for r in out["rounds"] if name in r])
                     for name in contenders if any(name in r for r in out["rounds"])}
     return out

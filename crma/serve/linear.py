@@ -22,8 +22,10 @@ crma's decoding step (step.py) calls the group; transformers' forward (prefills)
 after another on the same input tensor, and each grouped layer's forward takes its part of the
 group's result for that tensor, computed at the first of them (kept until the last took its part).
 
-Used for float32 nn.Linear layers on the CPU when torch has oneDNN; bfloat16 `F.linear` runs on oneDNN
-already, and anything that needs gradients takes `F.linear`.
+Used for float32 nn.Linear layers on the CPU when torch has oneDNN, and for bfloat16 ones where the CPU
+computes bfloat16 natively (AVX-512 BF16 or AMX): bfloat16 `F.linear` runs oneDNN too, but reorders the
+weight at every call, about twice the time of the packed GEMM over all of SmolLM2's layers on one row
+(benchmarks/decode_floor.py). Anything that needs gradients takes `F.linear`.
 """
 from __future__ import annotations
 
