@@ -20,9 +20,10 @@ SmolLM2-135M in float32, batch 1, one new token per step, all measured side by s
 6. attention for one query per row over 128 cached columns with SmolLM2's heads, at 1, 3 and 16 rows:
    torch's fused F.scaled_dot_product_attention (boolean mask) against the written-out attention of
    crma's decoding step (crma/serve/step.py `attention`, additive mask), microseconds per call;
-7. bfloat16: (2) with the weights in bfloat16 (F.linear, and oneDNN on packed bfloat16 weights), the
-   attention of (6) over a cache that grows by one column per call, as in decoding, with bfloat16
-   matmuls against crma's (float32 matmuls on the bfloat16 cache), and (5) on the model in bfloat16.
+7. bfloat16: (2) with the weights in bfloat16 (F.linear, and oneDNN on packed bfloat16 weights), (5)
+   on the model in bfloat16, and the attention of (6) over a bfloat16 cache that grows by one column
+   per call, as in decoding: over the columns in use, over the whole preallocated buffers with the
+   columns past T masked (crma's step in bfloat16), and over float32 copies of the columns in use.
 
 crma's single stream (decode_bench.py) adds LoRA and CRMA to (5); (5) sits above (2).
 """
@@ -126,27 +127,38 @@ def bench_attention(config, columns: int = 128) -> dict:
     return out
 
 
-def bench_attention_bf16(config, columns: int = 128, calls: int = 200) -> dict:
-    """{rows: (bfloat16 matmuls, crma's) microseconds per call} over a bfloat16 cache whose length grows
-    by one column per call from `columns`, as in decoding (oneDNN sees a new shape at every call)."""
+def attend_bf16(how: str, q, keys, values, scale: float, bias, t: int) -> torch.Tensor:
+    """crma's attention over the first t columns of a bfloat16 cache: reading those columns ("used"),
+    the whole buffers with bias masking the rest ("whole"), or float32 copies of those columns."""
+    if how == "whole":
+        return attention(q, keys, values, bias, scale)
+    keys, values, bias = keys[:, :, :t], values[:, :, :t], bias[..., :t]
+    if how == "float32":
+        return attention(q.float(), keys.float(), values.float(), bias.float(), scale)
+    return attention(q, keys, values, bias, scale)
+
+
+def bench_attention_bf16(config, columns: int = 128, calls: int = 128) -> dict:
+    """{rows: (T columns, whole buffers, float32 copy) microseconds per call}: crma's attention over a
+    bfloat16 cache whose length T grows by one column per call from `columns`, as in decoding, reading
+    the T columns in use (a new shape at every call), the whole preallocated buffers with the columns
+    past T masked (crma's step in bfloat16), or float32 copies of the T columns."""
     kv, heads = config.num_key_value_heads, config.num_attention_heads
     hd = getattr(config, "head_dim", None) or config.hidden_size // heads
-    scale, out = hd ** -0.5, {}
-
-    def in_bf16(q, keys, values, bias):
-        scores = torch.matmul(q, keys.transpose(-1, -2)).mul_(scale).add_(bias.to(q.dtype))
-        return torch.matmul(torch.softmax(scores, -1, dtype=torch.float32).to(q.dtype), values)
-
+    scale, capacity, out = hd ** -0.5, columns + calls, {}
     with torch.inference_mode():
         for b in (1, 16):
-            keys, values = (torch.randn(b, kv, columns + calls, hd, dtype=torch.bfloat16) for _ in range(2))
+            keys, values = (torch.randn(b, kv, capacity, hd, dtype=torch.bfloat16) for _ in range(2))
             q = torch.randn(b, kv, heads // kv, hd, dtype=torch.bfloat16)
-            bias = torch.zeros(b, 1, 1, columns + calls)
+            variants = [partial(attend_bf16, how, q, keys, values, scale) for how in ("used", "whole", "float32")]
             times = []
-            for fn in (in_bf16, partial(attention, scale=scale)):
+            for run in variants:
+                bias = torch.zeros(b, 1, 1, capacity, dtype=torch.bfloat16)
                 started = time.perf_counter()
-                for t in range(columns, columns + calls):
-                    fn(q, keys[:, :, :t], values[:, :, :t], bias[..., :t])
+                for t in range(columns, capacity):
+                    bias[..., t:] = float("-inf")
+                    run(bias, t)
+                    bias[..., t] = 0.0
                 times.append(round(1e6 * (time.perf_counter() - started) / calls, 1))
             out[b] = tuple(times)
     return out
@@ -179,10 +191,11 @@ def markdown(res: dict) -> str:
                   "| rows | torch's fused attention | crma's step (written out) |", "|---|---|---|",
                   *[f"| {b} | {f} | {w} |" for b, (f, w) in res["attention_us"].items()], ""]
     if "bf16" in res:
-        lines += ["Attention over a bfloat16 cache growing by one column per call from 128, as in decoding "
-                  "(microseconds per call, one layer):", "",
-                  "| rows | bfloat16 matmuls | crma's step (float32 matmuls) |", "|---|---|---|",
-                  *[f"| {b} | {x} | {w} |" for b, (x, w) in res["bf16"]["attention_us"].items()], ""]
+        lines += ["Attention over a bfloat16 cache growing by one column per call from 128 to 256, as in "
+                  "decoding (microseconds per call, one layer):", "",
+                  "| rows | the T columns in use | the whole buffers, masked (crma's step) | "
+                  "float32 copies of the T columns |", "|---|---|---|---|",
+                  *[f"| {b} | {x} | {w} | {f} |" for b, (x, w, f) in res["bf16"]["attention_us"].items()], ""]
     return "\n".join(lines)
 
 

@@ -24,7 +24,10 @@ the rows' LoRA updates (`StackedLora.add`) and CRMA operators (`CRMABlock.row_op
 The projections of a group are one GEMM when PackedLinears packed them together (`fused_groups`),
 else one GEMM each. Attention is written out (two matmuls and a softmax over the mask added once per
 step): for one query per row it costs less than torch's fused attention from three rows on and about
-the same on one (benchmarks/decode_floor.py).
+the same on one (benchmarks/decode_floor.py). In float32 it reads the T + 1 columns in use; in
+bfloat16 (or float16) the batch cache's whole preallocated buffers, the columns past T masked: oneDNN,
+which computes those matmuls, builds a new kernel for every new shape, and the buffers' shape changes
+only when they double, while T changes at every step (decode_floor.py measures both ways).
 
 `supports(model)` says whether a model has this structure; MixedForward uses the step for decoding
 steps of such models and transformers' forward for everything else (prefills, other families, PEFT's
@@ -99,15 +102,10 @@ def rope(x: torch.Tensor, cos: torch.Tensor, sin_s: torch.Tensor) -> torch.Tenso
 def attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, bias: torch.Tensor,
               scale: float) -> torch.Tensor:
     """softmax(q K^T scale + bias) V for one query per row, grouped: q (b, KV, G, hd) (G query heads per
-    kv head), keys/values (b, KV, T, hd), bias (b, 1, 1, T) float32 (0 or -inf) -> (b, KV, G, hd) in q's
-    dtype. Computed in float32 whatever the model's dtype: on a CPU a bfloat16 matmul over a few rows
-    costs several times a float32 one, and oneDNN builds a new one for every key length T, i.e. at
-    every step (benchmarks/decode_floor.py); transformers' eager attention takes the softmax in float32 too."""
-    dtype = q.dtype
-    if dtype != torch.float32:
-        q, keys, values = q.float(), keys.float(), values.float()
+    kv head), keys/values (b, KV, T, hd), bias (b, 1, 1, T) (0 or -inf) -> (b, KV, G, hd). The softmax
+    in float32, as transformers' eager attention."""
     scores = torch.matmul(q, keys.transpose(-1, -2)).mul_(scale).add_(bias)          # (b, KV, G, T)
-    return torch.matmul(torch.softmax(scores, -1), values).to(dtype)
+    return torch.matmul(torch.softmax(scores, -1, dtype=torch.float32).to(q.dtype), values)
 
 
 class _Projections:
@@ -154,8 +152,11 @@ class DecodeStep:
         h = self.embed(input_ids)[:, 0]                                               # (b, d)
         cos, sin = self.rotary(h, position_ids)                                       # (b, 1, hd)
         sin = signed_sin(sin)
-        bias = torch.zeros(attention_mask.shape, dtype=torch.float32, device=h.device)
-        bias = bias.masked_fill_(attention_mask == 0, float("-inf"))[:, None, None, :]   # (b, 1, 1, T + 1)
+        used = attention_mask.shape[1]                                                # T + 1
+        columns = used if h.dtype == torch.float32 else cache.layers[0].keys.shape[2]  # T + 1, or the capacity
+        bias = torch.full((b, columns), float("-inf"), dtype=h.dtype, device=h.device)
+        bias[:, :used].masked_fill_(attention_mask != 0, 0.0)
+        bias = bias[:, None, None, :]                                                 # (b, 1, 1, columns)
         group, hd = self.heads // self.kv_heads, self.head_dim
         crma = self.backbone.crma_blocks if self.backbone is not None and self.backbone.enabled else None
         for i, (norm_in, qkv, o_proj, norm_post, gate_up, down) in enumerate(self.blocks):
@@ -164,6 +165,8 @@ class DecodeStep:
             q = rope(q.view(b, self.heads, hd), cos, sin)                             # (b, H, hd)
             k = rope(k.view(b, self.kv_heads, hd), cos, sin)                          # (b, KV, hd)
             keys, values = cache.layers[i].update(k[:, :, None], v.view(b, self.kv_heads, 1, hd))
+            if columns > used:                                                        # the whole buffers
+                keys, values = cache.layers[i].keys[:b], cache.layers[i].values[:b]
             a = attention(q.view(b, self.kv_heads, group, hd), keys, values, bias, self.scale)
             h = h + o_proj(a.reshape(b, self.heads * hd), lora)[0]                    # (b, d)
             x = rms_norm(h, norm_post)
