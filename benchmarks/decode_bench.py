@@ -383,7 +383,7 @@ def markdown(res: dict) -> str:
     lines.append(f"| single stream, llama.cpp Q4_1 | {q4} |")
     for name, value in single["ratios"].items():
         if value is not None:
-            target = " (target >= 0.8)" if name.startswith("crma / ") else ""
+            target = " (target >= 0.8)" if name.startswith(("crma / ", "crma bfloat16 / ")) else ""
             lines.append(f"| {name}, median of {len(single['rounds'])} rounds | **{value:.2f}x**{target} |")
     if "bf16" in res:
         v = res["bf16"]
