@@ -24,7 +24,7 @@ group's result for that tensor, computed at the first of them (kept until the la
 
 Used for float32 nn.Linear layers on the CPU when torch has oneDNN, and for bfloat16 ones where the CPU
 computes bfloat16 natively (AVX-512 BF16 or AMX): bfloat16 `F.linear` runs oneDNN too, but reorders the
-weight at every call, about twice the time of the packed GEMM over all of SmolLM2's layers on one row
+weight at every call: about 1.7 times the packed GEMM's time over all of SmolLM2's layers on one row
 (benchmarks/decode_floor.py). Anything that needs gradients takes `F.linear`.
 """
 from __future__ import annotations
