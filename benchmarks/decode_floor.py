@@ -199,21 +199,41 @@ def markdown(res: dict) -> str:
     return "\n".join(lines)
 
 
-def bench_bf16(steps: int) -> dict:
-    """(7): the GEMV floor of (2) and crma's step of (5) with SmolLM2 in bfloat16, and the attention."""
-    model, _ = load_model("smollm2-135m", dtype=torch.bfloat16)
-    model.eval()
+def bench_gemv(model) -> dict:
+    """(2): milliseconds for every nn.Linear of `model` applied once to one row in the model's dtype, with
+    F.linear, with oneDNN on packed weights, and with q|k|v and gate|up packed as one GEMM each."""
     linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
-    rows = {m: torch.randn(1, m.in_features, dtype=torch.bfloat16) for m in linears}
+    dtype = linears[0].weight.dtype
+    rows = {m: torch.randn(1, m.in_features, dtype=dtype) for m in linears}
     packed = {m: pack(m.weight) for m in linears}
+    layer_groups = fused_groups(model)
+    groups = [(PackedGroup(g), torch.randn(1, g[0].in_features, dtype=dtype)) for g in layer_groups]
+    grouped = {id(m) for g in layer_groups for m in g}
+    alone = [m for m in linears if id(m) not in grouped]
+
+    def gemv():
+        for m in linears:
+            F.linear(rows[m], m.weight)
 
     def packed_gemv():
         for m in linears:
             packed_linear(rows[m], packed[m], None, m.out_features)
 
-    res = {"gemv_ms": median_ms(lambda: [F.linear(rows[m], m.weight) for m in linears], 10),
-           "packed_gemv_ms": median_ms(packed_gemv, 10)}
-    packed.clear()
+    def grouped_gemv():
+        for m in alone:
+            packed_linear(rows[m], packed[m], None, m.out_features)
+        for group, x in groups:
+            group(x)
+
+    return {"gemv_ms": median_ms(gemv, 10), "packed_gemv_ms": median_ms(packed_gemv, 10),
+            "grouped_gemv_ms": median_ms(grouped_gemv, 10)}
+
+
+def bench_bf16(steps: int) -> dict:
+    """(7): the GEMV floors of (2) and crma's step of (5) with SmolLM2 in bfloat16, and the attention."""
+    model, _ = load_model("smollm2-135m", dtype=torch.bfloat16)
+    model.eval()
+    res = bench_gemv(model)
     _, res["crma_step_ms"] = crma_step(model, torch.arange(100, 150).unsqueeze(0), steps)
     res["attention_us"] = bench_attention_bf16(model.config)
     return res
@@ -230,38 +250,12 @@ def main(argv=None) -> int:
     load_before = load_average()
     model, _ = load_model("smollm2-135m", dtype=torch.float32)
     model.eval()
-    linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
-    rows = {m: torch.randn(1, m.in_features) for m in linears}
-    weights = sum(m.weight.numel() for m in linears)
+    weights = sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear))
     buffer = torch.randn(weights)
-
-    def gemv():
-        for m in linears:
-            torch.nn.functional.linear(rows[m], m.weight)
-
     res = {"torch": torch.__version__, "weights_mb": round(4 * weights / 1e6, 1)}
     res["read_ms"] = median_ms(buffer.sum, 10)
     res["read_gb_s"] = round(4 * weights / 1e6 / res["read_ms"], 1)
-    res["gemv_ms"] = median_ms(gemv, 10)
-    packed = {m: pack(m.weight) for m in linears}
-
-    def packed_gemv():
-        for m in linears:
-            packed_linear(rows[m], packed[m], None, m.out_features)
-
-    res["packed_gemv_ms"] = median_ms(packed_gemv, 10)
-    layer_groups = fused_groups(model)
-    groups = [(PackedGroup(g), torch.randn(1, g[0].in_features)) for g in layer_groups]
-    grouped = {id(m) for g in layer_groups for m in g}
-    alone = [m for m in linears if id(m) not in grouped]
-
-    def grouped_gemv():
-        for m in alone:
-            packed_linear(rows[m], packed[m], None, m.out_features)
-        for group, x in groups:
-            group(x)
-
-    res["grouped_gemv_ms"] = median_ms(grouped_gemv, 10)
+    res |= bench_gemv(model)
     res["attention_us"] = bench_attention(model.config)
     prompt = torch.arange(100, 150).unsqueeze(0)
     eager_tokens, res["eager_ms"] = decode(model, model.config, prompt, args.steps)

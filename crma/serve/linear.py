@@ -70,6 +70,7 @@ def _member_forward(module: nn.Linear, group: PackedGroup, i: int, x: torch.Tens
     return group.member(i, x)
 
 
+@functools.cache
 def dtypes() -> tuple[torch.dtype, ...]:
     """The weight dtypes oneDNN packs here: float32, and bfloat16 where the CPU computes it natively."""
     return (torch.float32, torch.bfloat16) if torch.ops.mkldnn._is_mkldnn_bf16_supported() else (torch.float32,)
