@@ -21,11 +21,13 @@ measured side by side (the compared variants alternate, repeats interleaved):
    base weights alone (no adapter, no CRMA: the same arithmetic llama.cpp does), and llama.cpp on the
    same weights (an F32 GGUF written from the Q4_1 GGUF crma loads, dequantized) at the same thread
    count, through the npm package node-llama-cpp (a benchmark-only tool, installed with `npm install
-   node-llama-cpp @node-llama-cpp/linux-x64` into --llamacpp; skipped when absent); with --bf16 also
-   crma in bfloat16 (served and base weights alone) against an F16 GGUF. A ratio is the median over
-   the rounds of the two contenders' ratio in that round (this machine's speed drifts within minutes).
-   Then the Q4_1 GGUF itself;
-5. with --bf16: bfloat16's greedy texts against float32's (same adapters and backbone versions).
+   node-llama-cpp @node-llama-cpp/linux-x64` into --llamacpp; skipped when absent); with --half also
+   crma in bfloat16 and crma with float16 weights (`--packed-linears float16`), each served and on the
+   base weights alone, against an F16 GGUF. A ratio is the median over the rounds of the two
+   contenders' ratio in that round (this machine's speed drifts within minutes). Then the Q4_1 GGUF
+   itself;
+5. with --half: the greedy texts of bfloat16 and of float16 weights against float32's (same adapters
+   and backbone versions).
 
 The results record the thread count, the CPU count and the load average before and after the run: a
 figure measured on a loaded machine is labelled so and is not a final figure.
@@ -129,7 +131,8 @@ def step_times(live, registry, routes, mixing: str, prompt: list[int], steps: in
     """Seconds of each of `steps` decoding steps of a batch of len(routes) rows (after their prefills);
     `fast`: the packed linear layers and crma's own decoding step (linear.py, step.py), as served by
     default; else transformers' forward with plain F.linear."""
-    forward, batch = MixedForward(live, registry, mixing, packed_linears=fast, decode_step=fast), BatchCache()
+    forward = MixedForward(live, registry, mixing, packed_linears="on" if fast else "off", decode_step=fast)
+    batch = BatchCache()
     with torch.inference_mode():
         for route in routes:
             cache = new_cache(live.model.config)
@@ -169,10 +172,10 @@ def bench_step(live, registry, snap, prompt, steps: int, repeats: int) -> dict:
     return out
 
 
-# ---- 5. bfloat16 against float32 --------------------------------------------------------------------------
-def greedy(live, registry, route, prompt: list[int], tokens: int) -> tuple[list[int], float]:
+# ---- 5. bfloat16 and float16 weights against float32 ------------------------------------------------------
+def greedy(live, registry, route, prompt: list[int], tokens: int, packed: str = "on") -> tuple[list[int], float]:
     """(greedy tokens, decoding tokens/s) of one request alone through MixedForward and the batch cache."""
-    forward, batch = MixedForward(live, registry), BatchCache()
+    forward, batch = MixedForward(live, registry, packed_linears=packed), BatchCache()
     with torch.inference_mode():
         cache = new_cache(live.model.config)
         out = [int(forward(torch.tensor([prompt]), [route], cache)[0].argmax())]
@@ -186,16 +189,21 @@ def greedy(live, registry, route, prompt: list[int], tokens: int) -> tuple[list[
     return out, (tokens - 1) / (time.perf_counter() - started)
 
 
-def bench_bf16(fp32, bf16, prompts, tokens: int, repeats: int) -> dict:
-    """Greedy agreement of bfloat16 with float32 (same adapters and backbone versions)."""
-    agree, first_diff = [], []
-    for k, prompt in enumerate(prompts[: 4 if repeats == 1 else 16]):
-        a, b = (greedy(live, registry, snap.routes[f"d{k}"], prompt, tokens)[0]
-                for live, registry, snap in (fp32, bf16))
-        agree.append(a == b)
-        first_diff.append(next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), len(a)))
-    return {"prompts": len(agree), "tokens": tokens, "identical_greedy": sum(agree),
-            "first_difference_median": median(first_diff)}
+def bench_agreement(fp32, others: dict, prompts, tokens: int, repeats: int) -> dict:
+    """Greedy agreement with float32 of each of `others` (name -> (live, registry, snapshot, packed_linears)),
+    same adapters and backbone versions."""
+    out = {}
+    for name, (live, registry, snap, packed) in others.items():
+        agree, first_diff = [], []
+        for k, prompt in enumerate(prompts[: 4 if repeats == 1 else 16]):
+            route = f"d{k}"
+            a = greedy(fp32[0], fp32[1], fp32[2].routes[route], prompt, tokens)[0]
+            b = greedy(live, registry, snap.routes[route], prompt, tokens, packed)[0]
+            agree.append(a == b)
+            first_diff.append(next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), len(a)))
+        out[name] = {"prompts": len(agree), "tokens": tokens, "identical_greedy": sum(agree),
+                     "first_difference_median": median(first_diff)}
+    return out
 
 
 # ---- 2./3. concurrent requests through the scheduler -----------------------------------------------------
@@ -265,11 +273,11 @@ def plain(dtype: torch.dtype):
     return live, registry, snapshot
 
 
-def single_request(live, registry, snap, model: str, prompt: list[int], tokens: int) -> float:
+def single_request(live, registry, snap, model: str, packed: str, prompt: list[int], tokens: int) -> float:
     """Decoding tokens/s of one greedy request alone (first token to last) through a scheduler started for
     it and stopped after it: the thread that runs torch keeps an OpenMP pool while it lives, and pools
     of idle schedulers beside the running one slow it down (docs/serving.md, Threads)."""
-    scheduler = Scheduler(live, registry, max_batch=16).start()
+    scheduler = Scheduler(live, registry, max_batch=16, packed_linears=packed).start()
     try:
         req = Request(prompt, SamplingParams(max_tokens=tokens, temperature=0.0), model, snap)
         stamps = []
@@ -283,7 +291,7 @@ def single_request(live, registry, snap, model: str, prompt: list[int], tokens: 
 
 def bench_single(crma: dict, others: dict, prompt: list[int], tokens: int, rounds: int) -> dict:
     """Section 4: in each of `rounds` rounds one request per contender, in turn: crma's (name -> (live,
-    registry, snapshot, model)) and `others`' (name -> a callable giving tok/s, or a string: why it did
+    registry, snapshot, model, packed_linears)) and `others`' (name -> a callable giving tok/s, or a string: why it did
     not run); one warm-up round of crma's first. Returns every round's tok/s per contender and their
     medians."""
     contenders = {name: partial(single_request, *args, prompt, tokens) for name, args in crma.items()} | others
@@ -383,11 +391,11 @@ def markdown(res: dict) -> str:
     lines.append(f"| single stream, llama.cpp Q4_1 | {q4} |")
     for name, value in single["ratios"].items():
         if value is not None:
-            target = " (target >= 0.8)" if name.startswith(("crma / ", "crma bfloat16 / ")) else ""
+            target = " (target >= 0.8)" if name.startswith(("crma / ", "crma bfloat16 / ",
+                                                              "crma float16 weights / ")) else ""
             lines.append(f"| {name}, median of {len(single['rounds'])} rounds | **{value:.2f}x**{target} |")
-    if "bf16" in res:
-        v = res["bf16"]
-        lines.append(f"| bfloat16 vs float32: identical greedy texts | {v['identical_greedy']} of {v['prompts']} "
+    for name, v in res.get("half", {}).items():
+        lines.append(f"| {name} vs float32: identical greedy texts | {v['identical_greedy']} of {v['prompts']} "
                      f"({v['tokens']} tokens; first difference at token {v['first_difference_median']}, median) |")
     return "\n".join(lines) + "\n"
 
@@ -397,7 +405,9 @@ def main(argv=None) -> int:
     ap.add_argument("--quick", action="store_true", help="few steps and tokens: proves the script works")
     ap.add_argument("--threads", type=int, default=os.cpu_count(), help="torch and llama.cpp threads")
     ap.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
-    ap.add_argument("--bf16", action="store_true", help="also: bfloat16's speed and greedy agreement with float32")
+    ap.add_argument("--half", action="store_true", help="also: the speed of bfloat16 and of float16 weights "
+                                                        "(--packed-linears float16), and their greedy agreement "
+                                                        "with float32")
     ap.add_argument("--llamacpp", type=Path, default=Path("/tmp/llamacpp"), help="folder with node-llama-cpp")
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "decode_bench")
     args = ap.parse_args(argv)
@@ -415,16 +425,20 @@ def main(argv=None) -> int:
     res["throughput"] = bench_throughput(live, registry, snap, prompts, max_tokens, repeats)
     print(json.dumps({k: v["ratio"] for k, v in res["throughput"].items()}, indent=1), flush=True)
     dtype = getattr(torch, args.dtype)
-    half = args.bf16 and args.dtype == "float32"
+    half = args.half and args.dtype == "float32"
     bf16 = in_passing_thread(lambda: build(16, torch.bfloat16)) if half else None
     if half:
-        res["bf16"] = in_passing_thread(lambda: bench_bf16((live, registry, snap), bf16, prompts, max_tokens, repeats))
-        print(json.dumps(res["bf16"], indent=1), flush=True)
-    crma = {"crma": (live, registry, snap, "d0"),
-            "crma, base weights alone": (*in_passing_thread(lambda: plain(dtype)), "base")}
+        others = {"bfloat16": (*bf16, "on"), "float16 weights": (live, registry, snap, "float16")}
+        res["half"] = in_passing_thread(lambda: bench_agreement((live, registry, snap), others, prompts, max_tokens,
+                                                                repeats))
+        print(json.dumps(res["half"], indent=1), flush=True)
+    base = in_passing_thread(lambda: plain(dtype))
+    crma = {"crma": (live, registry, snap, "d0", "on"), "crma, base weights alone": (*base, "base", "on")}
     if half:
-        crma |= {"crma bfloat16": (*bf16, "d0"),
-                 "crma bfloat16, base weights alone": (*in_passing_thread(lambda: plain(torch.bfloat16)), "base")}
+        crma |= {"crma bfloat16": (*bf16, "d0", "on"),
+                 "crma bfloat16, base weights alone": (*in_passing_thread(lambda: plain(torch.bfloat16)), "base", "on"),
+                 "crma float16 weights": (live, registry, snap, "d0", "float16"),
+                 "crma float16 weights, base weights alone": (*base, "base", "float16")}
     has_node = (args.llamacpp / "node_modules" / "node-llama-cpp").is_dir()
     q4 = smollm2_dir() / SMOLLM2_GGUF
     ggufs = {"F32": "smollm2-135m-f32.gguf", "F16": "smollm2-135m-f16.gguf"}
@@ -444,7 +458,9 @@ def main(argv=None) -> int:
     res["single"]["ratios"] = {f"{a} / {b}": ratio(res["single"], a, b) for a, b in
                                (("crma", f"llama.cpp {low}"), ("crma, base weights alone", f"llama.cpp {low}"),
                                 ("crma bfloat16", "llama.cpp F16"),
-                                ("crma bfloat16, base weights alone", "llama.cpp F16"))}
+                                ("crma bfloat16, base weights alone", "llama.cpp F16"),
+                                ("crma float16 weights", "llama.cpp F16"),
+                                ("crma float16 weights, base weights alone", "llama.cpp F16"))}
     print(json.dumps(res["single"]["tok_s"] | res["single"]["ratios"], indent=1), flush=True)
     res["llamacpp_q4_1"] = (llamacpp(args.llamacpp, q4, args.threads, text, max_tokens, repeats) if has_node
                             else f"skipped: no node-llama-cpp in {args.llamacpp}")

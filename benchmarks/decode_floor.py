@@ -23,7 +23,9 @@ SmolLM2-135M in float32, batch 1, one new token per step, all measured side by s
 7. bfloat16: (2) with the weights in bfloat16 (F.linear, and oneDNN on packed bfloat16 weights), (5)
    on the model in bfloat16, and the attention of (6) over a bfloat16 cache that grows by one column
    per call, as in decoding: over the columns in use, over the whole preallocated buffers with the
-   columns past T masked (crma's step in bfloat16), and over float32 copies of the columns in use.
+   columns past T masked (crma's step in bfloat16), and over float32 copies of the columns in use;
+8. float16 weights (`crma serve --packed-linears float16`): (2)'s grouped GEMMs and (5) with the float32
+   weights packed as float16 by FBGEMM (crma/serve/linear.py), computed in float32.
 
 crma's single stream (decode_bench.py) adds LoRA and CRMA to (5); (5) sits above (2).
 """
@@ -47,7 +49,7 @@ sys.path.insert(0, str(ROOT))
 
 from crma.method.models import load_model  # noqa: E402
 from crma.serve.batch import BatchCache, new_cache  # noqa: E402
-from crma.serve.linear import PackedGroup, PackedLinears, pack, packed_linear  # noqa: E402
+from crma.serve.linear import Packed, PackedGroup, PackedLinears  # noqa: E402
 from crma.serve.step import DecodeStep, attention, fused_groups  # noqa: E402
 
 
@@ -85,10 +87,11 @@ def median_us(fn, repeats: int = 500) -> float:
     return round(1e6 * median_time(fn, repeats, warmup=20), 1)
 
 
-def crma_step(model, prompt: torch.Tensor, steps: int) -> tuple[list[int], float]:
+def crma_step(model, prompt: torch.Tensor, steps: int, half: bool = False) -> tuple[list[int], float]:
     """(greedy tokens, median ms per step) of crma's decoding step (step.py) on the plain model, with the
-    packed and grouped linear layers and the batch cache, as `crma serve` decodes (no adapter, no CRMA)."""
-    linears = PackedLinears()
+    packed and grouped linear layers (`half`: float16 weights) and the batch cache, as `crma serve` decodes
+    (no adapter, no CRMA)."""
+    linears = PackedLinears(half=half)
     linears.install(model, fused_groups)
     step, batch = DecodeStep(model, None, None, linears), BatchCache()
     with torch.inference_mode():
@@ -170,9 +173,12 @@ def markdown(res: dict) -> str:
             (f"every linear once, batch 1 ({res['weights_mb']} MB)", f"{res['gemv_ms']} ms"),
             ("the same, oneDNN GEMMs on packed weights", f"{res['packed_gemv_ms']} ms"),
             ("the same, q\\|k\\|v and gate\\|up one GEMM each (crma's decoding step)", f"{res['grouped_gemv_ms']} ms"),
+            ("the same with float16 weights (FBGEMM, --packed-linears float16)", f"{res['half_gemv_ms']} ms"),
             ("plain transformers model, eager", f"{res['eager_ms']} ms per token"),
             ("the same model, crma's decoding step (packed, grouped; no adapter, no CRMA)",
-             f"{res['crma_step_ms']} ms per token (greedy equal to eager: {res['crma_step_greedy_equal']})")]
+             f"{res['crma_step_ms']} ms per token (greedy equal to eager: {res['crma_step_greedy_equal']})"),
+            ("the same with float16 weights (--packed-linears float16)",
+             f"{res['half_step_ms']} ms per token (greedy equal to eager: {res['half_step_greedy_equal']})")]
     if "compiled_ms" in res:
         rows += [("same, torch.compile(dynamic=True)",
                   f"{res['compiled_ms']} ms per token (compile and first run {res['compile_s']} s; "
@@ -199,15 +205,15 @@ def markdown(res: dict) -> str:
     return "\n".join(lines)
 
 
-def bench_gemv(model) -> dict:
+def bench_gemv(model, half: bool = False) -> dict:
     """(2): milliseconds for every nn.Linear of `model` applied once to one row in the model's dtype, with
-    F.linear, with oneDNN on packed weights, and with q|k|v and gate|up packed as one GEMM each."""
+    F.linear, with oneDNN on packed weights, and with q|k|v and gate|up packed as one GEMM each; `half`
+    (a float32 model): the grouped ones with float16 weights (FBGEMM), as `--packed-linears float16`."""
     linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
     dtype = linears[0].weight.dtype
     rows = {m: torch.randn(1, m.in_features, dtype=dtype) for m in linears}
-    packed = {m: pack(m.weight) for m in linears}
+    packed = {m: Packed(m.weight, None) for m in linears}
     layer_groups = fused_groups(model)
-    groups = [(PackedGroup(g), torch.randn(1, g[0].in_features, dtype=dtype)) for g in layer_groups]
     grouped = {id(m) for g in layer_groups for m in g}
     alone = [m for m in linears if id(m) not in grouped]
 
@@ -217,16 +223,23 @@ def bench_gemv(model) -> dict:
 
     def packed_gemv():
         for m in linears:
-            packed_linear(rows[m], packed[m], None, m.out_features)
+            packed[m](rows[m])
 
-    def grouped_gemv():
+    def grouped_gemv(groups, singles):
         for m in alone:
-            packed_linear(rows[m], packed[m], None, m.out_features)
+            singles[m](rows[m])
         for group, x in groups:
             group(x)
 
-    return {"gemv_ms": median_ms(gemv, 10), "packed_gemv_ms": median_ms(packed_gemv, 10),
-            "grouped_gemv_ms": median_ms(grouped_gemv, 10)}
+    def groups(as_half: bool):
+        return [(PackedGroup(g, as_half), torch.randn(1, g[0].in_features, dtype=dtype)) for g in layer_groups]
+
+    res = {"gemv_ms": median_ms(gemv, 10), "packed_gemv_ms": median_ms(packed_gemv, 10),
+           "grouped_gemv_ms": median_ms(partial(grouped_gemv, groups(False), packed), 10)}
+    if half:
+        singles = {m: Packed(m.weight, None, half=True) for m in alone}
+        res["half_gemv_ms"] = median_ms(partial(grouped_gemv, groups(True), singles), 10)
+    return res
 
 
 def bench_bf16(steps: int) -> dict:
@@ -255,12 +268,14 @@ def main(argv=None) -> int:
     res = {"torch": torch.__version__, "weights_mb": round(4 * weights / 1e6, 1)}
     res["read_ms"] = median_ms(buffer.sum, 10)
     res["read_gb_s"] = round(4 * weights / 1e6 / res["read_ms"], 1)
-    res |= bench_gemv(model)
+    res |= bench_gemv(model, half=True)
     res["attention_us"] = bench_attention(model.config)
     prompt = torch.arange(100, 150).unsqueeze(0)
     eager_tokens, res["eager_ms"] = decode(model, model.config, prompt, args.steps)
     tokens, res["crma_step_ms"] = crma_step(model, prompt, args.steps)
     res["crma_step_greedy_equal"] = tokens == eager_tokens
+    tokens, res["half_step_ms"] = crma_step(model, prompt, args.steps, half=True)
+    res["half_step_greedy_equal"] = tokens == eager_tokens
     if args.compile:
         started = time.perf_counter()
         compiled = torch.compile(model, dynamic=True)

@@ -463,12 +463,14 @@ def test_crma_serve_command_line(store):
     cfg = build(args, ServeConfig, device=None)
     assert (cfg.port, cfg.max_batch, cfg.watch, cfg.admin_token, cfg.host) == (9, 4, True, None, "127.0.0.1")
     assert main(["serve", "--store", str(store), "--max-batch", "0"]) == 2      # refused before loading anything
+    assert main(["serve", "--store", str(store), "--packed-linears", "float16", "--dtype", "bfloat16"]) == 2
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     proc = subprocess.Popen([sys.executable, "-m", "crma", "serve", "--store", str(store), "--port", str(port),
-                             "--log-level", "warning", "--threads", "1"],
-                            env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+                             "--log-level", "warning", "--threads", "1", "--packed-linears", "float16"],
+                            env={**os.environ, "OMP_NUM_THREADS": "1", "CRMA_ADMIN_TOKEN": TOKEN},
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     try:
         url = f"http://127.0.0.1:{port}"
 
@@ -480,6 +482,8 @@ def test_crma_serve_command_line(store):
                 return False
         wait_for(up, timeout=90, what="crma serve to start")
         assert complete(client(url), "zig", "xyzw", 4, temperature=0)[2]["domain"] == "zig"
+        full = httpx.get(url + "/health", headers={"Authorization": f"Bearer {TOKEN}"}, timeout=5).json()
+        assert full["packed_linears"] == "float16"
     finally:
         proc.send_signal(signal.SIGTERM)                  # uvicorn shuts down gracefully, then re-raises
         assert proc.wait(timeout=30) in (0, -signal.SIGTERM)    # the signal it caught

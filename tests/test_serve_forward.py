@@ -120,23 +120,22 @@ def test_stacked_lora_gather_matches_peft_adapter_names(store):
 
 
 def test_packed_linear_equals_f_linear():
-    """packed_linear computes F.linear (bias or not, any leading shape, any row count), in bfloat16 too where
+    """Packed computes F.linear (bias or not, any leading shape, any row count), in bfloat16 too where
     the CPU has it; only float32 (and such bfloat16) CPU nn.Linear layers take it."""
     from torch import nn
 
-    from crma.serve.linear import PackedGroup, dtypes, pack, packed_linear, packs
+    from crma.serve.linear import Packed, PackedGroup, dtypes, packs
 
     gen = torch.Generator().manual_seed(0)
     weight, bias = torch.randn(12, 5, generator=gen), torch.randn(12, generator=gen)
-    packed = pack(weight)
     for x in (torch.randn(5, generator=gen), torch.randn(3, 5, generator=gen), torch.randn(2, 40, 5, generator=gen),
               torch.randn(5, 3, generator=gen).T):                          # a non-contiguous input
         for b in (None, bias):
-            got, want = packed_linear(x, packed, b, 12), torch.nn.functional.linear(x, weight, b)
+            got, want = Packed(weight, b)(x), torch.nn.functional.linear(x, weight, b)
             assert got.shape == want.shape and torch.allclose(got, want, atol=1e-5)
     if torch.bfloat16 in dtypes():                  # rounded once from float32 accumulation, as F.linear
         half, x = weight.bfloat16(), torch.randn(3, 5, generator=gen).bfloat16()
-        got = packed_linear(x, pack(half), bias.bfloat16(), 12)
+        got = Packed(half, bias.bfloat16())(x)
         want = torch.nn.functional.linear(x, half, bias.bfloat16())
         assert got.dtype == torch.bfloat16 and torch.allclose(got.float(), want.float(), rtol=1e-2, atol=1e-2)
     assert packs(nn.Linear(5, 12)) and not packs(nn.Linear(5, 12).to(torch.float16))
@@ -156,12 +155,54 @@ def test_packed_linear_equals_f_linear():
     assert group._x is None                           # nothing kept once the last layer took its part
 
 
+def test_float16_packed_linear_is_f_linear_on_float16_rounded_weights():
+    """Packed(half=True) computes x fp16(W)^T + b in float32 (FBGEMM); layers whose weights leave float16's
+    range, or that are not float32, keep their own packing; a group packs as float16 only as a whole."""
+    from torch import nn
+
+    from crma.serve.linear import Packed, PackedGroup, PackedLinears, half_available, packs_half
+
+    if not half_available():
+        pytest.skip("this torch has no FBGEMM")
+    gen = torch.Generator().manual_seed(0)
+    weight, bias = torch.randn(12, 5, generator=gen), torch.randn(12, generator=gen)
+    rounded = weight.half().float()
+    for x in (torch.randn(5, generator=gen), torch.randn(2, 40, 5, generator=gen), torch.randn(5, 3, generator=gen).T):
+        for b in (None, bias):
+            got = Packed(weight, b, half=True)(x)
+            assert got.dtype == torch.float32 and got.shape == (*x.shape[:-1], 12)
+            assert torch.allclose(got, torch.nn.functional.linear(x, rounded, b), atol=1e-5)
+            assert not torch.allclose(got, torch.nn.functional.linear(x, weight, b), atol=1e-5)   # really rounded
+    layers = (nn.Linear(5, 12), nn.Linear(5, 4, bias=False))
+    x = torch.randn(3, 5, generator=gen)
+    for y, layer in zip(PackedGroup(layers, half=True)(x), layers, strict=True):
+        assert torch.allclose(y, torch.nn.functional.linear(x, layer.weight.half().float(), layer.bias), atol=1e-5)
+    big = nn.Linear(5, 12)
+    with torch.no_grad():
+        big.weight[0, 0] = 1e5                                                 # beyond float16's 65504
+    assert packs_half(nn.Linear(5, 12)) and not packs_half(big)
+    assert not packs_half(nn.Linear(5, 12).to(torch.bfloat16)) and not packs_half(nn.Embedding(5, 12))
+    model = nn.Sequential(nn.Linear(5, 12), big, nn.Linear(12, 3))
+    linears = PackedLinears(half=True)
+    assert linears.install(model, lambda m: [(m[2],)]) == 3
+    x = torch.randn(4, 5, generator=gen)
+    with torch.inference_mode():
+        assert torch.allclose(model[0](x), torch.nn.functional.linear(x, model[0].weight.half().float(),
+                                                                       model[0].bias), atol=1e-5)
+        assert torch.allclose(big(x), torch.nn.functional.linear(x, big.weight, big.bias), rtol=1e-5)  # float32
+    assert big.forward.args[1].half is False and model[0].forward.args[1].half is True
+    assert linears.group((model[2],)).packed.half is True
+    linears.remove()
+
+
 def test_packed_linears_and_decode_step_serve_the_same_logits(store):
     """MixedForward gives the model's linear layers the packed forward (the LM head and PEFT's base layers
     included) and decodes with its own step (step.py): mixed-adapter prefills and decoding steps give the
     logits of transformers' forward with F.linear; closing the forward restores every layer's own forward;
-    under autograd the layers compute F.linear."""
+    under autograd the layers compute F.linear. With float16 weights: the logits of transformers' forward
+    on the model whose base linear weights were rounded to float16 (LoRA and CRMA float32)."""
     from crma.serve.batch import BatchCache, new_cache
+    from crma.serve.linear import half_available
     from crma.serve.mixed import MixedForward
     from crma.serve.registry import Registry
     from crma.serve.step import fused_groups
@@ -171,8 +212,9 @@ def test_packed_linears_and_decode_step_serve_the_same_logits(store):
     registry.install(registry.prepare(force=True))
     routes = [registry.current.routes[m] for m in ("up", "base", "down", "zig")]
 
-    def run(fast):
-        forward, batch, out = MixedForward(live, registry, packed_linears=fast, decode_step=fast), BatchCache(), []
+    def run(mode):
+        fast = mode != "off"
+        forward, batch, out = MixedForward(live, registry, packed_linears=mode, decode_step=fast), BatchCache(), []
         for k, route in enumerate(routes):
             ids = torch.tensor([list(b"abcdxyzw"[: 3 + k])])
             cache = new_cache(live.model.config)
@@ -182,6 +224,7 @@ def test_packed_linears_and_decode_step_serve_the_same_logits(store):
         if fast:                                   # q|k|v and gate|up of every block packed as one GEMM each
             groups = fused_groups(live.model)
             assert len(forward.packed.groups) == len(groups) == 2 * live.model.config.num_hidden_layers
+            assert all(g.packed.half == (mode == "float16") for g in forward.packed.groups.values())
         for _ in range(3):
             mask, positions = batch.step_inputs()
             out.extend(forward(torch.full((len(routes), 1), 97), routes, batch.cache, mask, positions))
@@ -197,13 +240,23 @@ def test_packed_linears_and_decode_step_serve_the_same_logits(store):
         return torch.stack(out), patched
 
     with torch.inference_mode():
-        plain, _ = run(False)
-        fast, patched = run(True)
+        plain, _ = run("off")
+        fast, patched = run("on")
+        half = run("float16")[0] if half_available() else None
     linears = [m for m in live.model.modules() if type(m) is torch.nn.Linear]
     assert len({id(m) for m in patched}) == len(patched) == len(linears) > 20    # alone or in a group, once
     assert live.model.get_output_embeddings() in patched
     assert all("forward" not in m.__dict__ for m in linears)                # close() restored them
     assert (plain - fast).abs().max().item() <= 1e-4 and torch.equal(plain.argmax(-1), fast.argmax(-1))
+    if half is not None:
+        with torch.no_grad():                      # the base layers' weights as float16 holds them
+            for name, m in live.model.named_modules():
+                if type(m) is torch.nn.Linear and ".lora_" not in name:
+                    m.weight.copy_(m.weight.half().float())
+            with torch.inference_mode():
+                rounded, _ = run("off")
+        assert (plain - half).abs().max().item() > 1e-4                    # the rounding shows
+        assert (rounded - half).abs().max().item() <= 1e-4 and torch.equal(rounded.argmax(-1), half.argmax(-1))
 
 
 @pytest.mark.parametrize("family,grouped,dtype", [("llama", True, "float32"), ("mistral", False, "float32"),

@@ -26,6 +26,18 @@ Used for float32 nn.Linear layers on the CPU when torch has oneDNN, and for bflo
 computes bfloat16 natively (AVX-512 BF16 or AMX): bfloat16 `F.linear` runs oneDNN too, but reorders the
 weight at every call: about 1.7 times the packed GEMM's time over all of SmolLM2's layers on one row
 (benchmarks/decode_floor.py). Anything that needs gradients takes `F.linear`.
+
+With `half` (`crma serve --packed-linears float16`), float32 layers keep their weights packed as float16
+instead, computed in float32 by FBGEMM (`torch.ops.quantized.linear_prepack_fp16`, then
+`linear_dynamic_fp16` per call; the same kernels as torch's dynamic float16 quantization):
+
+    y = x fp16(W)^T + b          x, y and b float32; fp16(W): W rounded to float16
+
+A decoding step reads every weight once per token, so half the bytes is about half the time: on one row
+all of SmolLM2's layers take well under half the float32 packed GEMM's time (decode_floor.py). That is
+what llama.cpp's F16 files hold. The activations stay float32, so the only rounding is the weights'
+(10 mantissa bits, against bfloat16's 7). A layer whose weights do not fit float16's range (|w| >
+65504) keeps the float32 packing.
 """
 from __future__ import annotations
 
@@ -37,7 +49,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-PACK_ROWS = 16          # the row count the weights are packed for (a hint: any row count works)
+PACK_ROWS = 16          # the row count oneDNN's weights are packed for (a hint: any row count works)
+HALF_MAX = 65504.0      # float16's largest finite value
 
 
 def available() -> bool:
@@ -46,22 +59,41 @@ def available() -> bool:
             and hasattr(torch.ops.mkldnn, "_reorder_linear_weight"))
 
 
-def pack(weight: torch.Tensor) -> torch.Tensor:
-    """W (out, in) reordered into oneDNN's layout for a GEMM of about PACK_ROWS rows (an opaque tensor)."""
-    return torch.ops.mkldnn._reorder_linear_weight(weight.detach(), PACK_ROWS)
+@functools.cache
+def half_available() -> bool:
+    """Whether this torch has FBGEMM's float16-weight linear operators."""
+    return ("fbgemm" in torch.backends.quantized.supported_engines
+            and hasattr(torch.ops.quantized, "linear_prepack_fp16")
+            and hasattr(torch.ops.quantized, "linear_dynamic_fp16"))
 
 
-def packed_linear(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None, out: int) -> torch.Tensor:
-    """y = x W^T + b with W packed by `pack`: x (..., in) -> (..., out)."""
-    flat = x.reshape(-1, x.shape[-1])                                                   # (m, in)
-    y = torch.ops.mkldnn._linear_pointwise(flat.contiguous(), packed, bias, "none", [], "")   # (m, out)
-    return y.reshape(*x.shape[:-1], out)
+class Packed:
+    """y = x W^T + b from W (out, in) and b packed once: oneDNN's blocked layout of W, in W's dtype, or
+    with `half` FBGEMM's float16 copy of a float32 W (x and y float32). `packed(x)`: x (..., in) ->
+    (..., out)."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, half: bool = False):
+        weight = weight.detach()
+        bias = bias.detach() if bias is not None else None
+        self.out, self.half = weight.shape[0], half
+        if half:
+            self.weight, self.bias = torch.ops.quantized.linear_prepack_fp16(weight, bias), None
+        else:
+            self.weight, self.bias = torch.ops.mkldnn._reorder_linear_weight(weight, PACK_ROWS), bias
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        flat = x.reshape(-1, x.shape[-1]).contiguous()                                  # (m, in)
+        if self.half:
+            y = torch.ops.quantized.linear_dynamic_fp16(flat, self.weight)              # (m, out)
+        else:
+            y = torch.ops.mkldnn._linear_pointwise(flat, self.weight, self.bias, "none", [], "")
+        return y.reshape(*x.shape[:-1], self.out)
 
 
-def _forward(module: nn.Linear, packed: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+def _forward(module: nn.Linear, packed: Packed, x: torch.Tensor) -> torch.Tensor:
     if x.requires_grad or (module.weight.requires_grad and torch.is_grad_enabled()):
         return F.linear(x, module.weight, module.bias)
-    return packed_linear(x, packed, module.bias, module.out_features)
+    return packed(x)
 
 
 def _member_forward(module: nn.Linear, group: PackedGroup, i: int, x: torch.Tensor) -> torch.Tensor:
@@ -77,24 +109,32 @@ def dtypes() -> tuple[torch.dtype, ...]:
 
 
 def packs(module: nn.Module) -> bool:
-    """Whether `module` takes the packed forward."""
+    """Whether `module` takes the packed forward (in its own dtype)."""
     return (type(module) is nn.Linear and module.weight.device.type == "cpu" and available()
             and module.weight.dtype in dtypes())
+
+
+def packs_half(module: nn.Module) -> bool:
+    """Whether `module` can take the float16-weight forward: a float32 CPU nn.Linear whose weights and bias
+    fit float16's range."""
+    return (type(module) is nn.Linear and module.weight.device.type == "cpu" and half_available()
+            and module.weight.dtype == torch.float32
+            and all(p is None or p.detach().abs().max() <= HALF_MAX for p in (module.weight, module.bias)))
 
 
 class PackedGroup:
     """Linear layers with one input packed as one GEMM: `group(x)` is their outputs [y_1, y_2, ...],
     column views (..., out_i) of one (..., sum out_i) result."""
 
-    def __init__(self, modules: tuple[nn.Linear, ...]):
+    def __init__(self, modules: tuple[nn.Linear, ...], half: bool = False):
         self.sizes = [m.out_features for m in modules]
-        self.packed = pack(torch.cat([m.weight.detach() for m in modules]))                  # (sum out, in)
         biases = [m.bias if m.bias is not None else m.weight.new_zeros(m.out_features) for m in modules]
-        self.bias = torch.cat(biases).detach() if any(m.bias is not None for m in modules) else None
+        bias = torch.cat(biases) if any(m.bias is not None for m in modules) else None
+        self.packed = Packed(torch.cat([m.weight.detach() for m in modules]), bias, half)   # (sum out, in)
         self._x, self._ys = None, None                 # the last input and its outputs, for `member`
 
     def __call__(self, x: torch.Tensor) -> list[torch.Tensor]:
-        return list(packed_linear(x, self.packed, self.bias, sum(self.sizes)).split(self.sizes, -1))
+        return list(self.packed(x).split(self.sizes, -1))
 
     def member(self, i: int, x: torch.Tensor) -> torch.Tensor:
         """Layer i's output for x: its part of the group's result for this very tensor x, computed once
@@ -109,11 +149,18 @@ class PackedGroup:
 
 class PackedLinears:
     """Gives every plain float32 CPU nn.Linear of a model (PEFT's base layers and the LM head included)
-    the packed forward, or packs it with the others of its group; `remove` restores their own forward
-    and frees the packed copies."""
+    the packed forward (with `half`, float16 weights where they fit), or packs it with the others of its
+    group; `remove` restores their own forward and frees the packed copies."""
 
-    def __init__(self):
+    def __init__(self, half: bool = False):
+        self.half = half
         self._model, self.modules, self.groups = None, [], {}
+
+    def _mode(self, layers) -> bool | None:
+        """How `layers` are packed together: True float16 weights, False their own dtype, None not at all."""
+        if self.half and all(packs_half(m) for m in layers):
+            return True
+        return False if all(packs(m) for m in layers) else None
 
     def install(self, model: nn.Module, groups: Callable[[nn.Module], Iterable[tuple]] = lambda model: ()) -> int:
         """Pack `model`'s linear layers (once per model), those of each tuple that `groups(model)` lists
@@ -123,15 +170,17 @@ class PackedLinears:
         self.remove()
         self._model = weakref.ref(model)
         for layers in groups(model):
-            if all(packs(m) for m in layers):
-                group = self.groups[tuple(id(m) for m in layers)] = PackedGroup(tuple(layers))
+            half = self._mode(layers)
+            if half is not None:
+                group = self.groups[tuple(id(m) for m in layers)] = PackedGroup(tuple(layers), half)
                 for i, module in enumerate(layers):                                        # instance attribute
                     module.forward = functools.partial(_member_forward, module, group, i)
                     self.modules.append(module)
         grouped = {id(m) for m in self.modules}
         for module in model.modules():
-            if packs(module) and id(module) not in grouped:
-                module.forward = functools.partial(_forward, module, pack(module.weight))
+            half = self._mode((module,)) if id(module) not in grouped else None
+            if half is not None:
+                module.forward = functools.partial(_forward, module, Packed(module.weight, module.bias, half))
                 self.modules.append(module)
         return len(self.modules)
 

@@ -15,7 +15,8 @@ step (step.py: the same arithmetic without transformers' modules) unless `decode
 prefills, other families and PEFT's path run transformers' forward.
 
 Base layers: float32 linear layers on the CPU take `PackedLinears` (linear.py: oneDNN GEMMs on weights
-packed once) unless `packed_linears` is off; with the decoding step, each block's q, k, v projections
+packed once; `packed_linears="float16"`: FBGEMM GEMMs on float16 copies of the weights) unless
+`packed_linears` is "off"; with the decoding step, each block's q, k, v projections
 and its gate and up projections are packed as one GEMM each (PackedGroup), for decoding steps and
 prefills alike.
 
@@ -37,18 +38,21 @@ from .step import DecodeStep, fused_groups, supports
 
 NO_ADAPTER = "__base__"
 LORA_MIXING = ("gather", "peft")
+PACKED_LINEARS = ("on", "float16", "off")
 
 
 class MixedForward:
     """Runs `live.model` on rows routed to (adapter name or None, backbone version) each."""
 
-    def __init__(self, live, registry, lora_mixing: str = "gather", packed_linears: bool = True,
+    def __init__(self, live, registry, lora_mixing: str = "gather", packed_linears: str = "on",
                  decode_step: bool = True):
         if lora_mixing not in LORA_MIXING:
             raise ValueError(f"lora_mixing must be one of {LORA_MIXING}, got {lora_mixing!r}")
+        if packed_linears not in PACKED_LINEARS:
+            raise ValueError(f"packed_linears must be one of {PACKED_LINEARS}, got {packed_linears!r}")
         self.live, self.registry, self.lora_mixing = live, registry, lora_mixing
         self.stacked = StackedLora()
-        self.packed = PackedLinears() if packed_linears else None
+        self.packed = PackedLinears(half=packed_linears == "float16") if packed_linears != "off" else None
         self.decode_step = decode_step
         self._step_key, self._step = None, None
         self._names: list[str] | None = None     # what the pre-hooks pass; None outside our forward

@@ -89,7 +89,7 @@ class QueueFull(Exception):
 class Scheduler:
     def __init__(self, live, registry: Registry, max_batch: int = 16, max_queue: int = 64, mode: str = "mixed",
                  lora_mixing: str = "gather", telemetry=None, prefix_cache_bytes: int = 256 << 20,
-                 packed_linears: bool = True, decode_step: bool = True):
+                 packed_linears: str = "on", decode_step: bool = True):
         if mode not in ("mixed", "per-adapter"):
             raise ValueError(f"mode must be mixed or per-adapter, got {mode!r}")
         self.live, self.registry, self.telemetry = live, registry, telemetry
