@@ -182,11 +182,14 @@ def markdown(res: dict) -> str:
     if "compiled_ms" in res:
         rows += [("same, torch.compile(dynamic=True)",
                   f"{res['compiled_ms']} ms per token (compile and first run {res['compile_s']} s; "
-                  f"greedy equal to eager: {res['compiled_greedy_equal']})")]
+                  f"greedy equal to eager: {res['compiled_greedy_equal']})"),
+                 ("plain transformers model, eager, again after torch.compile (the machine's drift)",
+                  f"{res['eager_ms_after']} ms per token")]
     if "bf16" in res:
         v = res["bf16"]
         rows += [("bfloat16: every linear once, batch 1, F.linear", f"{v['gemv_ms']} ms"),
                  ("bfloat16: the same, oneDNN GEMMs on packed weights", f"{v['packed_gemv_ms']} ms"),
+                 ("bfloat16: the same, q\\|k\\|v and gate\\|up one GEMM each", f"{v['grouped_gemv_ms']} ms"),
                  ("bfloat16: crma's decoding step on the model in bfloat16 (as (5))",
                   f"{v['crma_step_ms']} ms per token")]
     lines = [f"# Single-stream floor (float32 unless marked, {m['threads']} torch thread(s), {m['cpus']} CPUs)", "",

@@ -203,7 +203,7 @@ def test_packed_linears_and_decode_step_serve_the_same_logits(store):
     on the model whose base linear weights were rounded to float16 (LoRA and CRMA float32)."""
     from crma.serve.batch import BatchCache, new_cache
     from crma.serve.linear import half_available
-    from crma.serve.mixed import MixedForward
+    from crma.serve.mixed import MixedForward, adapter_linears
     from crma.serve.registry import Registry
     from crma.serve.step import fused_groups
 
@@ -243,10 +243,13 @@ def test_packed_linears_and_decode_step_serve_the_same_logits(store):
         plain, _ = run("off")
         fast, patched = run("on")
         half = run("float16")[0] if half_available() else None
-    linears = [m for m in live.model.modules() if type(m) is torch.nn.Linear]
-    assert len({id(m) for m in patched}) == len(patched) == len(linears) > 20    # alone or in a group, once
-    assert live.model.get_output_embeddings() in patched
-    assert all("forward" not in m.__dict__ for m in linears)                # close() restored them
+    every = [m for m in live.model.modules() if type(m) is torch.nn.Linear]
+    adapters = adapter_linears(live.model)                                  # PEFT's LoRA A and B: left alone
+    linears = [m for m in every if id(m) not in adapters]
+    assert len({id(m) for m in patched}) == len(patched) == len(linears) == 7 * live.model.config.num_hidden_layers + 1
+    assert len(adapters) > 20
+    assert live.model.get_output_embeddings() in patched                    # alone or in a group, once
+    assert all("forward" not in m.__dict__ for m in every)                  # close() restored them
     assert (plain - fast).abs().max().item() <= 1e-4 and torch.equal(plain.argmax(-1), fast.argmax(-1))
     if half is not None:
         with torch.no_grad():                      # the base layers' weights as float16 holds them

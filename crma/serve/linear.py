@@ -24,18 +24,18 @@ group's result for that tensor, computed at the first of them (kept until the la
 
 Used for float32 nn.Linear layers on the CPU when torch has oneDNN, and for bfloat16 ones where the CPU
 computes bfloat16 natively (AVX-512 BF16 or AMX): bfloat16 `F.linear` runs oneDNN too, but reorders the
-weight at every call: about 1.7 times the packed GEMM's time over all of SmolLM2's layers on one row
-(benchmarks/decode_floor.py). Anything that needs gradients takes `F.linear`.
+weight at every call, and is markedly slower than the packed GEMM over all of SmolLM2's layers on one
+row (benchmarks/decode_floor.py). Anything that needs gradients takes `F.linear`.
 
 With `half` (`crma serve --packed-linears float16`), float32 layers keep their weights packed as float16
 instead, computed in float32 by FBGEMM (`torch.ops.quantized.linear_prepack_fp16`, then
 `linear_dynamic_fp16` per call; the same kernels as torch's dynamic float16 quantization):
 
-    y = x fp16(W)^T + b          x, y and b float32; fp16(W): W rounded to float16
+    y = x fp16(W)^T + b          x, y and b float32; fp16(W): W rounded to float16 (stored so)
 
-A decoding step reads every weight once per token, so half the bytes is about half the time: on one row
-all of SmolLM2's layers take well under half the float32 packed GEMM's time (decode_floor.py). That is
-what llama.cpp's F16 files hold. The activations stay float32, so the only rounding is the weights'
+A decoding step reads every weight once per token, and on a few rows half the bytes is close to half
+the time (decode_floor.py times all of SmolLM2's layers on one row both ways). The weights are then what
+llama.cpp's F16 files hold. The activations stay float32, so the only rounding is the weights'
 (10 mantissa bits, against bfloat16's 7). A layer whose weights do not fit float16's range (|w| >
 65504) keeps the float32 packing.
 """
@@ -115,11 +115,10 @@ def packs(module: nn.Module) -> bool:
 
 
 def packs_half(module: nn.Module) -> bool:
-    """Whether `module` can take the float16-weight forward: a float32 CPU nn.Linear whose weights and bias
-    fit float16's range."""
+    """Whether `module` can take the float16-weight forward: a float32 CPU nn.Linear whose weights fit
+    float16's range (its bias stays float32)."""
     return (type(module) is nn.Linear and module.weight.device.type == "cpu" and half_available()
-            and module.weight.dtype == torch.float32
-            and all(p is None or p.detach().abs().max() <= HALF_MAX for p in (module.weight, module.bias)))
+            and module.weight.dtype == torch.float32 and bool(module.weight.detach().abs().max() <= HALF_MAX))
 
 
 class PackedGroup:
@@ -162,13 +161,16 @@ class PackedLinears:
             return True
         return False if all(packs(m) for m in layers) else None
 
-    def install(self, model: nn.Module, groups: Callable[[nn.Module], Iterable[tuple]] = lambda model: ()) -> int:
+    def install(self, model: nn.Module, groups: Callable[[nn.Module], Iterable[tuple]] = lambda model: (),
+                skip: Callable[[nn.Module], set[int]] = lambda model: set()) -> int:
         """Pack `model`'s linear layers (once per model), those of each tuple that `groups(model)` lists
-        together (each layer in one group at most); returns how many take a packed forward."""
+        together (each layer in one group at most), none of those whose id `skip(model)` lists (adapter
+        weights, say); returns how many take a packed forward."""
         if self._model is not None and self._model() is model:
             return len(self.modules)
         self.remove()
         self._model = weakref.ref(model)
+        skipped = skip(model)
         for layers in groups(model):
             half = self._mode(layers)
             if half is not None:
@@ -178,7 +180,7 @@ class PackedLinears:
                     self.modules.append(module)
         grouped = {id(m) for m in self.modules}
         for module in model.modules():
-            half = self._mode((module,)) if id(module) not in grouped else None
+            half = self._mode((module,)) if id(module) not in grouped and id(module) not in skipped else None
             if half is not None:
                 module.forward = functools.partial(_forward, module, Packed(module.weight, module.bias, half))
                 self.modules.append(module)

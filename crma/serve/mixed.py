@@ -41,6 +41,12 @@ LORA_MIXING = ("gather", "peft")
 PACKED_LINEARS = ("on", "float16", "off")
 
 
+def adapter_linears(model) -> set[int]:
+    """The ids of PEFT's own LoRA A and B layers: adapter weights, which PackedLinears leaves alone."""
+    return {id(m) for layer in model.modules() if isinstance(layer, LoraLayer)
+            for side in (layer.lora_A, layer.lora_B) for m in side.values()}
+
+
 class MixedForward:
     """Runs `live.model` on rows routed to (adapter name or None, backbone version) each."""
 
@@ -109,7 +115,7 @@ class MixedForward:
             raise RuntimeError(f"adapters not loaded: {sorted(missing)}")
         backbone, stack = self.live.backbone, self.registry.stack
         if self.packed is not None:
-            self.packed.install(model, self._groups)
+            self.packed.install(model, self._groups, adapter_linears)
         step = None
         if (self.decode_step and input_ids.shape[1] == 1 and not all_positions and attention_mask is not None
                 and position_ids is not None and cache is not None and isinstance(cache.layers[0], SlotLayer)):
