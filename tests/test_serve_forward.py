@@ -4,6 +4,7 @@ decoding step against transformers' forward."""
 from __future__ import annotations
 
 import dataclasses
+import logging
 import warnings
 from pathlib import Path
 
@@ -155,7 +156,7 @@ def test_packed_linear_equals_f_linear():
     assert group._x is None                           # nothing kept once the last layer took its part
 
 
-def test_float16_packed_linear_is_f_linear_on_float16_rounded_weights():
+def test_float16_packed_linear_is_f_linear_on_float16_rounded_weights(caplog):
     """Packed(half=True) computes x fp16(W)^T + b in float32 (FBGEMM); layers whose weights leave float16's
     range, or that are not float32, keep their own packing; a group packs as float16 only as a whole."""
     from torch import nn
@@ -193,6 +194,9 @@ def test_float16_packed_linear_is_f_linear_on_float16_rounded_weights():
     assert big.forward.args[1].half is False and model[0].forward.args[1].half is True
     assert linears.group((model[2],)).packed.half is True
     linears.remove()
+    with caplog.at_level(logging.WARNING, logger="crma.serve"):            # nothing can take float16
+        assert PackedLinears(half=True).install(nn.Sequential(nn.Linear(5, 3).to(torch.bfloat16))) <= 1
+    assert "no linear layer took it" in caplog.text
 
 
 def test_packed_linears_and_decode_step_serve_the_same_logits(store):

@@ -42,6 +42,7 @@ llama.cpp's F16 files hold. The activations stay float32, so the only rounding i
 from __future__ import annotations
 
 import functools
+import logging
 import weakref
 from collections.abc import Callable, Iterable
 
@@ -49,6 +50,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+log = logging.getLogger("crma.serve")
 PACK_ROWS = 16          # the row count oneDNN's weights are packed for (a hint: any row count works)
 HALF_MAX = 65504.0      # float16's largest finite value
 
@@ -184,6 +186,11 @@ class PackedLinears:
             if half is not None:
                 module.forward = functools.partial(_forward, module, Packed(module.weight, module.bias, half))
                 self.modules.append(module)
+        halves = sum(g.packed.half for g in self.groups.values()) + sum(
+            m.forward.args[1].half for m in self.modules if m.forward.func is _forward)
+        if self.half and not halves:
+            log.warning("float16 packing asked for, but no linear layer took it (it needs float32 layers on the "
+                        "CPU and a torch with FBGEMM): they compute %s", "packed" if self.modules else "with F.linear")
         return len(self.modules)
 
     def group(self, modules) -> PackedGroup | None:
