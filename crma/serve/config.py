@@ -11,6 +11,7 @@ from ..config import ConfigError, DeviceConfig, opt
 
 log = logging.getLogger("crma.serve")
 LOOPBACK_NAMES = ("localhost", "127.0.0.1", "::1")
+PACKED_LINEARS = ("on", "float16", "off")
 
 
 @dataclass
@@ -66,7 +67,7 @@ class ServeConfig:
                            help="LoRA of a batch's rows: each row's slice of the stacked adapter weights, one pair "
                                 "of batched matmuls per layer whatever the adapter mix, or PEFT's adapter_names loop "
                                 "(the reference)")
-    packed_linears: str = opt("on", choices=("on", "float16", "off"),
+    packed_linears: str = opt("on", choices=PACKED_LINEARS,
                               help="linear layers on the CPU as GEMMs on weights packed once (faster than F.linear, "
                                    "most for a few rows): on: oneDNN, in the model's dtype (holds the linear weights "
                                    "twice); float16: the float32 weights packed as float16, computed in float32 "
@@ -97,7 +98,7 @@ class ServeConfig:
             if not 0 < value < float("inf"):
                 raise ConfigError(f"--{name.replace('_', '-')} must be a positive number of seconds, got {value}")
         for name, allowed in (("backbone", ("pinned", "latest")), ("batching", ("mixed", "per-adapter")),
-                              ("lora_mixing", ("gather", "peft")), ("packed_linears", ("on", "float16", "off"))):
+                              ("lora_mixing", ("gather", "peft")), ("packed_linears", PACKED_LINEARS)):
             if getattr(self, name) not in allowed:
                 raise ConfigError(f"{name} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")
         self.allowed_hosts = tuple(h.strip().lower() for h in self.allowed_hosts or () if h.strip())

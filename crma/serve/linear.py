@@ -172,10 +172,11 @@ class PackedLinears:
             return len(self.modules)
         self.remove()
         self._model = weakref.ref(model)
-        skipped = skip(model)
+        skipped, halves = skip(model), 0
         for layers in groups(model):
             half = self._mode(layers)
             if half is not None:
+                halves += half
                 group = self.groups[tuple(id(m) for m in layers)] = PackedGroup(tuple(layers), half)
                 for i, module in enumerate(layers):                                        # instance attribute
                     module.forward = functools.partial(_member_forward, module, group, i)
@@ -184,10 +185,9 @@ class PackedLinears:
         for module in model.modules():
             half = self._mode((module,)) if id(module) not in grouped and id(module) not in skipped else None
             if half is not None:
+                halves += half
                 module.forward = functools.partial(_forward, module, Packed(module.weight, module.bias, half))
                 self.modules.append(module)
-        halves = sum(g.packed.half for g in self.groups.values()) + sum(
-            m.forward.args[1].half for m in self.modules if m.forward.func is _forward)
         if self.half and not halves:
             log.warning("float16 packing asked for, but no linear layer took it (it needs float32 layers on the "
                         "CPU and a torch with FBGEMM): they compute %s", "packed" if self.modules else "with F.linear")
