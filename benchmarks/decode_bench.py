@@ -173,32 +173,32 @@ def bench_step(live, registry, snap, prompt, steps: int, repeats: int) -> dict:
 
 
 # ---- 5. bfloat16 and float16 weights against float32 ------------------------------------------------------
-def greedy(live, registry, route, prompt: list[int], tokens: int, packed: str = "on") -> tuple[list[int], float]:
-    """(greedy tokens, decoding tokens/s) of one request alone through MixedForward and the batch cache."""
+def greedy(live, registry, route, prompt: list[int], tokens: int, packed: str = "on") -> list[int]:
+    """The greedy tokens of one request alone through MixedForward and the batch cache."""
     forward, batch = MixedForward(live, registry, packed_linears=packed), BatchCache()
     with torch.inference_mode():
         cache = new_cache(live.model.config)
         out = [int(forward(torch.tensor([prompt]), [route], cache)[0].argmax())]
         batch.add(cache, torch.ones(1, len(prompt), dtype=torch.long), [0])
-        started = time.perf_counter()
         for _ in range(tokens - 1):
             mask, positions = batch.step_inputs()
             out.append(int(forward(torch.tensor([[out[-1]]]), [route], batch.cache, mask, positions)[0].argmax()))
             batch.stepped()
     forward.close()
-    return out, (tokens - 1) / (time.perf_counter() - started)
+    return out
 
 
 def bench_agreement(fp32, others: dict, prompts, tokens: int, repeats: int) -> dict:
     """Greedy agreement with float32 of each of `others` (name -> (live, registry, snapshot, packed_linears)),
     same adapters and backbone versions."""
+    prompts = prompts[: 4 if repeats == 1 else 16]
+    live, registry, snap = fp32
+    want = [greedy(live, registry, snap.routes[f"d{k}"], prompt, tokens) for k, prompt in enumerate(prompts)]
     out = {}
     for name, (live, registry, snap, packed) in others.items():
         agree, first_diff = [], []
-        for k, prompt in enumerate(prompts[: 4 if repeats == 1 else 16]):
-            route = f"d{k}"
-            a = greedy(fp32[0], fp32[1], fp32[2].routes[route], prompt, tokens)[0]
-            b = greedy(live, registry, snap.routes[route], prompt, tokens, packed)[0]
+        for k, (prompt, a) in enumerate(zip(prompts, want, strict=True)):
+            b = greedy(live, registry, snap.routes[f"d{k}"], prompt, tokens, packed)
             agree.append(a == b)
             first_diff.append(next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), len(a)))
         out[name] = {"prompts": len(agree), "tokens": tokens, "identical_greedy": sum(agree),

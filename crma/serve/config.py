@@ -11,6 +11,8 @@ from ..config import ConfigError, DeviceConfig, opt
 
 log = logging.getLogger("crma.serve")
 LOOPBACK_NAMES = ("localhost", "127.0.0.1", "::1")
+BATCHING = ("mixed", "per-adapter")
+LORA_MIXING = ("gather", "peft")
 PACKED_LINEARS = ("on", "float16", "off")
 
 
@@ -61,9 +63,9 @@ class ServeConfig:
     versions: bool = opt(False, help="also serve every registered version of each domain as DOMAIN@vK (on the "
                                       "backbone version it was trained with), for comparing versions; each holds "
                                       "its adapter weights in memory")
-    batching: str = opt("mixed", choices=("mixed", "per-adapter"),
+    batching: str = opt("mixed", choices=BATCHING,
                         help="per-adapter: one adapter at a time (a baseline for benchmarks)")
-    lora_mixing: str = opt("gather", choices=("gather", "peft"),
+    lora_mixing: str = opt("gather", choices=LORA_MIXING,
                            help="LoRA of a batch's rows: each row's slice of the stacked adapter weights, one pair "
                                 "of batched matmuls per layer whatever the adapter mix, or PEFT's adapter_names loop "
                                 "(the reference)")
@@ -97,8 +99,8 @@ class ServeConfig:
             value = getattr(self, name)
             if not 0 < value < float("inf"):
                 raise ConfigError(f"--{name.replace('_', '-')} must be a positive number of seconds, got {value}")
-        for name, allowed in (("backbone", ("pinned", "latest")), ("batching", ("mixed", "per-adapter")),
-                              ("lora_mixing", ("gather", "peft")), ("packed_linears", PACKED_LINEARS)):
+        for name, allowed in (("backbone", ("pinned", "latest")), ("batching", BATCHING),
+                              ("lora_mixing", LORA_MIXING), ("packed_linears", PACKED_LINEARS)):
             if getattr(self, name) not in allowed:
                 raise ConfigError(f"{name} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")
         self.allowed_hosts = tuple(h.strip().lower() for h in self.allowed_hosts or () if h.strip())

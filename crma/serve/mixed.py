@@ -32,13 +32,12 @@ from peft import PeftModel
 from peft.tuners.lora import LoraLayer
 
 from .batch import SlotLayer
-from .config import PACKED_LINEARS
+from .config import LORA_MIXING, PACKED_LINEARS
 from .linear import PackedLinears
 from .lora_rows import StackedLora
 from .step import DecodeStep, fused_groups, supports
 
 NO_ADAPTER = "__base__"
-LORA_MIXING = ("gather", "peft")
 
 
 def adapter_linears(model) -> set[int]:

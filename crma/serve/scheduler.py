@@ -33,6 +33,7 @@ import torch
 
 from ..routing import BASE, route_texts
 from .batch import BatchCache, new_cache
+from .config import BATCHING
 from .decoding import Sampler, TextStream, logprob_entry, next_tokens, prompt_logprobs
 from .mixed import MixedForward
 from .prefill import PrefixCache, buckets, prefill
@@ -90,8 +91,8 @@ class Scheduler:
     def __init__(self, live, registry: Registry, max_batch: int = 16, max_queue: int = 64, mode: str = "mixed",
                  lora_mixing: str = "gather", telemetry=None, prefix_cache_bytes: int = 256 << 20,
                  packed_linears: str = "on", decode_step: bool = True):
-        if mode not in ("mixed", "per-adapter"):
-            raise ValueError(f"mode must be mixed or per-adapter, got {mode!r}")
+        if mode not in BATCHING:
+            raise ValueError(f"mode must be one of {BATCHING}, got {mode!r}")
         self.live, self.registry, self.telemetry = live, registry, telemetry
         self.max_batch, self.max_queue, self.mode = max_batch, max_queue, mode
         self.forward = MixedForward(live, registry, lora_mixing, packed_linears, decode_step)
