@@ -84,12 +84,16 @@ class Packed:
             self.weight, self.bias = torch.ops.mkldnn._reorder_linear_weight(weight, PACK_ROWS), bias
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() == 2 and x.is_contiguous():                                          # a decoding step's rows
+            return self._gemm(x)
         flat = x.reshape(-1, x.shape[-1]).contiguous()                                  # (m, in)
+        return self._gemm(flat).reshape(*x.shape[:-1], self.out)
+
+    def _gemm(self, flat: torch.Tensor) -> torch.Tensor:
+        """(m, in) contiguous -> (m, out)."""
         if self.half:
-            y = torch.ops.quantized.linear_dynamic_fp16(flat, self.weight)              # (m, out)
-        else:
-            y = torch.ops.mkldnn._linear_pointwise(flat, self.weight, self.bias, "none", [], "")
-        return y.reshape(*x.shape[:-1], self.out)
+            return torch.ops.quantized.linear_dynamic_fp16(flat, self.weight)
+        return torch.ops.mkldnn._linear_pointwise(flat, self.weight, self.bias, "none", [], "")
 
 
 def _forward(module: nn.Linear, packed: Packed, x: torch.Tensor) -> torch.Tensor:

@@ -22,7 +22,10 @@ own mixed-adapter path loops over the adapters inside every LoRA layer (~100 ms 
 adapters). Under transformers' forward PEFT computes W x (its adapters are switched off) and a forward
 hook on the LoRA layer adds the rows' updates; crma's own decoding step (step.py) calls `add` for
 each group of projections that read one input (q, k, v; gate, up), which takes one A product per group:
-U = X [A_q^T | A_k^T | A_v^T], then y_q += U_q B_q and so on, in place.
+U = X [A_q^T | A_k^T | A_v^T], then y_q += U_q B_q and so on, in place; when the rows share one adapter,
+one product with diag(B_q, B_k, B_v) into the group's outputs side by side instead. On one row each
+operation costs microseconds of dispatch whatever its size, and a few hundred fewer per token are about
+a tenth of a SmolLM2 step (benchmarks/results/decode_bench.md).
 
 Loading or unloading an adapter updates the stacks incrementally (`sync`): a new adapter takes a free
 slot (the stacks double when full) and only its own weights are copied; a dropped adapter's slot is
@@ -73,6 +76,21 @@ class _LayerStack:
         if slot < self.a.shape[0]:
             self.a[slot].zero_()
             self.b[slot].zero_()
+
+
+def _diagonal(modules: tuple, parts: list) -> torch.Tensor | None:
+    """diag(B_1, B_2, ...) (R, sum out_i): module i's B (r_i, out_i) at its rows of U and its columns of
+    the modules' outputs side by side (zero columns for a module without LoRA); None if a module's output
+    size is unknown."""
+    sizes = [getattr(m, "out_features", None) for m in modules]
+    if None in sizes:
+        return None
+    starts = [0, *accumulate(sizes)]
+    ref = parts[0][3]
+    out = ref.new_zeros(parts[-1][2], starts[-1])
+    for i, lo, hi, b in parts:
+        out[lo:hi, starts[i]:starts[i + 1]] = b
+    return out
 
 
 class StackedLora:
@@ -158,23 +176,29 @@ class StackedLora:
         self.add((module,), args[0], (output,))
         return output
 
-    def add(self, modules: tuple, x: torch.Tensor, outputs) -> None:
+    def add(self, modules: tuple, x: torch.Tensor, outputs, whole: torch.Tensor | None = None) -> None:
         """outputs[i] (..., out_i) += the rows' LoRA update of modules[i], in place, for the input x (..., in)
         the modules share (a block's q, k, v projections, say; modules without LoRA are skipped): one
         product with their A^T side by side, then one per module with its B,
 
             U = X [A_1^T | A_2^T | ...],   y_i += U[:, R_i] B_i       (R_i: module i's columns of U)
 
-        (the hook does this for one module under transformers' forward; crma's decoding step, step.py,
-        for its groups). Nothing outside rows_using."""
+        or, for rows that share one adapter and `whole` given (the outputs side by side in one tensor,
+        (..., sum out_i), of which outputs[i] are the column views), one product with the B_i on the
+        diagonal of one matrix: [y_1 | y_2 | ...] += U diag(B_1, B_2, ...), two operations per group.
+        (The hook does this for one module under transformers' forward; crma's decoding step, step.py,
+        for its groups.) Nothing outside rows_using."""
         if self.rows is None:
             return
         got = self._weights(modules)
         if got is None:
             return
-        a, parts = got                                 # (in, R) for one adapter, else (b, in, R); [(i, lo, hi, B)]
+        a, parts, diagonal = got      # (in, R) for one adapter, else (b, in, R); [(i, lo, hi, B)]; (R, sum out)
         if a.dim() == 2:
             u = _as(x.reshape(-1, x.shape[-1]), a.dtype) @ a                            # (n, R)
+            if whole is not None and diagonal is not None and whole.dtype == a.dtype:
+                whole.view(-1, whole.shape[-1]).addmm_(u, diagonal)                     # (n, sum out)
+                return
             for i, lo, hi, b in parts:
                 y = outputs[i].view(-1, outputs[i].shape[-1])                           # (n, out_i)
                 if y.dtype == b.dtype:
@@ -187,8 +211,9 @@ class StackedLora:
                 outputs[i].view(x.shape[0], -1, outputs[i].shape[-1]).add_(torch.bmm(u[..., lo:hi], b))
 
     def _weights(self, modules: tuple):
-        """(A^T side by side, [(output index, first and last column of U, B)]) of `modules` for these rows:
-        the one adapter's slices, else each row's slice gathered; kept while the rows stay the same."""
+        """(A^T side by side, [(output index, first and last column of U, B)], the B_i on one diagonal or
+        None) of `modules` for these rows: the one adapter's slices, else each row's slice gathered; kept
+        while the rows stay the same."""
         key = tuple(id(m) for m in modules)
         if key in self._gathered:
             return self._gathered[key]
@@ -205,7 +230,8 @@ class StackedLora:
             ends = list(accumulate(p.shape[-1] for p in a_parts))
             parts = [(i, end - p.shape[-1], end, b) for (i, _), p, end, b in zip(found, a_parts, ends, b_parts,
                                                                                    strict=True)]
-            got = (a_parts[0] if len(a_parts) == 1 else torch.cat(a_parts, -1), parts)
+            got = (a_parts[0] if len(a_parts) == 1 else torch.cat(a_parts, -1), parts,
+                   _diagonal(modules, parts) if self.single is not None else None)
         self._gathered[key] = got
         return got
 

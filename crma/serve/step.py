@@ -12,6 +12,7 @@ the rows' LoRA updates (`StackedLora.add`) and CRMA operators (`CRMABlock.row_op
       [q | k | v] = x [Wq; Wk; Wv]^T + U [Bq | Bk | Bv]       one GEMM (packed group), LoRA rows' update
                                                                 with U = x [Aq^T | Ak^T | Av^T] (lora_rows.py)
       q, k = rope(q, pos), rope(k, pos)                         rope(x) = x cos + rotate_half(x) sin
+                                                                (one call on q | k when side by side)
       K_l[:, :, T], V_l[:, :, T] = k, v                         the batch cache's preallocated columns
       a   = softmax(q K_l^T / sqrt(hd) + mask) V_l              grouped-query: q heads share kv heads
       h   = h + a Wo^T + do
@@ -116,11 +117,17 @@ class _Projections:
         self.modules, self.base = modules, tuple(_linear_of(m) for m in modules)
         self.packed = linears.group(self.base) if linears is not None else None
 
-    def __call__(self, x: torch.Tensor, lora) -> list[torch.Tensor]:
-        ys = self.packed(x) if self.packed is not None else [m.forward(x) for m in self.base]
+    def __call__(self, x: torch.Tensor, lora) -> tuple[torch.Tensor | None, list[torch.Tensor]]:
+        """(the outputs side by side (b, sum out_i), or None when they are separate tensors; the outputs)."""
+        if self.packed is not None:
+            whole = self.packed.packed(x)                                             # (b, sum out_i)
+            ys = list(whole.split(self.packed.sizes, -1))
+        else:
+            ys = [m.forward(x) for m in self.base]
+            whole = ys[0] if len(ys) == 1 else None
         if lora is not None:
-            lora.add(self.modules, x, ys)
-        return ys
+            lora.add(self.modules, x, ys, whole)
+        return whole, ys
 
 
 class DecodeStep:
@@ -161,16 +168,20 @@ class DecodeStep:
         crma = self.backbone.crma_blocks if self.backbone is not None and self.backbone.enabled else None
         for i, (norm_in, qkv, o_proj, norm_post, gate_up, down) in enumerate(self.blocks):
             x = rms_norm(h, norm_in)                                                  # (b, d)
-            q, k, v = qkv(x, lora)                                                    # (b, H hd), (b, KV hd) x 2
-            q = rope(q.view(b, self.heads, hd), cos, sin)                             # (b, H, hd)
-            k = rope(k.view(b, self.kv_heads, hd), cos, sin)                          # (b, KV, hd)
+            whole, (q, k, v) = qkv(x, lora)                                           # (b, H hd), (b, KV hd) x 2
+            if whole is not None:                                                     # q | k side by side
+                qk = rope(whole[:, :(self.heads + self.kv_heads) * hd].view(b, -1, hd), cos, sin)
+                q, k = qk[:, :self.heads], qk[:, self.heads:]                         # (b, H, hd), (b, KV, hd)
+            else:
+                q = rope(q.view(b, self.heads, hd), cos, sin)                         # (b, H, hd)
+                k = rope(k.view(b, self.kv_heads, hd), cos, sin)                      # (b, KV, hd)
             keys, values = cache.layers[i].update(k[:, :, None], v.view(b, self.kv_heads, 1, hd))
             if columns > used:                                                        # the whole buffers
                 keys, values = cache.layers[i].keys[:b], cache.layers[i].values[:b]
             a = attention(q.view(b, self.kv_heads, group, hd), keys, values, bias, self.scale)
             h = h + o_proj(a.reshape(b, self.heads * hd), lora)[0]                    # (b, d)
             x = rms_norm(h, norm_post)
-            g, u = gate_up(x, lora)                                                   # (b, I) x 2
+            g, u = gate_up(x, lora)[1]                                                # (b, I) x 2
             h = h + down(F.silu(g) * u, lora)[0]
             if crma is not None:                                                      # h + alpha W M R h per row
                 ops = crma[i].row_operators
