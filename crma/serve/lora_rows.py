@@ -23,9 +23,9 @@ adapters). Under transformers' forward PEFT computes W x (its adapters are switc
 hook on the LoRA layer adds the rows' updates; crma's own decoding step (step.py) calls `add` for
 each group of projections that read one input (q, k, v; gate, up), which takes one A product per group:
 U = X [A_q^T | A_k^T | A_v^T], then y_q += U_q B_q and so on, in place; when the rows share one adapter,
-one product with diag(B_q, B_k, B_v) into the group's outputs side by side instead. On one row each
-operation costs microseconds of dispatch whatever its size, and a few hundred fewer per token are about
-a tenth of a SmolLM2 step (benchmarks/results/decode_bench.md).
+one product with diag(B_q, B_k, B_v) into the group's outputs side by side instead (the zero blocks
+cost little against the dispatch of the operations they save: on one row every operation costs
+microseconds whatever its size; decode_floor.py sets a step against its linear layers alone).
 
 Loading or unloading an adapter updates the stacks incrementally (`sync`): a new adapter takes a free
 slot (the stacks double when full) and only its own weights are copied; a dropped adapter's slot is
