@@ -266,6 +266,77 @@ def test_packed_linears_and_decode_step_serve_the_same_logits(store):
         assert (rounded - half).abs().max().item() <= 1e-4 and torch.equal(rounded.argmax(-1), half.argmax(-1))
 
 
+def test_one_adapter_lora_as_one_block_diagonal_product_per_group():
+    """Rows that share one adapter get a group's LoRA update as one product with diag(B_q, B_k, B_v) into
+    the group's outputs side by side; with LoRA on q and v only (k's block of columns zero) crma's
+    decoding step gives PEFT's own logits for that adapter, and rows without an adapter the base model's."""
+    from crma.config import LoraSettings
+    from crma.method.adapters import add_adapter
+    from crma.method.models import load_model
+    from crma.serve.batch import BatchCache, new_cache
+    from crma.serve.linear import PackedLinears
+    from crma.serve.lora_rows import StackedLora
+    from crma.serve.mixed import adapter_linears
+    from crma.serve.step import DecodeStep, fused_groups
+
+    model, _ = load_model("tiny:llama")
+    model = add_adapter(model, "dom", LoraSettings(targets=("q_proj", "v_proj", "down_proj")))
+    gen = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_" in name:
+                p.copy_(0.3 * torch.randn(p.shape, generator=gen))
+    model.eval()
+    lora, linears = StackedLora(), PackedLinears()
+    assert lora.sync(model, {"dom": 1})
+    linears.install(model, fused_groups, adapter_linears)
+    step = DecodeStep(model, lora, None, linears)
+    qkv = step.blocks[0][1]
+    for adapter in ("dom", None):
+        caches, logits = [BatchCache(), BatchCache()], [[], []]
+        with torch.inference_mode():
+            for n in (4, 7):
+                ids = torch.randint(0, 256, (1, n), generator=gen)
+                for batch in caches:
+                    cache = new_cache(model.config)
+                    if adapter is None:
+                        with model.disable_adapter():
+                            model(input_ids=ids, cache=cache, use_cache=True)
+                    else:
+                        model(input_ids=ids, cache=cache, use_cache=True)
+                    batch.add(cache, torch.ones_like(ids), [0])
+            token = torch.randint(0, 256, (2, 1), generator=gen)
+            for _ in range(3):
+                for k, batch in enumerate(caches):
+                    mask, positions = batch.step_inputs()
+                    if k == 0 and adapter is None:
+                        with model.disable_adapter():
+                            out = model(input_ids=token, attention_mask=mask, position_ids=positions,
+                                        cache=batch.cache, use_cache=True, logits_to_keep=1).logits[:, -1]
+                    elif k == 0:
+                        out = model(input_ids=token, attention_mask=mask, position_ids=positions, cache=batch.cache,
+                                    use_cache=True, logits_to_keep=1).logits[:, -1]
+                    else:
+                        with lora.rows_using([adapter, adapter], peft_off=False):
+                            out = step(token, batch.cache, mask, positions)
+                            weights = lora._weights(qkv.modules)
+                    logits[k].append(out)
+                    batch.stepped()
+                token = logits[0][-1].argmax(-1, keepdim=True)
+        want, got = torch.stack(logits[0]), torch.stack(logits[1])
+        assert (want - got).abs().max().item() <= 1e-5 and torch.equal(want.argmax(-1), got.argmax(-1))
+        if adapter is None:
+            assert weights is None or lora.rows is None
+            continue
+        a, parts, diagonal = weights                      # q and v have LoRA, k does not
+        q_out, k_out = (m.out_features for m in qkv.modules[:2])
+        assert a.dim() == 2 and [i for i, *_ in parts] == [0, 2]
+        assert diagonal.shape == (a.shape[1], sum(m.out_features for m in qkv.modules))
+        assert diagonal[:, q_out:q_out + k_out].abs().max() == 0 and diagonal[:, :q_out].abs().max() > 0
+    linears.remove()
+    lora.close()
+
+
 @pytest.mark.parametrize("family,grouped,dtype", [("llama", True, "float32"), ("mistral", False, "float32"),
                                                   ("qwen2", True, "float32"), ("qwen2", False, "float32"),
                                                   ("qwen2", True, "bfloat16")])
