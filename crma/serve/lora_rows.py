@@ -211,9 +211,9 @@ class StackedLora:
                 outputs[i].view(x.shape[0], -1, outputs[i].shape[-1]).add_(torch.bmm(u[..., lo:hi], b))
 
     def _weights(self, modules: tuple):
-        """(A^T side by side, [(output index, first and last column of U, B)], the B_i on one diagonal or
-        None) of `modules` for these rows: the one adapter's slices, else each row's slice gathered; kept
-        while the rows stay the same."""
+        """(A^T side by side, [(output index, first and last column of U, B)], the B_i on one diagonal (one
+        adapter, several modules) or None) of `modules` for these rows: the one adapter's slices, else each
+        row's slice gathered; kept while the rows stay the same."""
         key = tuple(id(m) for m in modules)
         if key in self._gathered:
             return self._gathered[key]
@@ -230,8 +230,9 @@ class StackedLora:
             ends = list(accumulate(p.shape[-1] for p in a_parts))
             parts = [(i, end - p.shape[-1], end, b) for (i, _), p, end, b in zip(found, a_parts, ends, b_parts,
                                                                                    strict=True)]
+            grouped = self.single is not None and len(modules) > 1     # one module: its own B is the product
             got = (a_parts[0] if len(a_parts) == 1 else torch.cat(a_parts, -1), parts,
-                   _diagonal(modules, parts) if self.single is not None else None)
+                   _diagonal(modules, parts) if grouped else None)
         self._gathered[key] = got
         return got
 
