@@ -5,25 +5,32 @@ benchmarks/results/decode_bench.{json,md}.
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/decode_bench.py --quick --threads 1   # does it work
 
 SmolLM2-135M (fp32, or --dtype bfloat16) with a CRMA backbone at 3 versions and 16 LoRA adapters
-(crma's default LoRA settings, random weights: the arithmetic of trained ones), all in one process,
-measured side by side (the compared variants alternate, repeats interleaved):
+(decode_models.py), all in one process, measured side by side (the compared variants alternate,
+repeats interleaved):
 
 1. one 16-row decoding step (MixedForward + the preallocated BatchCache): 16 distinct adapters on
    3 backbone versions vs one adapter on one version (ratio), and PEFT's reference path for the former;
    steps of 16, 3 and 1 rows as served (packed oneDNN linear layers and crma's own decoding step,
    crma/serve/linear.py and step.py) against transformers' forward with plain F.linear;
 2. throughput of 16 concurrent greedy chat requests through the scheduler over 16 and over 5 adapters,
-   mixed batches vs one adapter at a time (`per-adapter`): ratios of generated tokens/s;
+   mixed batches vs one adapter at a time (`per-adapter`): ratios of generated tokens/s. Beside each,
+   the ratio's GEMM-only ceiling: the same batches if a decoding step cost only its linear layers,
+   timed alone at the row counts each mode runs (one adapter at a time over 5 adapters: 16 requests in
+   groups of 4, 3, 3, 3 and 3 rows, against 16 rows mixed), sum of the groups' times over the 16-row
+   time. No prefill, attention, LoRA or sampling is counted, so the measured ratio stays below it;
 3. time to first token p50/p95 of those 16 concurrent chat requests (mixed, 16 adapters), in the steady
    state (a warm-up request per adapter first, so its system-prompt prefix is stored, in both modes);
 4. single stream, in rounds (one warm-up round, then 5): one greedy request alone per contender, in
    turn, each through its own scheduler for crma: crma as served (adapter d0 and CRMA), crma on the
-   base weights alone (no adapter, no CRMA: the same arithmetic llama.cpp does), and llama.cpp on the
-   same weights (an F32 GGUF written from the Q4_1 GGUF crma loads, dequantized) at the same thread
-   count, through the npm package node-llama-cpp (a benchmark-only tool, installed with `npm install
-   node-llama-cpp @node-llama-cpp/linux-x64` into --llamacpp; skipped when absent); with --half also
-   crma in bfloat16 and crma with float16 weights (`--packed-linears float16`), each served and on the
-   base weights alone, against an F16 GGUF. A ratio is the median over the rounds of the two
+   base weights alone (no adapter, no CRMA: the same arithmetic llama.cpp does), crma with adapter d0
+   and no CRMA; and llama.cpp on the same weights (an F32 GGUF written from the Q4_1 GGUF crma loads,
+   dequantized), alone and with adapter d0 written as a llama.cpp LoRA file (llamacpp.py; checked
+   first: with the adapter's update scaled up until it changes the text, llama.cpp's greedy text equals
+   crma's), at the same thread count, through the npm package node-llama-cpp (a benchmark-only tool,
+   installed with `npm install node-llama-cpp @node-llama-cpp/linux-x64` into --llamacpp; skipped when
+   absent). With --half also crma in bfloat16 and crma with float16 weights (`--packed-linears
+   float16`), served, on the base weights alone and (float16 weights) with the adapter alone, against
+   an F16 GGUF, alone and with the adapter. A ratio is the median over the rounds of the two
    contenders' ratio in that round (this machine's speed drifts within minutes). Then the Q4_1 GGUF
    itself;
 5. with --half: the greedy texts of bfloat16 and of float16 weights against float32's (same adapters
@@ -38,7 +45,6 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
 import sys
 import threading
 import time
@@ -47,83 +53,25 @@ from pathlib import Path
 
 import torch
 from bench_stats import load_average, load_line, machine, pct, write_results
+from decode_models import QUESTIONS, build, lora_alone, plain
+from llamacpp import float_gguf, installed, llamacpp, lora_gguf
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from crma.config import CRMAConfig, LoraSettings  # noqa: E402
 from crma.data import prompt_ids  # noqa: E402
-from crma.engine.live import LiveModel  # noqa: E402
-from crma.method.adapters import add_adapter  # noqa: E402
-from crma.method.models import SMOLLM2_GGUF, load_model, smollm2_dir  # noqa: E402
+from crma.method.models import SMOLLM2_GGUF, smollm2_dir  # noqa: E402
 from crma.serve.batch import BatchCache, new_cache  # noqa: E402
 from crma.serve.decoding import SamplingParams  # noqa: E402
-from crma.serve.mixed import MixedForward  # noqa: E402
-from crma.serve.registry import Registry, Route, Snapshot  # noqa: E402
+from crma.serve.mixed import MixedForward, adapter_linears  # noqa: E402
 from crma.serve.scheduler import Request, Scheduler, in_passing_thread  # noqa: E402
-
-QUESTIONS = ["What is a good way to learn a new language?", "Explain photosynthesis in simple terms.",
-             "How do I write a function that reverses a list?", "What are the symptoms of the flu?",
-             "What does a contract need to be valid?", "How do interest rates affect inflation?",
-             "Why is the sky blue?", "Give me three tips for a job interview.", "What is a prime number?",
-             "How does a vaccine work?", "What is the difference between weather and climate?",
-             "Summarise the plot of Romeo and Juliet.", "How do I make bread at home?",
-             "What is machine learning?", "Why do cats purr?", "How far away is the Moon?"]
-NODE_SCRIPT = r"""
-import {getLlama} from "node-llama-cpp";
-const [path, threads, prompt, n] = [process.argv[2], Number(process.argv[3]), process.argv[4], Number(process.argv[5])];
-const llama = await getLlama({gpu: false, build: "never", maxThreads: threads});
-const model = await llama.loadModel({modelPath: path, gpuLayers: 0});
-const context = await model.createContext({threads: {ideal: threads, min: threads}, contextSize: 1024, batchSize: 512});
-const runs = [];
-for (let r = 0; r < Number(process.argv[6]); r++) {
-  const seq = context.getSequence();
-  let k = 0, first = 0; const t0 = performance.now();
-  for await (const token of seq.evaluate(model.tokenize(prompt, true), {temperature: 0})) {
-    if (k === 0) first = performance.now();
-    if (++k >= n) break;
-  }
-  runs.push({prefill_s: (first - t0) / 1000, decode_tok_s: (k - 1) / ((performance.now() - first) / 1000)});
-  seq.dispose();
-}
-console.log(JSON.stringify(runs));
-"""
+from crma.serve.step import fused_groups  # noqa: E402
 
 
 def median(values):
     return statistics.median(values) if values else None
 
 
-
-
-# ---- the model: SmolLM2 + a 3-version backbone + 16 adapters ------------------------------------------
-def build(adapters: int, dtype: torch.dtype, seed: int = 0):
-    """(live, registry, snapshot) with `adapters` random LoRA adapters d0..dN and backbone versions 1-3."""
-    model, tokenizer = load_model("smollm2-135m", dtype=dtype)
-    live = LiveModel(model, tokenizer, "smollm2-135m", "modular")
-    backbone = live.create_backbone(CRMAConfig())
-    gen = torch.Generator().manual_seed(seed)
-    states = {}
-    with torch.no_grad():
-        for v in (1, 2, 3):
-            for block in backbone.crma_blocks:
-                block.crma_theta.add_(0.5 * torch.randn(block.crma_theta.shape, generator=gen))
-                block.crma_gate.fill_(0.02 * v)
-            states[v] = {k: t.clone() for k, t in backbone.state_dict().items()}
-        for k in range(adapters):
-            live.model = add_adapter(live.model, f"d{k}", LoraSettings())
-            for name, p in live.model.named_parameters():
-                if f".d{k}." in name and "lora_" in name:
-                    p.copy_(0.02 * torch.randn(p.shape, generator=gen))
-            live.adapters[f"d{k}"] = 1
-    live.model.eval()
-    registry = Registry(live, None)
-    registry.stack = backbone.stack_versions(states)
-    routes = {f"d{k}": Route(f"d{k}", f"d{k}", 1, 1 + k % 3) for k in range(adapters)}
-    routes["base"] = Route("base", None, None, 3)
-    snapshot = Snapshot(None, None, routes, 1, "bench")
-    registry.current = snapshot
-    return live, registry, snapshot
 
 
 # ---- 1. one 16-row decoding step ----------------------------------------------------------------------
@@ -237,10 +185,35 @@ def serve(scheduler, snap, jobs: list[tuple[str, list[int]]], max_tokens: int) -
             "errors": sum(r.errored for r in reqs), "texts": [r.stream.text for r in reqs]}
 
 
+def gemm_times(live, registry, rows: tuple[int, ...], repeats: int) -> dict[int, float]:
+    """Seconds of a decoding step's linear layers alone (the packed GEMMs as crma's step calls them, LM head
+    included; no LoRA, CRMA, attention or anything else) on each row count of `rows`, interleaved."""
+    forward = MixedForward(live, registry)
+    model = live.model
+    forward.packed.install(model, fused_groups, adapter_linears)
+    grouped = [(forward.packed.group(layers), layers[0].in_features) for layers in fused_groups(model)]
+    members = {id(m) for layers in fused_groups(model) for m in layers}
+    singles = [(m.forward, m.in_features) for m in forward.packed.modules if id(m) not in members]
+    calls = [(g.packed, n) for g, n in grouped] + singles
+    got = {m: [] for m in rows}
+    with torch.inference_mode():
+        inputs = {m: {n: torch.randn(m, n, dtype=model.dtype) for _, n in calls} for m in rows}
+        for _ in range(repeats + 1):
+            for m in rows:
+                started = time.perf_counter()
+                for call, n in calls:
+                    call(inputs[m][n])
+                got[m].append(time.perf_counter() - started)
+    forward.close()
+    return {m: median(t[1:]) for m, t in got.items()}
+
+
 def bench_throughput(live, registry, snap, prompts, max_tokens: int, repeats: int) -> dict:
     """Sections 2 and 3."""
+    spreads = {16: [1] * 16, 5: [len(range(k, 16, 5)) for k in range(5)]}      # rows per adapter
+    gemm = in_passing_thread(lambda: gemm_times(live, registry, (1, 3, 4, 16), 10 * repeats))
     scheduler = Scheduler(live, registry, max_batch=16, max_queue=64).start()
-    out = {}
+    out = {"gemm_ms": {m: round(1e3 * t, 2) for m, t in gemm.items()}}
     try:                 # steady state: every adapter has read the chat template's system prompt once
         hello = prompt_ids(live.tokenizer, [{"role": "user", "content": "Hello!"}])      # (no other text shared)
         serve(scheduler, snap, [(f"d{k}", hello) for k in range(16)], 1)
@@ -254,7 +227,9 @@ def bench_throughput(live, registry, snap, prompts, max_tokens: int, repeats: in
             texts = {mode: [r.pop("texts") for r in rs] for mode, rs in runs.items()}
             same = all(t == texts["mixed"][0] for ts in texts.values() for t in ts)
             rate = {mode: median([r["tokens_per_s"] for r in rs]) for mode, rs in runs.items()}
+            ceiling = sum(gemm[m] for m in spreads[spread]) / gemm[16]      # the same steps, GEMMs alone
             out[f"{spread} adapters"] = {"runs": runs, "ratio": round(rate["mixed"] / rate["per-adapter"], 3),
+                                         "gemm_only_ceiling": round(ceiling, 3),
                                          "greedy_texts_equal_across_modes": same}
     finally:
         scheduler.stop()
@@ -262,15 +237,29 @@ def bench_throughput(live, registry, snap, prompts, max_tokens: int, repeats: in
 
 
 # ---- 4. single stream ---------------------------------------------------------------------------------
-def plain(dtype: torch.dtype):
-    """(live, registry, snapshot) of SmolLM2 alone: no adapter, no CRMA backbone (route "base")."""
-    model, tokenizer = load_model("smollm2-135m", dtype=dtype)
-    live = LiveModel(model, tokenizer, "smollm2-135m", "modular")
-    live.model.eval()
-    registry = Registry(live, None)
-    snapshot = Snapshot(None, None, {"base": Route("base", None, None, None)}, 1, "bench")
-    registry.current = snapshot
-    return live, registry, snapshot
+def check_lora_file(live, registry, snap, prompt: list[int], tokens: int, run_llama, scale: float = 6.0) -> dict:
+    """Whether llama.cpp applies the LoRA GGUF as crma applies the adapter: greedy texts with the adapter's
+    update scaled by `scale` (B x scale in crma, llama.cpp's adapter scale), large enough to change the
+    text; llama.cpp's text is compared over the shorter of the two (it may add a leading newline)."""
+    bs = {n: p for n, p in live.model.named_parameters() if ".d0." in n and "lora_B" in n}
+    kept = {n: p.detach().clone() for n, p in bs.items()}
+    with torch.no_grad():
+        for p in bs.values():
+            p.mul_(scale)
+    try:
+        ours = live.tokenizer.decode(greedy(live, registry, snap.routes["d0"], prompt, tokens)).strip()
+    finally:
+        with torch.no_grad():
+            for n, p in bs.items():
+                p.copy_(kept[n])
+    base = live.tokenizer.decode(greedy(live, registry, snap.routes["base"], prompt, tokens)).strip()
+    got = run_llama(scale)
+    if isinstance(got, str):
+        return {"skipped": got}
+    theirs = got["text"].strip()
+    k = min(len(ours), len(theirs))
+    return {"scale": scale, "same_greedy_text": ours[:k] == theirs[:k], "adapter_changes_text": ours[:k] != base[:k],
+            "crma": ours, "llama.cpp": theirs}
 
 
 def single_request(live, registry, snap, model: str, packed: str, prompt: list[int], tokens: int) -> float:
@@ -318,48 +307,6 @@ def ratio(single: dict, a: str, b: str) -> float | None:
     return round(median(pairs), 3) if pairs else None
 
 
-# ---- 4. llama.cpp -------------------------------------------------------------------------------------
-def float_gguf(src: Path, dst: Path, half: bool = False) -> Path:
-    """The GGUF crma loads with every tensor dequantized to F32 (the weights crma computes with), or with
-    `half` its matrices in F16 (vectors stay F32, as llama.cpp's converter keeps them)."""
-    import numpy as np  # optional: only this comparison needs gguf and numpy
-    from gguf import GGUFReader, GGUFValueType, GGUFWriter  # optional
-    from gguf.quants import dequantize  # optional
-    if dst.exists():
-        return dst
-    reader = GGUFReader(str(src))
-    writer = GGUFWriter(str(dst), arch=reader.fields["general.architecture"].contents())
-    for name, field in reader.fields.items():
-        if name.startswith("GGUF.") or name == "general.architecture":
-            continue
-        kind = field.types[0]
-        value = int(half) if name == "general.file_type" else field.contents()   # 0: all F32, 1: mostly F16
-        writer.add_key_value(name, value, kind, field.types[1] if kind == GGUFValueType.ARRAY else None)
-    for t in reader.tensors:
-        data = dequantize(t.data, t.tensor_type).astype(np.float32)
-        data = data.reshape([int(x) for x in reversed(t.shape.tolist())])
-        writer.add_tensor(t.name, data.astype(np.float16) if half and data.ndim > 1 else data)
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
-    return dst
-
-
-def llamacpp(folder: Path, gguf: Path, threads: int, prompt: str, tokens: int, repeats: int) -> dict | str:
-    if not (folder / "node_modules" / "node-llama-cpp").is_dir():
-        return f"skipped: no node-llama-cpp in {folder}"
-    script = folder / "crma_decode_bench.mjs"
-    script.write_text(NODE_SCRIPT)
-    done = subprocess.run(["node", str(script), str(gguf), str(threads), prompt, str(tokens), str(repeats)],
-                          capture_output=True, text=True, cwd=folder, timeout=600)
-    if done.returncode != 0:
-        return f"failed: {done.stderr.strip()[-300:]}"
-    runs = json.loads(done.stdout.strip().splitlines()[-1])
-    return {"decode_tok_s": round(median([r["decode_tok_s"] for r in runs]), 2),
-            "prefill_s": round(median([r["prefill_s"] for r in runs]), 3), "runs": len(runs)}
-
-
 # ---- report -------------------------------------------------------------------------------------------
 def markdown(res: dict) -> str:
     m = res["machine"]
@@ -378,6 +325,10 @@ def markdown(res: dict) -> str:
         rates = {mode: median([r["tokens_per_s"] for r in runs]) for mode, runs in v["runs"].items()}
         lines.append(f"| 16 requests over {spread}: mixed vs one adapter at a time | {rates['mixed']:.1f} vs "
                      f"{rates['per-adapter']:.1f} tok/s: **{v['ratio']}x** (target >= {target}) |")
+        lines.append(f"| the same if a step cost only its linear layers (GEMM-only ceiling) | "
+                     f"{v['gemm_only_ceiling']}x |")
+    gemm = ", ".join(f"{m} row{'s' * (m != 1)} {t} ms" for m, t in thr["gemm_ms"].items())
+    lines.append(f"| a decoding step's linear layers alone | {gemm} |")
     mixed = thr["16 adapters"]["runs"]["mixed"]
     lines.append(f"| TTFT, 16 concurrent chat requests (mixed) | p50 {median([r['ttft_p50_s'] for r in mixed])} s, "
                  f"p95 {median([r['ttft_p95_s'] for r in mixed])} s (target p50 <= 1 s) |")
@@ -386,13 +337,18 @@ def markdown(res: dict) -> str:
         lines.append(f"| single stream, {name} | {value} tok/s |")
     for name, why in single["skipped"].items():
         lines.append(f"| single stream, {name} | {why} |")
+    check = res.get("lora_file", {})
+    if "scale" in check:
+        lines.append(f"| llama.cpp's LoRA file checked: greedy text with the update x{check['scale']} equal to crma's "
+                     f"| {check['same_greedy_text']} (the update changes the text: {check['adapter_changes_text']}) |")
     q4 = res["llamacpp_q4_1"]
     q4 = q4 if isinstance(q4, str) else f"{q4['decode_tok_s']} tok/s"
     lines.append(f"| single stream, llama.cpp Q4_1 | {q4} |")
     for name, value in single["ratios"].items():
         if value is not None:
-            target = " (target >= 0.8)" if name.startswith(("crma / ", "crma bfloat16 / ",
-                                                              "crma float16 weights / ")) else ""
+            target = " (target >= 0.8)" if name in ("crma / llama.cpp F32", "crma / llama.cpp F16",
+                                                    "crma bfloat16 / llama.cpp F16",
+                                                    "crma float16 weights / llama.cpp F16") else ""
             lines.append(f"| {name}, median of {len(single['rounds'])} rounds | **{value:.2f}x**{target} |")
     for name, v in res.get("half", {}).items():
         lines.append(f"| {name} vs float32: identical greedy texts | {v['identical_greedy']} of {v['prompts']} "
@@ -423,7 +379,8 @@ def main(argv=None) -> int:
     res["step"] = in_passing_thread(lambda: bench_step(live, registry, snap, prompts[0], steps, repeats))
     print(json.dumps(res["step"], indent=1), flush=True)
     res["throughput"] = bench_throughput(live, registry, snap, prompts, max_tokens, repeats)
-    print(json.dumps({k: v["ratio"] for k, v in res["throughput"].items()}, indent=1), flush=True)
+    print(json.dumps({k: v if k == "gemm_ms" else (v["ratio"], v["gemm_only_ceiling"])
+                      for k, v in res["throughput"].items()}, indent=1), flush=True)
     dtype = getattr(torch, args.dtype)
     half = args.half and args.dtype == "float32"
     bf16 = in_passing_thread(lambda: build(16, torch.bfloat16)) if half else None
@@ -433,37 +390,48 @@ def main(argv=None) -> int:
                                                                 repeats))
         print(json.dumps(res["half"], indent=1), flush=True)
     base = in_passing_thread(lambda: plain(dtype))
-    crma = {"crma": (live, registry, snap, "d0", "on"), "crma, base weights alone": (*base, "base", "on")}
+    alone = in_passing_thread(lambda: lora_alone(live, dtype))
+    crma = {"crma": (live, registry, snap, "d0", "on"), "crma, base weights alone": (*base, "base", "on"),
+            "crma, LoRA alone": (*alone, "d0", "on")}
     if half:
         crma |= {"crma bfloat16": (*bf16, "d0", "on"),
                  "crma bfloat16, base weights alone": (*in_passing_thread(lambda: plain(torch.bfloat16)), "base", "on"),
                  "crma float16 weights": (live, registry, snap, "d0", "float16"),
-                 "crma float16 weights, base weights alone": (*base, "base", "float16")}
-    has_node = (args.llamacpp / "node_modules" / "node-llama-cpp").is_dir()
+                 "crma float16 weights, base weights alone": (*base, "base", "float16"),
+                 "crma float16 weights, LoRA alone": (*alone, "d0", "float16")}
+    has_node = installed(args.llamacpp)
     q4 = smollm2_dir() / SMOLLM2_GGUF
     ggufs = {"F32": "smollm2-135m-f32.gguf", "F16": "smollm2-135m-f16.gguf"}
     ggufs = {name: float_gguf(q4, args.llamacpp / file, half=name == "F16") if has_node else None
              for name, file in ggufs.items() if name == "F32" or half or args.dtype == "bfloat16"}
+    lora = lora_gguf(alone[0].model, "d0", args.llamacpp / "lora_d0.gguf") if has_node else None
     text = tok.decode(prompts[0])
 
-    def llama(gguf: Path | None):
+    def llama(gguf: Path | None, adapter: Path | None = None):
         def run() -> float | str:
-            got = llamacpp(args.llamacpp, gguf, args.threads, text, max_tokens, 1)
+            got = llamacpp(args.llamacpp, gguf, args.threads, text, max_tokens, 1, adapter)
             return got if isinstance(got, str) else got["decode_tok_s"]
         return run
 
     others = {f"llama.cpp {name}": llama(gguf) for name, gguf in ggufs.items()}
+    others |= {f"llama.cpp {name} + LoRA": llama(gguf, lora) for name, gguf in ggufs.items() if dtype == torch.float32}
+    if has_node and dtype == torch.float32:
+        res["lora_file"] = in_passing_thread(lambda: check_lora_file(
+            *alone, prompts[0], 32, lambda scale: llamacpp(args.llamacpp, ggufs["F32"], args.threads, text, 32, 1,
+                                                           lora, scale)))
     res["single"] = bench_single(crma, others, prompts[0], max_tokens, 2 * repeats - 1)
     low = "F32" if args.dtype == "float32" else "F16"
     res["single"]["ratios"] = {f"{a} / {b}": ratio(res["single"], a, b) for a, b in
                                (("crma", f"llama.cpp {low}"), ("crma, base weights alone", f"llama.cpp {low}"),
+                                ("crma, LoRA alone", "llama.cpp F32 + LoRA"), ("crma", "llama.cpp F32 + LoRA"),
                                 ("crma bfloat16", "llama.cpp F16"),
                                 ("crma bfloat16, base weights alone", "llama.cpp F16"),
                                 ("crma float16 weights", "llama.cpp F16"),
-                                ("crma float16 weights, base weights alone", "llama.cpp F16"))}
+                                ("crma float16 weights, base weights alone", "llama.cpp F16"),
+                                ("crma float16 weights, LoRA alone", "llama.cpp F16 + LoRA"))}
     print(json.dumps(res["single"]["tok_s"] | res["single"]["ratios"], indent=1), flush=True)
-    res["llamacpp_q4_1"] = (llamacpp(args.llamacpp, q4, args.threads, text, max_tokens, repeats) if has_node
-                            else f"skipped: no node-llama-cpp in {args.llamacpp}")
+    q4_run = llamacpp(args.llamacpp, q4, args.threads, text, max_tokens, repeats) if has_node else None
+    res["llamacpp_q4_1"] = q4_run or f"skipped: no node-llama-cpp in {args.llamacpp}"
     res["machine"] = machine(args.threads, load_before)
     write_results(args.out, res, markdown(res))
     return 0

@@ -23,7 +23,8 @@ from pathlib import Path
 
 import torch
 from bench_stats import load_average, load_line, machine, write_results
-from decode_bench import QUESTIONS, build, watch
+from decode_bench import watch
+from decode_models import QUESTIONS, build
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
