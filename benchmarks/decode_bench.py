@@ -72,8 +72,6 @@ def median(values):
     return statistics.median(values) if values else None
 
 
-
-
 # ---- 1. one 16-row decoding step ----------------------------------------------------------------------
 def step_times(live, registry, routes, mixing: str, prompt: list[int], steps: int, fast: bool = True) -> list[float]:
     """Seconds of each of `steps` decoding steps of a batch of len(routes) rows (after their prefills);
