@@ -196,8 +196,12 @@ class StackedLora:
         a, parts, diagonal = got      # (in, R) for one adapter, else (b, in, R); [(i, lo, hi, B)]; (R, sum out)
         if a.dim() == 2:
             u = _as(x.reshape(-1, x.shape[-1]), a.dtype) @ a                            # (n, R)
-            if whole is not None and diagonal is not None and whole.dtype == a.dtype:
-                whole.view(-1, whole.shape[-1]).addmm_(u, diagonal)                     # (n, sum out)
+            if whole is not None and diagonal is not None:
+                w = whole.view(-1, whole.shape[-1])                                     # (n, sum out)
+                if w.dtype == a.dtype:
+                    w.addmm_(u, diagonal)
+                else:                   # float32 adapter weights (PEFT's default) beside a half-precision model
+                    w.add_(u @ diagonal)
                 return
             for i, lo, hi, b in parts:
                 y = outputs[i].view(-1, outputs[i].shape[-1])                           # (n, out_i)
