@@ -30,9 +30,10 @@ repeats interleaved):
    installed with `npm install node-llama-cpp @node-llama-cpp/linux-x64` into --llamacpp; skipped when
    absent). With --half also crma in bfloat16 and crma with float16 weights (`--packed-linears
    float16`), served, on the base weights alone and (float16 weights) with the adapter alone, against
-   an F16 GGUF, alone and with the adapter. A ratio is the median over the rounds of the two
-   contenders' ratio in that round (this machine's speed drifts within minutes). Then the Q4_1 GGUF
-   itself;
+   an F16 GGUF, alone and with the adapter. llama.cpp's figure in a round is the median of three
+   generations in one process (its speed varies far more than crma's from one generation to the
+   next). A ratio is the median over the rounds of the two contenders' ratio in that round (this
+   machine's speed drifts within minutes). Then the Q4_1 GGUF itself;
 5. with --half: the greedy texts of bfloat16 and of float16 weights against float32's (same adapters
    and backbone versions).
 
@@ -407,7 +408,7 @@ def main(argv=None) -> int:
 
     def llama(gguf: Path | None, adapter: Path | None = None):
         def run() -> float | str:
-            got = llamacpp(args.llamacpp, gguf, args.threads, text, max_tokens, 1, adapter)
+            got = llamacpp(args.llamacpp, gguf, args.threads, text, max_tokens, repeats, adapter)
             return got if isinstance(got, str) else got["decode_tok_s"]
         return run
 
