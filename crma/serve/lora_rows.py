@@ -93,6 +93,16 @@ def _diagonal(modules: tuple, parts: list) -> torch.Tensor | None:
     return out
 
 
+def _add_product(y: torch.Tensor, u: torch.Tensor, b: torch.Tensor) -> None:
+    """y += u b in place: y (n, out), u (n, R), b (R, out). Where y is half precision and the adapter's
+    weights float32 (PEFT's default beside a half-precision model), the float32 product is added and
+    rounded once to y's dtype, as PEFT adds an adapter's update."""
+    if y.dtype == b.dtype:
+        y.addmm_(u, b)
+    else:
+        y.add_(u @ b)
+
+
 class StackedLora:
     """The stacked LoRA weights of the model's adapters, per LoRA layer, and the hooks that use them."""
 
@@ -197,18 +207,10 @@ class StackedLora:
         if a.dim() == 2:
             u = _as(x.reshape(-1, x.shape[-1]), a.dtype) @ a                            # (n, R)
             if whole is not None and diagonal is not None:
-                w = whole.view(-1, whole.shape[-1])                                     # (n, sum out)
-                if w.dtype == a.dtype:
-                    w.addmm_(u, diagonal)
-                else:                   # float32 adapter weights (PEFT's default) beside a half-precision model
-                    w.add_(u @ diagonal)
+                _add_product(whole.view(-1, whole.shape[-1]), u, diagonal)              # (n, sum out)
                 return
             for i, lo, hi, b in parts:
-                y = outputs[i].view(-1, outputs[i].shape[-1])                           # (n, out_i)
-                if y.dtype == b.dtype:
-                    y.addmm_(u[:, lo:hi], b)
-                else:
-                    y.add_(u[:, lo:hi] @ b)
+                _add_product(outputs[i].view(-1, outputs[i].shape[-1]), u[:, lo:hi], b)  # (n, out_i)
         else:
             u = torch.bmm(_as(x.reshape(x.shape[0], -1, x.shape[-1]), a.dtype), a)      # (b, s, R)
             for i, lo, hi, b in parts:                                                  # b: (b, r_i, out_i)
