@@ -26,12 +26,20 @@ SmolLM2-135M in float32, batch 1, one new token per step, all measured side by s
    columns past T masked (crma's step in bfloat16), and over float32 copies of the columns in use;
 8. float16 weights (`crma serve --packed-linears float16`): (2)'s grouped GEMMs and (5) with the float32
    weights packed as float16 by FBGEMM (crma/serve/linear.py), computed in float32.
+9. the GEMVs of (2) one shape at a time (a block's q|k|v, o, gate|up and down projections as crma packs
+   them, and the LM head), oneDNN on packed weights, one row: microseconds per call over distinct matrices
+   of that shape (at least READ_MB of them, as a step reads its weights from memory, not from a cache) and
+   the read rate that makes, at the given thread count and at one thread, beside `torch.sum` over a buffer
+   of the same size; a line through the block shapes' (bytes, time) gives the fixed cost of a call and the
+   rate of its reading. And what a call costs besides reading: microseconds per call on a 16 x 576 matrix
+   (in the cache), oneDNN on packed weights against F.linear (MKL).
 
 crma's single stream (decode_bench.py) adds LoRA and CRMA to (5); (5) sits above (2).
 """
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import statistics
 import sys
@@ -45,6 +53,7 @@ from bench_stats import load_average, load_line, machine, write_results
 from transformers import DynamicCache
 
 ROOT = Path(__file__).resolve().parents[1]
+READ_MB = 512      # (9): megabytes of distinct matrices per shape, more than any cache holds
 sys.path.insert(0, str(ROOT))
 
 from crma.method.models import load_model  # noqa: E402
@@ -199,6 +208,25 @@ def markdown(res: dict) -> str:
         lines += ["Attention, one query per row over 128 cached columns (microseconds per call, one layer):", "",
                   "| rows | torch's fused attention | crma's step (written out) |", "|---|---|---|",
                   *[f"| {b} | {f} | {w} |" for b, (f, w) in res["attention_us"].items()], ""]
+    if "gemv_shapes" in res:
+        shapes, t = res["gemv_shapes"], m["threads"]
+        lines += ["One decoding step's GEMVs one shape at a time, oneDNN on packed weights, one row, over "
+                  f"{READ_MB} MB or more of distinct matrices per shape (microseconds per call; GB/s read; "
+                  "torch.sum's GB/s over the same bytes):", "",
+                  f"| shape (out x in) | in the model | MB each | {t} thread(s): us, GB/s, sum GB/s | "
+                  "1 thread: us, GB/s, sum GB/s |", "|---|---|---|---|---|"]
+        for name, v in shapes.items():
+            if "count" in v:
+                cells = [", ".join(map(str, v["threads"].get(k, v["threads"].get(str(k), ())))) for k in (t, 1)]
+                lines.append(f"| {name} | {v['count']} | {v['mb']} | {cells[0]} | {cells[1]} |")
+        if "fit" in shapes:
+            lines += ["", f"A line through the block shapes at {t} thread(s): {shapes['fit']['fixed_us']} us fixed "
+                          f"per call, then {shapes['fit']['gb_s']} GB/s."]
+        if "small_call_us" in shapes:
+            calls = shapes["small_call_us"]
+            lines += ["", f"One call on a 16 x 576 matrix in the cache: oneDNN {calls['onednn']} us, F.linear (MKL) "
+                          f"{calls['f_linear']} us."]
+        lines.append("")
     if "bf16" in res:
         lines += ["Attention over a bfloat16 cache growing by one column per call from 128 to 256, as in "
                   "decoding (microseconds per call, one layer):", "",
@@ -245,6 +273,51 @@ def bench_gemv(model, half: bool = False) -> dict:
     return res
 
 
+def apply_all(packs: list[Packed], x: torch.Tensor) -> None:
+    for packed in packs:
+        packed(x)
+
+
+def bench_gemv_shapes(model, threads: int) -> dict:
+    """(9): {"out x in": {"count": in the model, "mb": each, "threads": {t: (microseconds per call, GB/s,
+    torch.sum's GB/s)}}} for each packed GEMM shape of crma's step, one row, over distinct random matrices
+    of that shape (READ_MB at least), at `threads` and at one thread; "fit": (fixed microseconds per call,
+    GB/s) of a least-squares line through the block shapes' (MB, microseconds) at `threads`."""
+    counts: dict[tuple[int, int], int] = {}
+    for group in fused_groups(model):
+        shape = (sum(m.out_features for m in group), group[0].in_features)
+        counts[shape] = counts.get(shape, 0) + 1
+    grouped = {id(m) for g in fused_groups(model) for m in g}
+    for m in model.modules():
+        if isinstance(m, torch.nn.Linear) and id(m) not in grouped:
+            counts[(m.out_features, m.in_features)] = counts.get((m.out_features, m.in_features), 0) + 1
+    res: dict = {}
+    with torch.inference_mode():
+        for (out, inp), n in counts.items():
+            x, mb = torch.randn(1, inp), 4 * out * inp / 1e6
+            distinct = max(n, math.ceil(READ_MB / mb))
+            packs = [Packed(torch.randn(out, inp) * 0.02, None) for _ in range(distinct)]
+            buffer = torch.randn(out * inp * distinct)
+            row = {}
+            for t in sorted({threads, 1}, reverse=True):
+                torch.set_num_threads(t)
+                us = 1e6 * median_time(partial(apply_all, packs, x), 7) / distinct
+                read = 1e6 * median_time(buffer.sum, 7) / distinct
+                row[t] = (round(us, 1), round(mb / us * 1e3, 1), round(mb / read * 1e3, 1))
+            torch.set_num_threads(threads)
+            res[f"{out}x{inp}"] = {"count": n, "mb": round(mb, 2), "threads": row}
+        weight, x = torch.randn(16, 576), torch.randn(1, 576)
+        packed = Packed(weight, None)
+        res["small_call_us"] = {"onednn": median_us(partial(packed, x), 2000),
+                                "f_linear": median_us(partial(F.linear, x, weight), 2000)}
+    blocks = [(v["mb"], v["threads"][threads][0]) for v in res.values() if v.get("count", 0) > 1]
+    if len(blocks) > 1:
+        mx, my = statistics.fmean(b for b, _ in blocks), statistics.fmean(u for _, u in blocks)
+        slope = sum((b - mx) * (u - my) for b, u in blocks) / sum((b - mx) ** 2 for b, _ in blocks)
+        res["fit"] = {"fixed_us": round(my - slope * mx, 1), "gb_s": round(1e3 / slope, 1)}
+    return res
+
+
 def bench_bf16(steps: int) -> dict:
     """(7): the GEMV floors of (2) and crma's step of (5) with SmolLM2 in bfloat16, and the attention."""
     model, _ = load_model("smollm2-135m", dtype=torch.bfloat16)
@@ -287,6 +360,7 @@ def main(argv=None) -> int:
         tokens, res["compiled_ms"] = decode(compiled, model.config, prompt, args.steps)
         res["compiled_greedy_equal"] = tokens == eager_tokens
         _, res["eager_ms_after"] = decode(model, model.config, prompt, args.steps)   # drift check
+    res["gemv_shapes"] = bench_gemv_shapes(model, args.threads)
     res["bf16"] = bench_bf16(args.steps)
     res["machine"] = machine(args.threads, load_before)
     write_results(args.out, res, markdown(res))
