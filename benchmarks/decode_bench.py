@@ -23,19 +23,21 @@ repeats interleaved):
 3. time to first token p50/p95 of those 16 concurrent chat requests (mixed, 16 adapters), in the steady
    state (a warm-up request per adapter first, so its system-prompt prefix is stored, in both modes);
 4. single stream, in rounds (one warm-up round, then 5): one greedy request alone per contender, in
-   turn, each through its own scheduler for crma: crma as served (adapter d0 and CRMA), crma on the
-   base weights alone (no adapter, no CRMA: the same arithmetic llama.cpp does), crma with adapter d0
-   and no CRMA; and llama.cpp on the same weights (an F32 GGUF written from the Q4_1 GGUF crma loads,
-   dequantized), alone and with adapter d0 written as a llama.cpp LoRA file (llamacpp.py; checked
-   first: with the adapter's update scaled up until it changes the text, llama.cpp's greedy text equals
-   crma's), at the same thread count, through the npm package node-llama-cpp (a benchmark-only tool,
-   installed with `npm install node-llama-cpp @node-llama-cpp/linux-x64` into --llamacpp; skipped when
-   absent). With --half also crma in bfloat16 and crma with float16 weights (`--packed-linears
-   float16`), served, on the base weights alone and (float16 weights) with the adapter alone, against
-   an F16 GGUF, alone and with the adapter. llama.cpp's figure in a round is the median of three
-   generations in one process (its speed varies far more than crma's from one generation to the
-   next). A ratio is the median over the rounds of the two contenders' ratio in that round (this
-   machine's speed drifts within minutes). Then the Q4_1 GGUF itself;
+   turn, each through its own scheduler for crma: crma as served (adapter d0 and CRMA), crma on the base
+   weights alone (no adapter, no CRMA: the same arithmetic llama.cpp does), crma with adapter d0 and no
+   CRMA, crma as served with oneDNN's GEMMs on its one-row steps (`--no-row-gemv`: what the one-row
+   kernels of crma/serve/gemv.py buy); and llama.cpp on the same weights (an F32 GGUF written from the
+   Q4_1 GGUF crma loads, dequantized), alone and with adapter d0 written as a llama.cpp LoRA file
+   (llamacpp.py; checked first: with the adapter's update scaled up until it changes the text,
+   llama.cpp's greedy text equals crma's), at the same thread count, through the npm package
+   node-llama-cpp (a benchmark-only tool, installed with `npm install node-llama-cpp
+   @node-llama-cpp/linux-x64` into --llamacpp; skipped when absent). With --half also crma in bfloat16
+   and crma with float16 weights (`--packed-linears float16`), served, on the base weights alone,
+   (bfloat16) with oneDNN on one row and (float16 weights) with the adapter alone, against an F16 GGUF,
+   alone and with the adapter. llama.cpp's figure in a round is the median of three generations in one
+   process (its speed varies far more than crma's from one generation to the next). A ratio is the
+   median over the rounds of the two contenders' ratio in that round (this machine's speed drifts within
+   minutes). Then the Q4_1 GGUF itself;
 5. with --half: the greedy texts of bfloat16 and of float16 weights against float32's (same adapters
    and backbone versions).
 
@@ -263,11 +265,12 @@ def check_lora_file(live, registry, snap, prompt: list[int], tokens: int, run_ll
             "crma": ours, "llama.cpp": theirs}
 
 
-def single_request(live, registry, snap, model: str, packed: str, prompt: list[int], tokens: int) -> float:
+def single_request(live, registry, snap, model: str, packed: str, row_gemv: bool, prompt: list[int],
+                   tokens: int) -> float:
     """Decoding tokens/s of one greedy request alone (first token to last) through a scheduler started for
     it and stopped after it: the thread that runs torch keeps an OpenMP pool while it lives, and pools
     of idle schedulers beside the running one slow it down (docs/serving.md, Threads)."""
-    scheduler = Scheduler(live, registry, max_batch=16, packed_linears=packed).start()
+    scheduler = Scheduler(live, registry, max_batch=16, packed_linears=packed, row_gemv=row_gemv).start()
     try:
         req = Request(prompt, SamplingParams(max_tokens=tokens, temperature=0.0), model, snap)
         stamps = []
@@ -281,8 +284,8 @@ def single_request(live, registry, snap, model: str, packed: str, prompt: list[i
 
 def bench_single(crma: dict, others: dict, prompt: list[int], tokens: int, rounds: int) -> dict:
     """Section 4: in each of `rounds` rounds one request per contender, in turn: crma's (name -> (live,
-    registry, snapshot, model, packed_linears)) and `others`' (name -> a callable giving tok/s, or a string: why it did
-    not run); one warm-up round of crma's first. Returns every round's tok/s per contender and their
+    registry, snapshot, model, packed_linears, row_gemv)) and `others`' (name -> a callable giving tok/s, or a
+    string: why it did not run); one warm-up round of crma's first. Returns every round's tok/s per contender and their
     medians."""
     contenders = {name: partial(single_request, *args, prompt, tokens) for name, args in crma.items()} | others
     out = {"rounds": [], "skipped": {}}
@@ -392,14 +395,17 @@ def main(argv=None) -> int:
         print(json.dumps(res["half"], indent=1), flush=True)
     base = in_passing_thread(lambda: plain(dtype))
     alone = in_passing_thread(lambda: lora_alone(live, dtype))
-    crma = {"crma": (live, registry, snap, "d0", "on"), "crma, base weights alone": (*base, "base", "on"),
-            "crma, LoRA alone": (*alone, "d0", "on")}
+    crma = {"crma": (live, registry, snap, "d0", "on", True), "crma, base weights alone": (*base, "base", "on", True),
+            "crma, LoRA alone": (*alone, "d0", "on", True),
+            "crma, one row by oneDNN": (live, registry, snap, "d0", "on", False)}
     if half:
-        crma |= {"crma bfloat16": (*bf16, "d0", "on"),
-                 "crma bfloat16, base weights alone": (*in_passing_thread(lambda: plain(torch.bfloat16)), "base", "on"),
-                 "crma float16 weights": (live, registry, snap, "d0", "float16"),
-                 "crma float16 weights, base weights alone": (*base, "base", "float16"),
-                 "crma float16 weights, LoRA alone": (*alone, "d0", "float16")}
+        crma |= {"crma bfloat16": (*bf16, "d0", "on", True),
+                 "crma bfloat16, base weights alone": (*in_passing_thread(lambda: plain(torch.bfloat16)), "base", "on",
+                                                       True),
+                 "crma bfloat16, one row by oneDNN": (*bf16, "d0", "on", False),
+                 "crma float16 weights": (live, registry, snap, "d0", "float16", True),
+                 "crma float16 weights, base weights alone": (*base, "base", "float16", True),
+                 "crma float16 weights, LoRA alone": (*alone, "d0", "float16", True)}
     has_node = installed(args.llamacpp)
     q4 = smollm2_dir() / SMOLLM2_GGUF
     ggufs = {"F32": "smollm2-135m-f32.gguf", "F16": "smollm2-135m-f16.gguf"}
@@ -424,9 +430,11 @@ def main(argv=None) -> int:
     low = "F32" if args.dtype == "float32" else "F16"
     res["single"]["ratios"] = {f"{a} / {b}": ratio(res["single"], a, b) for a, b in
                                (("crma", f"llama.cpp {low}"), ("crma, base weights alone", f"llama.cpp {low}"),
+                                ("crma, one row by oneDNN", f"llama.cpp {low}"),
                                 ("crma, LoRA alone", "llama.cpp F32 + LoRA"), ("crma", "llama.cpp F32 + LoRA"),
                                 ("crma bfloat16", "llama.cpp F16"),
                                 ("crma bfloat16, base weights alone", "llama.cpp F16"),
+                                ("crma bfloat16, one row by oneDNN", "llama.cpp F16"),
                                 ("crma float16 weights", "llama.cpp F16"),
                                 ("crma float16 weights, base weights alone", "llama.cpp F16"),
                                 ("crma float16 weights, LoRA alone", "llama.cpp F16 + LoRA"))}

@@ -10,13 +10,15 @@ SmolLM2-135M in float32, batch 1, one new token per step, all measured side by s
    matrix is read once per token, so this bounds any torch decoding step from below);
 2. the weights' GEMV floor: every nn.Linear of the model (the tied LM head included) applied once to a
    single row with torch.nn.functional.linear, nothing else, the same with oneDNN's GEMM on weights
-   packed once (crma/serve/linear.py), and with each block's q|k|v and gate|up packed as one GEMM each
-   (what crma's decoding step uses);
+   packed once (crma/serve/linear.py), with each block's q|k|v and gate|up packed as one GEMM each, and
+   through crma's one-row kernels (crma/serve/gemv.py: inductor-compiled reductions over the model's own
+   weights, one per group), which crma's one-row decoding steps use;
 3. the plain transformers model (no adapter, no CRMA) decoding greedily with its DynamicCache, eager;
 4. the same model under torch.compile(dynamic=True) (inductor): its compile time, its step time, and
    whether its greedy tokens equal eager's;
 5. crma's own decoding step (crma/serve/step.py) on the same plain model, with the packed and grouped
-   linear layers and the batch cache, as `crma serve` decodes, and whether its greedy tokens equal eager's;
+   linear layers, the one-row kernels and the batch cache, as `crma serve` decodes, and whether its greedy
+   tokens equal eager's; and the same with oneDNN's GEMMs on one row too (`--no-row-gemv`);
 6. attention for one query per row over 128 cached columns with SmolLM2's heads, at 1, 3 and 16 rows:
    torch's fused F.scaled_dot_product_attention (boolean mask) against the written-out attention of
    crma's decoding step (crma/serve/step.py `attention`, additive mask), microseconds per call;
@@ -30,8 +32,9 @@ SmolLM2-135M in float32, batch 1, one new token per step, all measured side by s
    them, and the LM head), oneDNN on packed weights, one row: microseconds per call over distinct matrices
    of that shape (at least READ_MB of them, as a step reads its weights from memory, not from a cache) and
    the read rate that makes, at the given thread count and at one thread, beside `torch.sum` over a buffer
-   of the same size; a line through the block shapes' (bytes, time) gives the fixed cost of a call and the
-   rate of its reading. And what a call costs besides reading: microseconds per call on a 16 x 576 matrix
+   of the same size and crma's one-row kernel over the same matrices (at the given thread count); a line
+   through oneDNN's block shapes' (bytes, time) gives the fixed cost of a call and the rate of its
+   reading. And what a call costs besides reading: microseconds per call on a 16 x 576 matrix
    (in the cache), oneDNN on packed weights against F.linear (MKL).
 
 crma's single stream (decode_bench.py) adds LoRA and CRMA to (5); (5) sits above (2).
@@ -58,6 +61,7 @@ sys.path.insert(0, str(ROOT))
 
 from crma.method.models import load_model  # noqa: E402
 from crma.serve.batch import BatchCache, new_cache  # noqa: E402
+from crma.serve.gemv import RowGemv  # noqa: E402
 from crma.serve.linear import Packed, PackedGroup, PackedLinears  # noqa: E402
 from crma.serve.step import DecodeStep, attention, fused_groups  # noqa: E402
 
@@ -96,11 +100,12 @@ def median_us(fn, repeats: int = 500) -> float:
     return round(1e6 * median_time(fn, repeats, warmup=20), 1)
 
 
-def crma_step(model, prompt: torch.Tensor, steps: int, half: bool = False) -> tuple[list[int], float]:
+def crma_step(model, prompt: torch.Tensor, steps: int, half: bool = False,
+              row_gemv: bool = True) -> tuple[list[int], float]:
     """(greedy tokens, median ms per step) of crma's decoding step (step.py) on the plain model, with the
-    packed and grouped linear layers (`half`: float16 weights) and the batch cache, as `crma serve` decodes
-    (no adapter, no CRMA)."""
-    linears = PackedLinears(half=half)
+    packed and grouped linear layers (`half`: float16 weights; `row_gemv`: gemv.py's kernels on one row) and
+    the batch cache, as `crma serve` decodes (no adapter, no CRMA)."""
+    linears = PackedLinears(half=half, row_gemv=row_gemv)
     linears.install(model, fused_groups)
     step, batch = DecodeStep(model, None, None, linears), BatchCache()
     with torch.inference_mode():
@@ -181,11 +186,15 @@ def markdown(res: dict) -> str:
     rows = [("memory read (torch.sum over the weights' size)", f"{res['read_ms']} ms ({res['read_gb_s']} GB/s)"),
             (f"every linear once, batch 1 ({res['weights_mb']} MB)", f"{res['gemv_ms']} ms"),
             ("the same, oneDNN GEMMs on packed weights", f"{res['packed_gemv_ms']} ms"),
-            ("the same, q\\|k\\|v and gate\\|up one GEMM each (crma's decoding step)", f"{res['grouped_gemv_ms']} ms"),
+            ("the same, q\\|k\\|v and gate\\|up one GEMM each", f"{res['grouped_gemv_ms']} ms"),
+            ("the same groups, crma's one-row kernels (gemv.py; crma's one-row decoding steps)",
+             f"{res['row_gemv_ms']} ms"),
             ("the same with float16 weights (FBGEMM, --packed-linears float16)", f"{res['half_gemv_ms']} ms"),
             ("plain transformers model, eager", f"{res['eager_ms']} ms per token"),
             ("the same model, crma's decoding step (packed, grouped; no adapter, no CRMA)",
              f"{res['crma_step_ms']} ms per token (greedy equal to eager: {res['crma_step_greedy_equal']})"),
+            ("the same, oneDNN's GEMMs on one row too (--no-row-gemv)",
+             f"{res['onednn_step_ms']} ms per token (greedy equal to eager: {res['onednn_step_greedy_equal']})"),
             ("the same with float16 weights (--packed-linears float16)",
              f"{res['half_step_ms']} ms per token (greedy equal to eager: {res['half_step_greedy_equal']})")]
     if "compiled_ms" in res:
@@ -199,8 +208,10 @@ def markdown(res: dict) -> str:
         rows += [("bfloat16: every linear once, batch 1, F.linear", f"{v['gemv_ms']} ms"),
                  ("bfloat16: the same, oneDNN GEMMs on packed weights", f"{v['packed_gemv_ms']} ms"),
                  ("bfloat16: the same, q\\|k\\|v and gate\\|up one GEMM each", f"{v['grouped_gemv_ms']} ms"),
+                 ("bfloat16: the same groups, crma's one-row kernels", f"{v['row_gemv_ms']} ms"),
                  ("bfloat16: crma's decoding step on the model in bfloat16 (as (5))",
-                  f"{v['crma_step_ms']} ms per token")]
+                  f"{v['crma_step_ms']} ms per token"),
+                 ("bfloat16: the same, oneDNN's GEMMs on one row too", f"{v['onednn_step_ms']} ms per token")]
     lines = [f"# Single-stream floor (float32 unless marked, {m['threads']} torch thread(s), {m['cpus']} CPUs)", "",
              load_line(m), "",
              "| figure | value |", "|---|---|", *[f"| {a} | {b} |" for a, b in rows], ""]
@@ -214,11 +225,13 @@ def markdown(res: dict) -> str:
                   f"{READ_MB} MB or more of distinct matrices per shape (microseconds per call; GB/s read; "
                   "torch.sum's GB/s over the same bytes):", "",
                   f"| shape (out x in) | in the model | MB each | {t} thread(s): us, GB/s, sum GB/s | "
-                  "1 thread: us, GB/s, sum GB/s |", "|---|---|---|---|---|"]
+                  f"1 thread: us, GB/s, sum GB/s | crma's one-row kernel, {t} thread(s): us, GB/s |",
+                  "|---|---|---|---|---|---|"]
         for name, v in shapes.items():
             if "count" in v:
                 cells = [", ".join(map(str, v["threads"].get(k, v["threads"].get(str(k), ())))) for k in (t, 1)]
-                lines.append(f"| {name} | {v['count']} | {v['mb']} | {cells[0]} | {cells[1]} |")
+                kernel = ", ".join(map(str, v.get("row_kernel", ())))
+                lines.append(f"| {name} | {v['count']} | {v['mb']} | {cells[0]} | {cells[1]} | {kernel} |")
         if "fit" in shapes:
             lines += ["", f"A line through the block shapes at {t} thread(s): {shapes['fit']['fixed_us']} us fixed "
                           f"per call, then {shapes['fit']['gb_s']} GB/s."]
@@ -265,15 +278,18 @@ def bench_gemv(model, half: bool = False) -> dict:
     def groups(as_half: bool):
         return [(PackedGroup(g, as_half), torch.randn(1, g[0].in_features, dtype=dtype)) for g in layer_groups]
 
+    kernels = ([(PackedGroup(g, row_gemv=True), torch.randn(1, g[0].in_features, dtype=dtype)) for g in layer_groups],
+               {m: Packed(m.weight, None, row=RowGemv((m.weight,), (None,))) for m in alone})
     res = {"gemv_ms": median_ms(gemv, 10), "packed_gemv_ms": median_ms(packed_gemv, 10),
-           "grouped_gemv_ms": median_ms(partial(grouped_gemv, groups(False), packed), 10)}
+           "grouped_gemv_ms": median_ms(partial(grouped_gemv, groups(False), packed), 10),
+           "row_gemv_ms": median_ms(partial(grouped_gemv, *kernels), 10)}
     if half:
         singles = {m: Packed(m.weight, None, half=True) for m in alone}
         res["half_gemv_ms"] = median_ms(partial(grouped_gemv, groups(True), singles), 10)
     return res
 
 
-def apply_all(packs: list[Packed], x: torch.Tensor) -> None:
+def apply_all(packs: list, x: torch.Tensor) -> None:
     for packed in packs:
         packed(x)
 
@@ -296,7 +312,8 @@ def bench_gemv_shapes(model, threads: int) -> dict:
         for (out, inp), n in counts.items():
             x, mb = torch.randn(1, inp), 4 * out * inp / 1e6
             distinct = max(n, math.ceil(READ_MB / mb))
-            packs = [Packed(torch.randn(out, inp) * 0.02, None) for _ in range(distinct)]
+            weights = [torch.randn(out, inp) * 0.02 for _ in range(distinct)]
+            packs = [Packed(w, None) for w in weights]
             buffer = torch.randn(out * inp * distinct)
             row = {}
             for t in sorted({threads, 1}, reverse=True):
@@ -305,7 +322,11 @@ def bench_gemv_shapes(model, threads: int) -> dict:
                 read = 1e6 * median_time(buffer.sum, 7) / distinct
                 row[t] = (round(us, 1), round(mb / us * 1e3, 1), round(mb / read * 1e3, 1))
             torch.set_num_threads(threads)
-            res[f"{out}x{inp}"] = {"count": n, "mb": round(mb, 2), "threads": row}
+            kernels = [RowGemv((w,), (None,)) for w in weights]
+            us = 1e6 * median_time(partial(apply_all, kernels, x), 7) / distinct
+            res[f"{out}x{inp}"] = {"count": n, "mb": round(mb, 2), "threads": row,
+                                   "row_kernel": (round(us, 1), round(mb / us * 1e3, 1))}
+            del weights, packs, kernels, buffer
         weight, x = torch.randn(16, 576), torch.randn(1, 576)
         packed = Packed(weight, None)
         res["small_call_us"] = {"onednn": median_us(partial(packed, x), 2000),
@@ -324,6 +345,7 @@ def bench_bf16(steps: int) -> dict:
     model.eval()
     res = bench_gemv(model)
     _, res["crma_step_ms"] = crma_step(model, torch.arange(100, 150).unsqueeze(0), steps)
+    _, res["onednn_step_ms"] = crma_step(model, torch.arange(100, 150).unsqueeze(0), steps, row_gemv=False)
     res["attention_us"] = bench_attention_bf16(model.config)
     return res
 
@@ -350,6 +372,8 @@ def main(argv=None) -> int:
     eager_tokens, res["eager_ms"] = decode(model, model.config, prompt, args.steps)
     tokens, res["crma_step_ms"] = crma_step(model, prompt, args.steps)
     res["crma_step_greedy_equal"] = tokens == eager_tokens
+    tokens, res["onednn_step_ms"] = crma_step(model, prompt, args.steps, row_gemv=False)
+    res["onednn_step_greedy_equal"] = tokens == eager_tokens
     tokens, res["half_step_ms"] = crma_step(model, prompt, args.steps, half=True)
     res["half_step_greedy_equal"] = tokens == eager_tokens
     if args.compile:

@@ -75,6 +75,9 @@ class ServeConfig:
                                    "twice); float16: the float32 weights packed as float16, computed in float32 "
                                    "(FBGEMM; half the bytes a token reads, faster decoding, outputs rounded like "
                                    "llama.cpp's F16 files); off: F.linear (docs/serving.md)")
+    row_gemv: bool = opt(True, help="one-row steps (a single stream) through linear kernels compiled by torch's "
+                                     "inductor at start (a few seconds; needs a C++ compiler, else oneDNN stays), "
+                                     "which read the weights faster than oneDNN on one row (docs/serving.md)")
     decode_step: bool = opt(True, help="decoding steps of Llama-family models (llama, mistral, qwen2) in crma's own "
                                        "torch code rather than transformers' forward (the same arithmetic with less "
                                        "overhead; docs/serving.md)")

@@ -22,6 +22,10 @@ crma's decoding step (step.py) calls the group; transformers' forward (prefills)
 after another on the same input tensor, and each grouped layer's forward takes its part of the
 group's result for that tensor, computed at the first of them (kept until the last took its part).
 
+One row (a decoding step of one stream) is the exception: there oneDNN reads the weights at about half
+the rate the machine streams them, and gemv.py's compiled kernels, which read the layers' own weights,
+compute it instead where they compile (`PackedLinears(row_gemv=True)`, `crma serve`'s default).
+
 Used for float32 nn.Linear layers on the CPU when torch has oneDNN, and for bfloat16 ones where the CPU
 computes bfloat16 natively (AVX-512 BF16 or AMX): bfloat16 `F.linear` runs oneDNN too, but reorders the
 weight at every call, and is markedly slower than the packed GEMM over all of SmolLM2's layers on one
@@ -50,6 +54,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .gemv import RowGemv
+
 log = logging.getLogger("crma.serve")
 PACK_ROWS = 16          # the row count oneDNN's weights are packed for (a hint: any row count works)
 HALF_MAX = 65504.0      # float16's largest finite value
@@ -72,12 +78,15 @@ def half_available() -> bool:
 class Packed:
     """y = x W^T + b from W (out, in) and b packed once: oneDNN's blocked layout of W, in W's dtype, or
     with `half` FBGEMM's float16 copy of a float32 W (x and y float32). `packed(x)`: x (..., in) ->
-    (..., out)."""
+    (..., out). A single row goes through `row` (gemv.py's compiled kernel over the same layers' own
+    weights) where given."""
 
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, half: bool = False):
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, half: bool = False,
+                 row: RowGemv | None = None):
         weight = weight.detach()
         bias = bias.detach() if bias is not None else None
         self.out, self.half = weight.shape[0], half
+        self.row = row if row is not None and row.ok else None
         if half:
             self.weight, self.bias = torch.ops.quantized.linear_prepack_fp16(weight, bias), None
         else:
@@ -91,6 +100,8 @@ class Packed:
 
     def _gemm(self, flat: torch.Tensor) -> torch.Tensor:
         """(m, in) contiguous -> (m, out)."""
+        if self.row is not None and flat.shape[0] == 1 and flat.dtype == self.row.dtype:
+            return self.row(flat)
         if self.half:
             return torch.ops.quantized.linear_dynamic_fp16(flat, self.weight)
         return torch.ops.mkldnn._linear_pointwise(flat, self.weight, self.bias, "none", [], "")
@@ -131,11 +142,12 @@ class PackedGroup:
     """Linear layers with one input packed as one GEMM: `group(x)` is their outputs [y_1, y_2, ...],
     column views (..., out_i) of one (..., sum out_i) result."""
 
-    def __init__(self, modules: tuple[nn.Linear, ...], half: bool = False):
+    def __init__(self, modules: tuple[nn.Linear, ...], half: bool = False, row_gemv: bool = False):
         self.sizes = [m.out_features for m in modules]
         biases = [m.bias if m.bias is not None else m.weight.new_zeros(m.out_features) for m in modules]
         bias = torch.cat(biases) if any(m.bias is not None for m in modules) else None
-        self.packed = Packed(torch.cat([m.weight.detach() for m in modules]), bias, half)   # (sum out, in)
+        row = RowGemv(tuple(m.weight for m in modules), tuple(m.bias for m in modules)) if row_gemv else None
+        self.packed = Packed(torch.cat([m.weight.detach() for m in modules]), bias, half, row)   # (sum out, in)
         self._x, self._ys = None, None                 # the last input and its outputs, for `member`
 
     def __call__(self, x: torch.Tensor) -> list[torch.Tensor]:
@@ -157,8 +169,8 @@ class PackedLinears:
     the packed forward (with `half`, float16 weights where they fit), or packs it with the others of its
     group; `remove` restores their own forward and frees the packed copies."""
 
-    def __init__(self, half: bool = False):
-        self.half = half
+    def __init__(self, half: bool = False, row_gemv: bool = True):
+        self.half, self.row_gemv = half, row_gemv
         self._model, self.modules, self.groups = None, [], {}
 
     def _mode(self, layers) -> bool | None:
@@ -181,7 +193,8 @@ class PackedLinears:
             half = self._mode(layers)
             if half is not None:
                 halves += half
-                group = self.groups[tuple(id(m) for m in layers)] = PackedGroup(tuple(layers), half)
+                group = self.groups[tuple(id(m) for m in layers)] = PackedGroup(tuple(layers), half,
+                                                                                 self._rows(half))
                 for i, module in enumerate(layers):                                        # instance attribute
                     module.forward = functools.partial(_member_forward, module, group, i)
                     self.modules.append(module)
@@ -190,12 +203,17 @@ class PackedLinears:
             half = self._mode((module,)) if id(module) not in grouped and id(module) not in skipped else None
             if half is not None:
                 halves += half
-                module.forward = functools.partial(_forward, module, Packed(module.weight, module.bias, half))
+                row = RowGemv((module.weight,), (module.bias,)) if self._rows(half) else None
+                module.forward = functools.partial(_forward, module, Packed(module.weight, module.bias, half, row))
                 self.modules.append(module)
         if self.half and not halves:
             log.warning("float16 packing asked for, but no linear layer took it (it needs float32 layers on the "
                         "CPU and a torch with FBGEMM): they compute %s", "packed" if self.modules else "with F.linear")
         return len(self.modules)
+
+    def _rows(self, half: bool) -> bool:
+        """Whether layers packed this way take gemv.py's kernels for one row (not FBGEMM's float16 weights)."""
+        return self.row_gemv and not half
 
     def group(self, modules) -> PackedGroup | None:
         """The packed group of exactly these layers, if `install` made one."""

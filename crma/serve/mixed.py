@@ -50,14 +50,15 @@ class MixedForward:
     """Runs `live.model` on rows routed to (adapter name or None, backbone version) each."""
 
     def __init__(self, live, registry, lora_mixing: str = "gather", packed_linears: str = "on",
-                 decode_step: bool = True):
+                 decode_step: bool = True, row_gemv: bool = True):
         if lora_mixing not in LORA_MIXING:
             raise ValueError(f"lora_mixing must be one of {LORA_MIXING}, got {lora_mixing!r}")
         if packed_linears not in PACKED_LINEARS:
             raise ValueError(f"packed_linears must be one of {PACKED_LINEARS}, got {packed_linears!r}")
         self.live, self.registry, self.lora_mixing = live, registry, lora_mixing
         self.stacked = StackedLora()
-        self.packed = PackedLinears(half=packed_linears == "float16") if packed_linears != "off" else None
+        self.packed = (PackedLinears(half=packed_linears == "float16", row_gemv=row_gemv)
+                       if packed_linears != "off" else None)
         self.decode_step = decode_step
         self._step_key, self._step = None, None
         self._names: list[str] | None = None     # what the pre-hooks pass; None outside our forward
@@ -113,8 +114,7 @@ class MixedForward:
         if missing:                  # PEFT would silently skip an adapter it does not have
             raise RuntimeError(f"adapters not loaded: {sorted(missing)}")
         backbone, stack = self.live.backbone, self.registry.stack
-        if self.packed is not None:
-            self.packed.install(model, self._groups, adapter_linears)
+        self.prepare()
         step = None
         if (self.decode_step and input_ids.shape[1] == 1 and not all_positions and attention_mask is not None
                 and position_ids is not None and cache is not None and isinstance(cache.layers[0], SlotLayer)):
@@ -136,6 +136,11 @@ class MixedForward:
             finally:
                 self._names = None
         return out.logits if all_positions else out.logits[:, -1, :]
+
+    def prepare(self) -> None:
+        """Pack the model's linear layers (and compile their one-row kernels) unless done for this model."""
+        if self.packed is not None:
+            self.packed.install(self.live.model, self._groups, adapter_linears)
 
     def close(self) -> None:
         self.stacked.close()

@@ -90,12 +90,12 @@ class QueueFull(Exception):
 class Scheduler:
     def __init__(self, live, registry: Registry, max_batch: int = 16, max_queue: int = 64, mode: str = "mixed",
                  lora_mixing: str = "gather", telemetry=None, prefix_cache_bytes: int = 256 << 20,
-                 packed_linears: str = "on", decode_step: bool = True):
+                 packed_linears: str = "on", decode_step: bool = True, row_gemv: bool = True):
         if mode not in BATCHING:
             raise ValueError(f"mode must be one of {BATCHING}, got {mode!r}")
         self.live, self.registry, self.telemetry = live, registry, telemetry
         self.max_batch, self.max_queue, self.mode = max_batch, max_queue, mode
-        self.forward = MixedForward(live, registry, lora_mixing, packed_linears, decode_step)
+        self.forward = MixedForward(live, registry, lora_mixing, packed_linears, decode_step, row_gemv)
         self.batch = BatchCache()
         self.prefixes = PrefixCache(prefix_cache_bytes)
         self.pad_id = live.tokenizer.pad_token_id or 0
@@ -116,7 +116,10 @@ class Scheduler:
 
     # ---- any thread -------------------------------------------------------------------------
     def start(self) -> Scheduler:
+        """Start the scheduler's thread; its first work is packing the model's linear layers (forward.prepare),
+        so that the first request does not wait for it."""
         self.thread.start()
+        self.call(self.forward.prepare)
         return self
 
     def stop(self, timeout: float = 30.0) -> None:

@@ -18,6 +18,7 @@ import torch
 
 from ..engine.live import LiveModel
 from ..store import Store, StoreError
+from . import gemv
 from .auth import load_keys
 from .batch import new_cache
 from .config import ServeConfig
@@ -62,7 +63,7 @@ class Server:
         scheduler = Scheduler(live, registry, max_batch=cfg.max_batch, max_queue=cfg.max_queue, mode=cfg.batching,
                               lora_mixing=cfg.lora_mixing, telemetry=telemetry,
                               prefix_cache_bytes=max(0, cfg.prefix_cache_mb) << 20, packed_linears=cfg.packed_linears,
-                              decode_step=cfg.decode_step)
+                              decode_step=cfg.decode_step, row_gemv=cfg.row_gemv)
         return cls(cfg, live, registry, scheduler, telemetry, keys)
 
     @staticmethod
@@ -146,5 +147,6 @@ class Server:
                 "last_reload": self.last_reload, "uptime_s": round(time.time() - self.started, 1),
                 "batching": self.cfg.batching, "lora_mixing": self.cfg.lora_mixing,
                 "packed_linears": self.cfg.packed_linears, "decode_step": self.cfg.decode_step,
+                "row_gemv": self.cfg.row_gemv and gemv.compile_error() is None,
                 "max_batch": self.cfg.max_batch, "watch": self.cfg.watch}
 

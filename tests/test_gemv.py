@@ -1,0 +1,93 @@
+"""crma/serve/gemv.py: one-row linear layers through a kernel compiled by inductor, and linear.py's use of it."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from crma.serve.gemv import RowGemv
+from crma.serve.linear import PackedLinears
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _layers(dtype: torch.dtype, outs=(40, 8, 24), biases=(False, True, False), d_in: int = 48) -> list[nn.Linear]:
+    torch.manual_seed(0)
+    return [nn.Linear(d_in, o, bias=b).to(dtype) for o, b in zip(outs, biases, strict=True)]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_row_kernel_gives_the_layers_outputs_side_by_side(dtype):
+    """One kernel for three layers of one input (sizes unlike the ones it was compiled with, one bias):
+    [x W_1^T | x W_2^T + b_2 | x W_3^T], in float32 rounded once to the dtype; one layer alone as well."""
+    layers = _layers(dtype)
+    kernel = RowGemv(tuple(m.weight for m in layers), tuple(m.bias for m in layers))
+    assert kernel.ok and all(p.data_ptr() == m.weight.data_ptr() for p, m in zip(kernel.params, layers))  # no copy
+    x = torch.randn(1, 48).to(dtype)
+    with torch.inference_mode():
+        got = kernel(x)
+        want = torch.cat([F.linear(x.float(), m.weight.float(), None if m.bias is None else m.bias.float())
+                          for m in layers], -1).to(dtype)
+        alone = RowGemv((layers[1].weight,), (layers[1].bias,))(x)
+    assert got.shape == (1, 72) and got.dtype == dtype
+    tolerance = {"atol": 1e-5, "rtol": 1e-5} if dtype == torch.float32 else {"atol": 0.02, "rtol": 0.01}
+    torch.testing.assert_close(got, want, **tolerance)
+    torch.testing.assert_close(alone, want[:, 40:48], **tolerance)
+
+
+def test_packed_layers_take_the_kernel_for_one_row_only():
+    """PackedLinears (row_gemv, the default) computes one row with the kernel over the layer's own weights
+    and several rows with oneDNN, a group's layers side by side either way; float16 weights (FBGEMM) and
+    row_gemv=False never take it."""
+    layers = _layers(torch.float32)
+    model = nn.Sequential(*layers, nn.Linear(48, 16))
+    linears = PackedLinears()
+    linears.install(model, lambda m: [tuple(layers)])
+    group, alone = linears.group(tuple(layers)), model[3].forward.args[1]
+    assert group.packed.row is not None and alone.row is not None
+    with torch.inference_mode():
+        for rows in (1, 3):
+            x = torch.randn(rows, 48)
+            want = torch.cat([F.linear(x, m.weight, m.bias) for m in layers], -1)
+            torch.testing.assert_close(torch.cat(group(x), -1), want, atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(model[3](x), F.linear(x, model[3].weight, model[3].bias), atol=1e-5, rtol=1e-5)
+        x = torch.randn(1, 48)
+        assert torch.equal(group.packed(x), group.packed.row(x))                # one row: the kernel's result
+    linears.remove()
+    for off in (PackedLinears(row_gemv=False), PackedLinears(half=True)):
+        off.install(model, lambda m: [tuple(layers)])
+        assert all(g.packed.row is None for g in off.groups.values())
+        off.remove()
+
+
+def test_without_a_compiler_one_row_stays_with_onednn(tmp_path):
+    """Where inductor cannot compile (no C++ compiler), the layers warn once and keep oneDNN for one row,
+    with the same outputs."""
+    script = textwrap.dedent("""
+        import logging, torch, torch.nn.functional as F
+        from torch import nn
+        from crma.serve import gemv
+        from crma.serve.linear import PackedLinears
+        logging.basicConfig(level=logging.WARNING)
+        layer = nn.Linear(48, 40)
+        linears = PackedLinears()
+        linears.install(nn.Sequential(layer))
+        assert layer.forward.args[1].row is None and gemv.compile_error()
+        with torch.inference_mode():
+            x = torch.randn(1, 48)
+            torch.testing.assert_close(layer(x), F.linear(x, layer.weight, layer.bias))
+        print("fallback ok")
+    """)
+    env = dict(os.environ, CXX=str(tmp_path / "no-such-compiler"), TORCHINDUCTOR_CACHE_DIR=str(tmp_path / "cache"),
+               TORCHINDUCTOR_FX_GRAPH_CACHE="0", PYTHONPATH=str(ROOT))
+    done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "fallback ok" in done.stdout
+    assert done.stderr.count("one-row linear kernels could not be compiled") == 1
