@@ -25,6 +25,7 @@ from __future__ import annotations
 import functools
 import logging
 import threading
+import time
 
 import torch
 from torch.fx.experimental.proxy_tensor import make_fx
@@ -67,8 +68,11 @@ def _kernel(dtype: torch.dtype, biased: tuple[bool, ...]):
     with _lock:
         if key not in _kernels and not _failed:
             try:
+                started = time.perf_counter()
                 with torch.no_grad():
                     _kernels[key] = _compile(dtype, biased)
+                log.info("compiled the one-row linear kernel for %d %s layer(s) in %.1f s", len(biased),
+                         str(dtype).removeprefix("torch."), time.perf_counter() - started)
             except Exception as exc:                 # noqa: BLE001 - no compiler, or inductor refuses: oneDNN stays
                 _failed.append(f"{type(exc).__name__}: {exc}")
                 log.warning("one-row linear kernels could not be compiled (%s); oneDNN computes one-row steps",
