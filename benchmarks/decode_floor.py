@@ -47,6 +47,7 @@ import os
 import statistics
 import sys
 import time
+from collections import Counter
 from functools import partial
 from pathlib import Path
 
@@ -299,14 +300,10 @@ def bench_gemv_shapes(model, threads: int) -> dict:
     torch.sum's GB/s)}}} for each packed GEMM shape of crma's step, one row, over distinct random matrices
     of that shape (READ_MB at least), at `threads` and at one thread; "fit": (fixed microseconds per call,
     GB/s) of a least-squares line through the block shapes' (MB, microseconds) at `threads`."""
-    counts: dict[tuple[int, int], int] = {}
-    for group in fused_groups(model):
-        shape = (sum(m.out_features for m in group), group[0].in_features)
-        counts[shape] = counts.get(shape, 0) + 1
-    grouped = {id(m) for g in fused_groups(model) for m in g}
-    for m in model.modules():
-        if isinstance(m, torch.nn.Linear) and id(m) not in grouped:
-            counts[(m.out_features, m.in_features)] = counts.get((m.out_features, m.in_features), 0) + 1
+    groups = fused_groups(model)
+    grouped = {id(m) for g in groups for m in g}
+    groups += [(m,) for m in model.modules() if isinstance(m, torch.nn.Linear) and id(m) not in grouped]
+    counts = Counter((sum(m.out_features for m in g), g[0].in_features) for g in groups)    # (out, in) -> layers
     res: dict = {}
     with torch.inference_mode():
         for (out, inp), n in counts.items():

@@ -18,9 +18,11 @@ from crma.serve.linear import PackedLinears
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _layers(dtype: torch.dtype, outs=(40, 8, 24), biases=(False, True, False), d_in: int = 48) -> list[nn.Linear]:
+def _layers(dtype: torch.dtype) -> list[nn.Linear]:
+    """Three layers of one 48-wide input: 40, 8 (with a bias) and 24 outputs."""
     torch.manual_seed(0)
-    return [nn.Linear(d_in, o, bias=b).to(dtype) for o, b in zip(outs, biases, strict=True)]
+    return [layer.to(dtype) for layer in (nn.Linear(48, 40, bias=False), nn.Linear(48, 8),
+                                           nn.Linear(48, 24, bias=False))]
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

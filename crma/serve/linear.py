@@ -107,6 +107,11 @@ class Packed:
         return torch.ops.mkldnn._linear_pointwise(flat, self.weight, self.bias, "none", [], "")
 
 
+def _row(modules: tuple[nn.Linear, ...]) -> RowGemv:
+    """gemv.py's one-row kernel over these layers' own weights and biases (outputs side by side)."""
+    return RowGemv(tuple(m.weight for m in modules), tuple(m.bias for m in modules))
+
+
 def _forward(module: nn.Linear, packed: Packed, x: torch.Tensor) -> torch.Tensor:
     if x.requires_grad or (module.weight.requires_grad and torch.is_grad_enabled()):
         return F.linear(x, module.weight, module.bias)
@@ -146,7 +151,7 @@ class PackedGroup:
         self.sizes = [m.out_features for m in modules]
         biases = [m.bias if m.bias is not None else m.weight.new_zeros(m.out_features) for m in modules]
         bias = torch.cat(biases) if any(m.bias is not None for m in modules) else None
-        row = RowGemv(tuple(m.weight for m in modules), tuple(m.bias for m in modules)) if row_gemv else None
+        row = _row(modules) if row_gemv else None
         self.packed = Packed(torch.cat([m.weight.detach() for m in modules]), bias, half, row)   # (sum out, in)
         self._x, self._ys = None, None                 # the last input and its outputs, for `member`
 
@@ -203,7 +208,7 @@ class PackedLinears:
             half = self._mode((module,)) if id(module) not in grouped and id(module) not in skipped else None
             if half is not None:
                 halves += half
-                row = RowGemv((module.weight,), (module.bias,)) if self._rows(half) else None
+                row = _row((module,)) if self._rows(half) else None
                 module.forward = functools.partial(_forward, module, Packed(module.weight, module.bias, half, row))
                 self.modules.append(module)
         if self.half and not halves:
