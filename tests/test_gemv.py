@@ -44,6 +44,30 @@ def test_row_kernel_gives_the_layers_outputs_side_by_side(dtype):
     torch.testing.assert_close(alone, want[:, 40:48], **tolerance)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_row_kernel_folds_a_lora_update_in(dtype):
+    """RowGemv.lora: the layers' outputs plus D (x A^T) for A (R, in) and D (sum out, R) float32 (PEFT
+    keeps adapters float32 beside a bfloat16 model): the base outputs rounded, the float32 update added,
+    rounded again, as PEFT adds an update. `fits` refuses an update of the wrong shape or rank 1."""
+    layers = _layers(dtype)
+    kernel = RowGemv(tuple(m.weight for m in layers), tuple(m.bias for m in layers))
+    gen = torch.Generator().manual_seed(1)
+    a, d = torch.randn(6, 48, generator=gen), torch.randn(72, 6, generator=gen)
+    assert kernel.fits(a, d)
+    assert not kernel.fits(a[:, :40].contiguous(), d) and not kernel.fits(a, d[:60].contiguous())
+    assert not kernel.fits(a[:1].contiguous(), d[:, :1].contiguous())                       # rank 1
+    x = torch.randn(1, 48).to(dtype)
+    with torch.inference_mode():
+        got = kernel.lora(x, a, d)
+        base = torch.cat([F.linear(x.float(), m.weight.float(), None if m.bias is None else m.bias.float())
+                          for m in layers], -1).to(dtype)
+        want = (base.float() + x.float() @ a.T @ d.T).to(dtype)
+    assert got.shape == (1, 72) and got.dtype == dtype
+    tolerance = {"atol": 1e-4, "rtol": 1e-5} if dtype == torch.float32 else {"atol": 0.05, "rtol": 0.01}
+    torch.testing.assert_close(got, want, **tolerance)
+    assert (got.float() - base.float()).abs().max() > 1                                      # the update shows
+
+
 def test_packed_layers_take_the_kernel_for_one_row_only():
     """PackedLinears (row_gemv, the default) computes one row with the kernel over the layer's own weights
     and several rows with oneDNN, a group's layers side by side either way; float16 weights (FBGEMM) and

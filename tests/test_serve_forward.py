@@ -266,10 +266,11 @@ def test_packed_linears_and_decode_step_serve_the_same_logits(store):
         assert (rounded - half).abs().max().item() <= 1e-4 and torch.equal(rounded.argmax(-1), half.argmax(-1))
 
 
-@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
-def test_one_adapter_lora_as_one_block_diagonal_product_per_group(dtype):
+@pytest.mark.parametrize("dtype,rows", [("float32", 2), ("bfloat16", 2), ("float32", 1), ("bfloat16", 1)])
+def test_one_adapter_lora_as_one_block_diagonal_product_per_group(dtype, rows):
     """Rows that share one adapter get a group's LoRA update as one product with diag(B_q, B_k, B_v) into
-    the group's outputs side by side; with LoRA on q and v only (k's block of columns zero) crma's
+    the group's outputs side by side; one row gets it inside gemv.py's kernel for the group (A and
+    diag(...)^T folded into its reduction). With LoRA on q and v only (k's block of columns zero) crma's
     decoding step gives PEFT's own logits for that adapter, and rows without an adapter the base model's.
     In bfloat16 the adapter's weights stay float32 (PEFT's default), as does its update, added to the
     bfloat16 outputs as PEFT adds it: equal up to bfloat16's rounding."""
@@ -298,7 +299,7 @@ def test_one_adapter_lora_as_one_block_diagonal_product_per_group(dtype):
     for adapter in ("dom", None):
         caches, logits = [BatchCache(), BatchCache()], [[], []]
         with torch.inference_mode():
-            for n in (4, 7):
+            for n in (4, 7)[:rows]:
                 ids = torch.randint(0, 256, (1, n), generator=gen)
                 for batch in caches:
                     cache = new_cache(model.config)
@@ -308,7 +309,7 @@ def test_one_adapter_lora_as_one_block_diagonal_product_per_group(dtype):
                     else:
                         model(input_ids=ids, cache=cache, use_cache=True)
                     batch.add(cache, torch.ones_like(ids), [0])
-            token = torch.randint(0, 256, (2, 1), generator=gen)
+            token = torch.randint(0, 256, (rows, 1), generator=gen)
             for _ in range(3):
                 for k, batch in enumerate(caches):
                     mask, positions = batch.step_inputs()
@@ -320,9 +321,9 @@ def test_one_adapter_lora_as_one_block_diagonal_product_per_group(dtype):
                         out = model(input_ids=token, attention_mask=mask, position_ids=positions, cache=batch.cache,
                                     use_cache=True, logits_to_keep=1).logits[:, -1]
                     else:
-                        with lora.rows_using([adapter, adapter], peft_off=False):
+                        with lora.rows_using([adapter] * rows, peft_off=False):
                             out = step(token, batch.cache, mask, positions)
-                            weights = lora._weights(qkv.modules)
+                            weights, update = lora._weights(qkv.modules), lora.row_weights(qkv.modules)
                     logits[k].append(out)
                     batch.stepped()
                 token = logits[0][-1].argmax(-1, keepdim=True)
@@ -333,7 +334,11 @@ def test_one_adapter_lora_as_one_block_diagonal_product_per_group(dtype):
             assert (want - got).abs().max().item() <= 0.05 * want.std().item()
         if adapter is None:
             assert weights is None or lora.rows is None
+            assert update is None
             continue
+        # whether each block's q|k|v, o, gate|up and down took the kernel with the update: one row, LoRA there
+        folded = [p._fitted[1] for block in step.blocks for p in (block[1], block[2], block[4], block[5])]
+        assert folded == [rows == 1 and k in (0, 3) for _ in step.blocks for k in range(4)]
         a, parts, diagonal = weights                      # q and v have LoRA, k does not
         assert a.dtype == torch.float32
         q_out, k_out = (m.out_features for m in qkv.modules[:2])

@@ -69,8 +69,8 @@ def create_app(server: Server, manage: bool = True) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app):
-        if manage:
-            server.start()
+        if manage:                      # listening once the model is ready (its kernels compiled)
+            await run_in_threadpool(server.start)
         try:
             yield
         finally:

@@ -19,6 +19,16 @@ sizes, so every model and group shape shares it: `torch._inductor.standalone_com
 called directly (no Dynamo guards per call), kept for the process; inductor's own cache on disk makes
 later processes compile faster. Compiling needs a C++ compiler; where it fails the layers keep oneDNN
 (logged once).
+
+A row's LoRA update can be folded into the same kernel (`RowGemv.lora`, crma's decoding step for rows
+that share one adapter): the adapter's A matrices are more rows of the same reduction, and their
+products U go through the B matrices in the kernel too,
+
+    y = round(round(x W^T + b) + D U),   U = x A^T      A (R, in), D (sum out_i, R): the B_i s_i on a
+                                                        block diagonal, U and D U in float32
+
+rounded as PEFT adds an update to a half-precision layer (identities in float32), where otherwise every
+group of layers takes two more products and, in bfloat16, two conversions (lora_rows.py).
 """
 from __future__ import annotations
 
@@ -38,41 +48,52 @@ _lock = threading.Lock()
 _failed: list[str] = []                 # the first compile error, once one happened: no further tries
 
 
-def row_product(x: torch.Tensor, *params: torch.Tensor, biased: tuple[bool, ...]) -> torch.Tensor:
+def row_product(x: torch.Tensor, *params: torch.Tensor, biased: tuple[bool, ...], lora: bool = False) -> torch.Tensor:
     """[y_1 | y_2 | ...] (1, sum out_i) for x (1, in): y_i = x W_i^T (+ b_i), computed in float32 as
     sum_j x_j W_ij, rounded once to x's dtype. params: the weights W_i (out_i, in), then the biases of
-    the layers that `biased` marks."""
+    the layers that `biased` marks, then with `lora` A (R, in) and D (sum out_i, R): y + D (x A^T),
+    the update in float32 added to the rounded y and rounded again."""
+    if lora:
+        params, (a, d) = params[:-2], params[-2:]
     weights, biases = params[:len(biased)], iter(params[len(biased):])
     xf = x.float()                                                                  # (1, in)
     outs = []
     for w, has_bias in zip(weights, biased, strict=True):
         y = (xf * w.float()).sum(-1)                                                # (out_i,)
         outs.append(y + next(biases).float() if has_bias else y)
-    y = outs[0] if len(outs) == 1 else torch.cat(outs)                              # (sum out_i,)
-    return y.to(x.dtype)[None]                                                      # (1, sum out_i)
+    y = (outs[0] if len(outs) == 1 else torch.cat(outs)).to(x.dtype)               # (sum out_i,)
+    if lora:
+        u = (xf * a.float()).sum(-1)                                                # (R,)
+        y = (y.float() + (d.float() * u).sum(-1)).to(x.dtype)                       # (sum out_i,)
+    return y[None]                                                                  # (1, sum out_i)
 
 
-def _compile(dtype: torch.dtype, biased: tuple[bool, ...]):
-    """row_product for len(biased) layers, traced with symbolic sizes and compiled. The example sizes
-    differ from each other: sizes equal in the example would be traced as one symbol."""
-    d_in, outs = 36, [40 + 8 * i for i in range(len(biased))]
+def _compile(dtype: torch.dtype, biased: tuple[bool, ...], lora: torch.dtype | None):
+    """row_product for len(biased) layers (with `lora`, an update in that dtype), traced with symbolic
+    sizes and compiled. The example sizes differ from each other: sizes equal in the example would be
+    traced as one symbol."""
+    d_in, outs, rank = 36, [40 + 8 * i for i in range(len(biased))], 20
     example = [torch.zeros(1, d_in, dtype=dtype), *(torch.zeros(o, d_in, dtype=dtype) for o in outs),
                *(torch.zeros(o, dtype=dtype) for o, b in zip(outs, biased, strict=True) if b)]
-    graph = make_fx(functools.partial(row_product, biased=biased), tracing_mode="symbolic")(*example)
+    if lora is not None:
+        example += [torch.zeros(rank, d_in, dtype=lora), torch.zeros(sum(outs), rank, dtype=lora)]
+    product = functools.partial(row_product, biased=biased, lora=lora is not None)
+    graph = make_fx(product, tracing_mode="symbolic")(*example)
     return torch._inductor.standalone_compile(graph, example, dynamic_shapes="from_graph")
 
 
-def _kernel(dtype: torch.dtype, biased: tuple[bool, ...]):
+def _kernel(dtype: torch.dtype, biased: tuple[bool, ...], lora: torch.dtype | None = None):
     """The compiled kernel (compiled now if new), or None where compiling failed."""
-    key = (dtype, biased, torch.get_num_threads())
+    key = (dtype, biased, lora, torch.get_num_threads())
     with _lock:
         if key not in _kernels and not _failed:
             try:
                 started = time.perf_counter()
                 with torch.no_grad():
-                    _kernels[key] = _compile(dtype, biased)
-                log.info("compiled the one-row linear kernel for %d %s layer(s) in %.1f s", len(biased),
-                         str(dtype).removeprefix("torch."), time.perf_counter() - started)
+                    _kernels[key] = _compile(dtype, biased, lora)
+                log.info("compiled the one-row linear kernel for %d %s layer(s)%s in %.1f s", len(biased),
+                         str(dtype).removeprefix("torch."), " with a LoRA update" if lora else "",
+                         time.perf_counter() - started)
             except Exception as exc:                 # noqa: BLE001 - no compiler, or inductor refuses: oneDNN stays
                 _failed.append(f"{type(exc).__name__}: {exc}")
                 log.warning("one-row linear kernels could not be compiled (%s); oneDNN computes one-row steps",
@@ -93,13 +114,34 @@ class RowGemv:
         ws = [w.detach() for w in weights]
         self.biased = tuple(b is not None for b in biases)
         self.params = ws + [b.detach() for b in biases if b is not None]
-        self.dtype = ws[0].dtype
+        self.dtype, self.shape = ws[0].dtype, (sum(w.shape[0] for w in ws), ws[0].shape[1])   # (sum out, in)
         self.ok = (self.dtype in DTYPES and len({w.shape[1] for w in ws}) == 1
-                   and all(p.dtype == self.dtype and p.device.type == "cpu" and p.is_contiguous()
-                           and min(p.shape) > 1 for p in self.params))     # a size 1 would not be symbolic
+                   and all(_fits(p) and p.dtype == self.dtype for p in self.params))
         self._kernel = _kernel(self.dtype, self.biased) if self.ok else None
         self.ok = self._kernel is not None
+        self._lora: dict[torch.dtype, object] = {}
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         """x (1, in) contiguous, in the weights' dtype -> (1, sum out_i)."""
         return self._kernel(x, *self.params)
+
+    def lora_kernel(self, dtype: torch.dtype):
+        """The kernel that adds a LoRA update held in `dtype` (compiled now if new), or None."""
+        if dtype not in self._lora:
+            self._lora[dtype] = _kernel(self.dtype, self.biased, dtype) if self.ok and dtype.is_floating_point else None
+        return self._lora[dtype]
+
+    def fits(self, a: torch.Tensor, d: torch.Tensor) -> bool:
+        """Whether `lora` takes the update A (R, in), D (sum out, R)."""
+        return (a.dtype == d.dtype and _fits(a) and _fits(d) and a.shape[1] == self.shape[1]
+                and d.shape == (self.shape[0], a.shape[0]) and self.lora_kernel(a.dtype) is not None)
+
+    def lora(self, x: torch.Tensor, a: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
+        """x W^T + b + D (x A^T), as row_product rounds it: x (1, in) as for a call, A and D as `fits` takes
+        them -> (1, sum out_i)."""
+        return self._lora[a.dtype](x, *self.params, a, d)
+
+
+def _fits(p: torch.Tensor) -> bool:
+    """Whether the kernels take p: contiguous on the CPU, no size 1 (which would not be symbolic)."""
+    return p.device.type == "cpu" and p.is_contiguous() and min(p.shape) > 1

@@ -176,7 +176,7 @@ class PackedLinears:
 
     def __init__(self, half: bool = False, row_gemv: bool = True):
         self.half, self.row_gemv = half, row_gemv
-        self._model, self.modules, self.groups = None, [], {}
+        self._model, self.modules, self.groups, self.rows = None, [], {}, {}
 
     def _mode(self, layers) -> bool | None:
         """How `layers` are packed together: True float16 weights, False their own dtype, None not at all."""
@@ -203,14 +203,17 @@ class PackedLinears:
                 for i, module in enumerate(layers):                                        # instance attribute
                     module.forward = functools.partial(_member_forward, module, group, i)
                     self.modules.append(module)
+                self._keep_row(layers, group.packed)
         grouped = {id(m) for m in self.modules}
         for module in model.modules():
             half = self._mode((module,)) if id(module) not in grouped and id(module) not in skipped else None
             if half is not None:
                 halves += half
                 row = _row((module,)) if self._rows(half) else None
-                module.forward = functools.partial(_forward, module, Packed(module.weight, module.bias, half, row))
+                packed = Packed(module.weight, module.bias, half, row)
+                module.forward = functools.partial(_forward, module, packed)
                 self.modules.append(module)
+                self._keep_row((module,), packed)
         if self.half and not halves:
             log.warning("float16 packing asked for, but no linear layer took it (it needs float32 layers on the "
                         "CPU and a torch with FBGEMM): they compute %s", "packed" if self.modules else "with F.linear")
@@ -220,12 +223,20 @@ class PackedLinears:
         """Whether layers packed this way take gemv.py's kernels for one row (not FBGEMM's float16 weights)."""
         return self.row_gemv and not half
 
+    def _keep_row(self, layers, packed: Packed) -> None:
+        if packed.row is not None:
+            self.rows[tuple(id(m) for m in layers)] = packed.row
+
     def group(self, modules) -> PackedGroup | None:
         """The packed group of exactly these layers, if `install` made one."""
         return self.groups.get(tuple(id(m) for m in modules))
+
+    def row(self, modules) -> RowGemv | None:
+        """The one-row kernel of exactly these layers (a packed group, or one layer packed alone), if any."""
+        return self.rows.get(tuple(id(m) for m in modules))
 
     def remove(self) -> None:
         for module in self.modules:
             if isinstance(module.__dict__.get("forward"), functools.partial):
                 del module.forward
-        self._model, self.modules, self.groups = None, [], {}
+        self._model, self.modules, self.groups, self.rows = None, [], {}, {}

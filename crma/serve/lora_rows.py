@@ -25,7 +25,9 @@ each group of projections that read one input (q, k, v; gate, up), which takes o
 U = X [A_q^T | A_k^T | A_v^T], then y_q += U_q B_q and so on, in place; when the rows share one adapter,
 one product with diag(B_q, B_k, B_v) into the group's outputs side by side instead (the zero blocks
 cost little against the dispatch of the operations they save: on one row every operation costs
-microseconds whatever its size; decode_floor.py sets a step against its linear layers alone).
+microseconds whatever its size; decode_floor.py sets a step against its linear layers alone). One row
+(a single stream) with gemv.py's kernels takes neither: `row_weights` hands the adapter's A and
+diag(B_q, B_k, B_v) to the group's kernel, which folds the update into its own reduction.
 
 Loading or unloading an adapter updates the stacks incrementally (`sync`): a new adapter takes a free
 slot (the stacks double when full) and only its own weights are copied; a dropped adapter's slot is
@@ -215,6 +217,23 @@ class StackedLora:
             u = torch.bmm(_as(x.reshape(x.shape[0], -1, x.shape[-1]), a.dtype), a)      # (b, s, R)
             for i, lo, hi, b in parts:                                                  # b: (b, r_i, out_i)
                 outputs[i].view(x.shape[0], -1, outputs[i].shape[-1]).add_(torch.bmm(u[..., lo:hi], b))
+
+    def row_weights(self, modules: tuple) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """For rows that share one adapter, its update of `modules` in the form gemv.py's kernels fold into
+        a group's product: (A (R, in), D (sum out_i, R)), A = [A_1; A_2; ...] and D = diag(B_1, B_2, ...)^T
+        (s_i in B_i), contiguous copies kept while the rows stay the same; None otherwise (no rows, rows of
+        several adapters, no LoRA on these modules, or an output size unknown)."""
+        if self.rows is None or self.single is None:
+            return None
+        key = ("row", *(id(m) for m in modules))
+        if key not in self._gathered:
+            got = self._weights(modules)
+            if got is not None:
+                a, parts, diagonal = got                                   # (in, R), ..., (R, sum out) or None
+                d = diagonal if diagonal is not None else parts[0][3] if len(modules) == 1 else None
+                got = None if d is None else (a.T.contiguous(), d.T.contiguous())
+            self._gathered[key] = got
+        return self._gathered[key]
 
     def _weights(self, modules: tuple):
         """(A^T side by side, [(output index, first and last column of U, B)], the B_i on one diagonal (one

@@ -96,7 +96,8 @@ class MixedForward:
         None for a model it does not support."""
         key = (id(model), tuple(sorted(self.live.adapters.items())), id(self.live.backbone))
         if key != self._step_key:
-            self._step = DecodeStep(model, self.stacked, self.live.backbone, self.packed) if supports(model) else None
+            lora = self.stacked if self.lora_mixing == "gather" else None
+            self._step = DecodeStep(model, lora, self.live.backbone, self.packed) if supports(model) else None
             self._step_key = key
         return self._step
 
@@ -138,9 +139,12 @@ class MixedForward:
         return out.logits if all_positions else out.logits[:, -1, :]
 
     def prepare(self) -> None:
-        """Pack the model's linear layers (and compile their one-row kernels) unless done for this model."""
+        """Pack the model's linear layers and build its decoding step (compiling their one-row kernels)
+        unless done for this model and its adapters."""
         if self.packed is not None:
             self.packed.install(self.live.model, self._groups, adapter_linears)
+        if self.decode_step:
+            self._decode_step(self.live.model)
 
     def close(self) -> None:
         self.stacked.close()

@@ -116,10 +116,10 @@ class Scheduler:
 
     # ---- any thread -------------------------------------------------------------------------
     def start(self) -> Scheduler:
-        """Start the scheduler's thread; its first work is packing the model's linear layers (forward.prepare),
-        so that the first request does not wait for it."""
+        """Start the scheduler's thread and return once its first work is done: packing the model's linear
+        layers and compiling its decoding kernels (forward.prepare), which no request should wait for."""
         self.thread.start()
-        self.call(self.forward.prepare)
+        self.call(self.forward.prepare).result()
         return self
 
     def stop(self, timeout: float = 30.0) -> None:

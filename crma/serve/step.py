@@ -10,7 +10,8 @@ the rows' LoRA updates (`StackedLora.add`) and CRMA operators (`CRMABlock.row_op
     per block l:
       x   = rmsnorm(h) g_in
       [q | k | v] = x [Wq; Wk; Wv]^T + U [Bq | Bk | Bv]       one GEMM (packed group), LoRA rows' update
-                                                                with U = x [Aq^T | Ak^T | Av^T] (lora_rows.py)
+                                                                with U = x [Aq^T | Ak^T | Av^T] (lora_rows.py);
+                                                                one row: one kernel for both (gemv.py)
       q, k = rope(q, pos), rope(k, pos)                         rope(x) = x cos + rotate_half(x) sin
                                                                 (one call on q | k when side by side)
       K_l[:, :, T], V_l[:, :, T] = k, v                         the batch cache's preallocated columns
@@ -111,14 +112,28 @@ def attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, bias: t
 
 class _Projections:
     """Linear layers that read one input (with or without LoRA): their outputs for x, plus the rows' LoRA
-    updates; one GEMM when PackedLinears packed them as a group."""
+    updates; one GEMM when PackedLinears packed them as a group. One row whose adapter `lora` can hand
+    over in a kernel's form (`StackedLora.row_weights`) takes gemv.py's kernel with the update folded in."""
 
-    def __init__(self, modules: tuple[nn.Module, ...], linears=None):
+    def __init__(self, modules: tuple[nn.Module, ...], linears=None, lora=None):
         self.modules, self.base = modules, tuple(_linear_of(m) for m in modules)
         self.packed = linears.group(self.base) if linears is not None else None
+        self.row = linears.row(self.base) if linears is not None else None
+        self.sizes = [getattr(m, "out_features", None) for m in self.base]
+        self._fitted: tuple = (None, False)      # the last update row_weights gave; whether the kernel takes it
+        adapters = [a.weight.dtype for m in modules if isinstance(m, LoraLayer) for a in m.lora_A.values()]
+        if self.row is not None and lora is not None and adapters:
+            self.row.lora_kernel(adapters[0])          # compiled with the step, not at the first token
 
     def __call__(self, x: torch.Tensor, lora) -> tuple[torch.Tensor | None, list[torch.Tensor]]:
         """(the outputs side by side (b, sum out_i), or None when they are separate tensors; the outputs)."""
+        if self.row is not None and lora is not None and x.shape[0] == 1 and x.dtype == self.row.dtype:
+            update = lora.row_weights(self.modules)                                   # A (R, in), D (sum out, R)
+            if update is not None and update is not self._fitted[0]:              # new weights: checked once
+                self._fitted = (update, self.row.fits(*update))
+            if update is not None and self._fitted[1]:
+                whole = self.row.lora(x, *update)                                     # (1, sum out_i)
+                return whole, list(whole.split(self.sizes, -1)) if len(self.sizes) > 1 else [whole]
         if self.packed is not None:
             whole = self.packed.packed(x)                                             # (b, sum out_i)
             ys = list(whole.split(self.packed.sizes, -1))
@@ -142,9 +157,9 @@ class DecodeStep:
         self.blocks = []
         for block in inner.layers:
             qkv, gate_up = _block_groups(block)
-            self.blocks.append((block.input_layernorm, _Projections(qkv, linears),
-                                _Projections((block.self_attn.o_proj,)), block.post_attention_layernorm,
-                                _Projections(gate_up, linears), _Projections((block.mlp.down_proj,))))
+            qkv, o, gate_up, down = (_Projections(group, linears, lora)
+                                     for group in (qkv, (block.self_attn.o_proj,), gate_up, (block.mlp.down_proj,)))
+            self.blocks.append((block.input_layernorm, qkv, o, block.post_attention_layernorm, gate_up, down))
         attn = inner.layers[0].self_attn
         self.heads, self.kv_heads = base.config.num_attention_heads, base.config.num_key_value_heads
         self.head_dim, self.scale = attn.head_dim, attn.scaling
