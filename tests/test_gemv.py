@@ -46,19 +46,21 @@ def test_row_kernel_gives_the_layers_outputs_side_by_side(dtype):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_row_kernel_folds_a_lora_update_in(dtype):
-    """RowGemv.lora: the layers' outputs plus D (x A^T) for A (R, in) and D (sum out, R) float32 (PEFT
+    """RowGemv.fitting: the layers' outputs plus D (x A^T) for A (R, in) and D (sum out, R) float32 (PEFT
     keeps adapters float32 beside a bfloat16 model): the base outputs rounded, the float32 update added,
-    rounded again, as PEFT adds an update. `fits` refuses an update of the wrong shape or rank 1."""
+    rounded again, as PEFT adds an update. `fitting` refuses an update of the wrong shape or rank 1."""
     layers = _layers(dtype)
     kernel = RowGemv(tuple(m.weight for m in layers), tuple(m.bias for m in layers))
     gen = torch.Generator().manual_seed(1)
     a, d = torch.randn(6, 48, generator=gen), torch.randn(72, 6, generator=gen)
-    assert kernel.fits(a, d)
-    assert not kernel.fits(a[:, :40].contiguous(), d) and not kernel.fits(a, d[:60].contiguous())
-    assert not kernel.fits(a[:1].contiguous(), d[:, :1].contiguous())                       # rank 1
+    fitting = kernel.fitting(None, (a, d), None)
+    assert fitting is not None
+    assert kernel.fitting(None, (a[:, :40].contiguous(), d), None) is None
+    assert kernel.fitting(None, (a, d[:60].contiguous()), None) is None
+    assert kernel.fitting(None, (a[:1].contiguous(), d[:, :1].contiguous()), None) is None         # rank 1
     x = torch.randn(1, 48).to(dtype)
     with torch.inference_mode():
-        got = kernel.lora(x, a, d)
+        got = fitting(x, *kernel.params, a, d)
         base = torch.cat([F.linear(x.float(), m.weight.float(), None if m.bias is None else m.bias.float())
                           for m in layers], -1).to(dtype)
         want = (base.float() + x.float() @ a.T @ d.T).to(dtype)
@@ -66,6 +68,66 @@ def test_row_kernel_folds_a_lora_update_in(dtype):
     tolerance = {"atol": 1e-4, "rtol": 1e-5} if dtype == torch.float32 else {"atol": 0.05, "rtol": 0.01}
     torch.testing.assert_close(got, want, **tolerance)
     assert (got.float() - base.float()).abs().max() > 1                                      # the update shows
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_row_kernel_normalises_its_input_first(dtype):
+    """With an RMSNorm folded in, the kernel reads h and computes the layers of rmsnorm(h) g (a weight
+    unlike ones), with and without a LoRA update: step.rms_norm then the layers, as the step did."""
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm
+
+    from crma.serve.step import rms_norm
+
+    layers = _layers(dtype)
+    kernel = RowGemv(tuple(m.weight for m in layers), tuple(m.bias for m in layers))
+    gen = torch.Generator().manual_seed(4)
+    norm = LlamaRMSNorm(48, eps=1e-5).to(dtype)
+    with torch.no_grad():
+        norm.weight.copy_(1 + torch.rand(48, generator=gen))
+    a, d = torch.randn(6, 48, generator=gen), torch.randn(72, 6, generator=gen)
+    h = (3 * torch.randn(1, 48, generator=gen)).to(dtype)
+    assert kernel.fitting((norm.weight[:40], 1e-5), None, None) is None                     # g of another size
+    tolerance = {"atol": 1e-4, "rtol": 1e-5} if dtype == torch.float32 else {"atol": 0.05, "rtol": 0.01}
+    with torch.inference_mode():
+        x = rms_norm(h, norm)
+        for update in (None, (a, d)):
+            fitting = kernel.fitting((norm.weight, norm.variance_epsilon), update, None)
+            got = fitting(h, *kernel.params, norm.weight, *(update or ()))
+            want = torch.cat([F.linear(x.float(), m.weight.float(), None if m.bias is None else m.bias.float())
+                              for m in layers], -1).to(dtype)
+            if update is not None:
+                want = (want.float() + x.float() @ a.T @ d.T).to(dtype)
+            if dtype == torch.bfloat16:           # x itself may differ by an ulp (another order of the mean)
+                tolerance = {"atol": 0.02 * want.abs().max().item(), "rtol": 0}
+            torch.testing.assert_close(got, want, **tolerance)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_row_kernel_ends_a_block_with_crma(dtype):
+    """A block's last projection with the residual and the row's CRMA operators in its kernel: z = h + y
+    (y with or without a LoRA update), then z + delta_rows(z) as the decoding step computes it."""
+    from crma.method.layer import delta_rows
+
+    layer = _layers(dtype)[0]                                                               # 48 -> 40
+    kernel = RowGemv((layer.weight,), (layer.bias,))
+    gen = torch.Generator().manual_seed(2)
+    read_mix, write = torch.randn(1, 40, 4, generator=gen) / 40 ** 0.5, 0.1 * torch.randn(1, 4, 40, generator=gen)
+    p, q = read_mix[0].T.contiguous(), write[0].T.contiguous()                              # (n, d), (d, n)
+    a, d = torch.randn(6, 48, generator=gen), torch.randn(40, 6, generator=gen)
+    x, h = torch.randn(1, 48).to(dtype), torch.randn(1, 40).to(dtype)
+    assert kernel.fitting(None, None, (h, p, q[:30].contiguous())) is None                         # Q of another size
+    tolerance = {"atol": 1e-4, "rtol": 1e-5} if dtype == torch.float32 else {"atol": 0.05, "rtol": 0.02}
+    with torch.inference_mode():
+        for update in (None, (a, d)):
+            fitting = kernel.fitting(None, update, (h, p, q))
+            got = fitting(x, *kernel.params, *(update or ()), h, p, q)
+            y = F.linear(x.float(), layer.weight.float()).to(dtype)
+            if update is not None:
+                y = (y.float() + x.float() @ a.T @ d.T).to(dtype)
+            z = h + y
+            want = z + delta_rows(z, read_mix, write)
+            torch.testing.assert_close(got, want, **tolerance)
+            assert (got.float() - z.float()).abs().max() > 0.1                              # CRMA shows
 
 
 def test_packed_layers_take_the_kernel_for_one_row_only():

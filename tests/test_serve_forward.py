@@ -295,7 +295,7 @@ def test_one_adapter_lora_as_one_block_diagonal_product_per_group(dtype, rows):
     assert lora.sync(model, {"dom": 1})
     linears.install(model, fused_groups, adapter_linears)
     step = DecodeStep(model, lora, None, linears)
-    qkv = step.blocks[0][1]
+    qkv = step.blocks[0][0]
     for adapter in ("dom", None):
         caches, logits = [BatchCache(), BatchCache()], [[], []]
         with torch.inference_mode():
@@ -336,9 +336,10 @@ def test_one_adapter_lora_as_one_block_diagonal_product_per_group(dtype, rows):
             assert weights is None or lora.rows is None
             assert update is None
             continue
-        # whether each block's q|k|v, o, gate|up and down took the kernel with the update: one row, LoRA there
-        folded = [p._fitted[1] for block in step.blocks for p in (block[1], block[2], block[4], block[5])]
-        assert folded == [rows == 1 and k in (0, 3) for _ in step.blocks for k in range(4)]
+        # whether each block's q|k|v, o, gate|up and down took a fused kernel on one row: LoRA (q, v; down)
+        # or an RMSNorm (q|k|v, gate|up) to fold in; o has neither
+        folded = [p._fitted[2] is not None for block in step.blocks for p in block]
+        assert folded == [rows == 1 and k != 1 for _ in step.blocks for k in range(4)]
         a, parts, diagonal = weights                      # q and v have LoRA, k does not
         assert a.dtype == torch.float32
         q_out, k_out = (m.out_features for m in qkv.modules[:2])
@@ -349,14 +350,16 @@ def test_one_adapter_lora_as_one_block_diagonal_product_per_group(dtype, rows):
     lora.close()
 
 
-@pytest.mark.parametrize("family,grouped,dtype", [("llama", True, "float32"), ("mistral", False, "float32"),
-                                                  ("qwen2", True, "float32"), ("qwen2", False, "float32"),
-                                                  ("qwen2", True, "bfloat16")])
-def test_decode_step_equals_transformers_forward(family, grouped, dtype):
+@pytest.mark.parametrize("family,grouped,dtype,rows", [("llama", True, "float32", 3), ("mistral", False, "float32", 3),
+                                                       ("qwen2", True, "float32", 3), ("qwen2", False, "float32", 3),
+                                                       ("qwen2", True, "bfloat16", 3), ("llama", True, "float32", 1),
+                                                       ("qwen2", True, "bfloat16", 1)])
+def test_decode_step_equals_transformers_forward(family, grouped, dtype, rows):
     """DecodeStep computes transformers' own decoding step (qwen2: biased q/k/v; grouped-query attention),
     with left-padded rows of different lengths and a CRMA backbone at a different version per row; its
     q|k|v and gate|up projections one packed GEMM each (`grouped`) or one GEMM per layer. In bfloat16
-    (attention computed in float32, packed bfloat16 GEMMs where the CPU has them) up to bfloat16's rounding."""
+    (attention computed in float32, packed bfloat16 GEMMs where the CPU has them) up to bfloat16's rounding.
+    One row (grouped) takes gemv.py's kernels, each block's end (down, residual, CRMA) as one."""
     from crma.config import CRMAConfig
     from crma.method.backbone import CRMABackbone
     from crma.method.models import load_model
@@ -379,20 +382,20 @@ def test_decode_step_equals_transformers_forward(family, grouped, dtype):
                 block.crma_gate.fill_(0.4 * v)
             states[v] = {k: t.clone() for k, t in backbone.state_dict().items()}
     stack = backbone.stack_versions(states)
-    rows = stack.rows([2, 1, 2])
+    versions = stack.rows([2, 1, 2][:rows])
     step = DecodeStep(model, None, backbone, linears)
-    assert all((qkv.packed is not None) == grouped for _, qkv, *_ in step.blocks)
+    assert all((qkv.packed is not None) == grouped for qkv, *_ in step.blocks)
     caches, logits = [BatchCache(), BatchCache()], [[], []]
     with torch.inference_mode():
-        for i, n in enumerate((5, 9, 2)):                                     # prompts of different lengths
+        for i, n in enumerate((5, 9, 2)[:rows]):                              # prompts of different lengths
             ids = torch.randint(0, 256, (1, n), generator=gen)
             for batch in caches:
                 cache = new_cache(model.config)
-                with backbone.per_row(stack, rows[i:i + 1]):
+                with backbone.per_row(stack, versions[i:i + 1]):
                     model(input_ids=ids, cache=cache, use_cache=True)
                 batch.add(cache, torch.ones_like(ids), [0])
-    with torch.inference_mode(), backbone.per_row(stack, rows):
-        token = torch.randint(0, 256, (3, 1), generator=gen)
+    with torch.inference_mode(), backbone.per_row(stack, versions):
+        token = torch.randint(0, 256, (rows, 1), generator=gen)
         for _ in range(4):
             for k, batch in enumerate(caches):
                 mask, positions = batch.step_inputs()
@@ -412,6 +415,7 @@ def test_decode_step_equals_transformers_forward(family, grouped, dtype):
     else:                                  # a few bfloat16 roundings apart (want.std(): the logits' spread)
         assert (want - got).abs().max().item() <= 0.05 * want.std().item()
         assert (keys[0] - keys[1]).abs().max() <= 2 ** -6 * keys[0].abs().max()   # two bfloat16 ulps at most
+    assert all((block[3]._fitted[2] is not None) == (grouped and rows == 1) for block in step.blocks)
     if grouped:
         linears.remove()
 

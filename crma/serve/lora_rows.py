@@ -218,20 +218,23 @@ class StackedLora:
             for i, lo, hi, b in parts:                                                  # b: (b, r_i, out_i)
                 outputs[i].view(x.shape[0], -1, outputs[i].shape[-1]).add_(torch.bmm(u[..., lo:hi], b))
 
-    def row_weights(self, modules: tuple) -> tuple[torch.Tensor, torch.Tensor] | None:
+    def row_weights(self, modules: tuple) -> tuple[torch.Tensor, torch.Tensor] | None | bool:
         """For rows that share one adapter, its update of `modules` in the form gemv.py's kernels fold into
         a group's product: (A (R, in), D (sum out_i, R)), A = [A_1; A_2; ...] and D = diag(B_1, B_2, ...)^T
-        (s_i in B_i), contiguous copies kept while the rows stay the same; None otherwise (no rows, rows of
-        several adapters, no LoRA on these modules, or an output size unknown)."""
-        if self.rows is None or self.single is None:
+        (s_i in B_i), contiguous copies kept while the rows stay the same. None: nothing to add (no rows,
+        or no LoRA on these modules); False: an update this form cannot hold (rows of several adapters,
+        or an output size unknown), for `add` to apply."""
+        if self.rows is None:
             return None
+        if self.single is None:
+            return False
         key = ("row", *(id(m) for m in modules))
         if key not in self._gathered:
             got = self._weights(modules)
             if got is not None:
                 a, parts, diagonal = got                                   # (in, R), ..., (R, sum out) or None
                 d = diagonal if diagonal is not None else parts[0][3] if len(modules) == 1 else None
-                got = None if d is None else (a.T.contiguous(), d.T.contiguous())
+                got = False if d is None else (a.T.contiguous(), d.T.contiguous())
             self._gathered[key] = got
         return self._gathered[key]
 

@@ -20,7 +20,8 @@ the rows' LoRA updates (`StackedLora.add`) and CRMA operators (`CRMABlock.row_op
       x   = rmsnorm(h) g_post
       [g | u] = x [Wg; Wu]^T + dg|u                             one GEMM (packed group)
       h   = h + (silu(g) * u) Wd^T + dd
-      h   = h + (alpha_b W_b)(M_b R_b) h                        CRMA, the row's backbone version
+      h   = h + (alpha_b W_b)(M_b R_b) h                        CRMA, the row's backbone version (one row:
+                                                                in the kernel of down, gemv.py)
     logits = rmsnorm(h) g_out W_lm^T
 
 The projections of a group are one GEMM when PackedLinears packed them together (`fused_groups`),
@@ -111,29 +112,51 @@ def attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, bias: t
 
 
 class _Projections:
-    """Linear layers that read one input (with or without LoRA): their outputs for x, plus the rows' LoRA
-    updates; one GEMM when PackedLinears packed them as a group. One row whose adapter `lora` can hand
-    over in a kernel's form (`StackedLora.row_weights`) takes gemv.py's kernel with the update folded in."""
+    """Linear layers that read one input (with or without LoRA), that input's RMSNorm first where `norm`
+    is given: their outputs for x, plus the rows' LoRA updates; one GEMM when PackedLinears packed them
+    as a group. One row takes gemv.py's kernel for the group with the norm and the row's LoRA update
+    folded in, where `lora` hands it over (`StackedLora.row_weights`), and the block's last projection
+    (`end`) with the residual and the row's CRMA operator too."""
 
-    def __init__(self, modules: tuple[nn.Module, ...], linears=None, lora=None):
-        self.modules, self.base = modules, tuple(_linear_of(m) for m in modules)
+    def __init__(self, modules: tuple[nn.Module, ...], linears=None, lora=None, crma: torch.dtype | None = None,
+                 norm: nn.Module | None = None):
+        self.modules, self.base, self.norm = modules, tuple(_linear_of(m) for m in modules), norm
         self.packed = linears.group(self.base) if linears is not None else None
         self.row = linears.row(self.base) if linears is not None else None
         self.sizes = [getattr(m, "out_features", None) for m in self.base]
-        self._fitted: tuple = (None, False)      # the last update row_weights gave; whether the kernel takes it
+        self._norm = None if norm is None else (norm.weight.detach(), norm.variance_epsilon)
+        self._fitted: tuple = (0, 0, None, (), ())     # update, CRMA operators it was fitted for; kernel, args
         adapters = [a.weight.dtype for m in modules if isinstance(m, LoraLayer) for a in m.lora_A.values()]
-        if self.row is not None and lora is not None and adapters:
-            self.row.lora_kernel(adapters[0])          # compiled with the step, not at the first token
+        lora_dtype = adapters[0] if lora is not None and adapters else None
+        eps = None if norm is None else float(norm.variance_epsilon)
+        if self.row is not None:                       # compiled with the step, not at the first token
+            for variant in {(eps, lora_dtype, None), (eps, lora_dtype, crma), (eps, None, crma)} - {(None, None, None)}:
+                self.row.variant(*variant)
+
+    def _kernel(self, x: torch.Tensor, lora, ops: tuple | None = None, h: torch.Tensor | None = None):
+        """(gemv.py's kernel, its arguments before and after h) for one row x with the norm, the row's LoRA
+        update and CRMA operators `ops` (with h), or None where it does not apply; fitted once per update."""
+        if self.row is None or x.shape[0] != 1 or x.dtype != self.row.dtype:
+            return None
+        update = lora.row_weights(self.modules) if lora is not None else None     # A (R, in), D (sum out, R)
+        if update is False or (update is None and ops is None and self.norm is None):
+            return None                                                           # (False: `add` applies it)
+        if update is not self._fitted[0] or ops is not self._fitted[1]:              # new weights: checked once
+            pq = () if ops is None else (ops[0][0].T.contiguous(), ops[1][0].T.contiguous())   # (n, d), (d, n)
+            kernel = self.row.fitting(self._norm, update, None if ops is None else (h, *pq))
+            before = (*self.row.params, *(() if self.norm is None else self._norm[:1]), *(update or ()))
+            self._fitted = (update, ops, kernel, before, pq)
+        kernel, before, after = self._fitted[2:]
+        return None if kernel is None else (kernel, before, after)
 
     def __call__(self, x: torch.Tensor, lora) -> tuple[torch.Tensor | None, list[torch.Tensor]]:
         """(the outputs side by side (b, sum out_i), or None when they are separate tensors; the outputs)."""
-        if self.row is not None and lora is not None and x.shape[0] == 1 and x.dtype == self.row.dtype:
-            update = lora.row_weights(self.modules)                                   # A (R, in), D (sum out, R)
-            if update is not None and update is not self._fitted[0]:              # new weights: checked once
-                self._fitted = (update, self.row.fits(*update))
-            if update is not None and self._fitted[1]:
-                whole = self.row.lora(x, *update)                                     # (1, sum out_i)
-                return whole, list(whole.split(self.sizes, -1)) if len(self.sizes) > 1 else [whole]
+        fused = self._kernel(x, lora)
+        if fused is not None:
+            whole = fused[0](x, *fused[1])                                            # (1, sum out_i)
+            return whole, list(whole.split(self.sizes, -1)) if len(self.sizes) > 1 else [whole]
+        if self.norm is not None:
+            x = rms_norm(x, self.norm)
         if self.packed is not None:
             whole = self.packed.packed(x)                                             # (b, sum out_i)
             ys = list(whole.split(self.packed.sizes, -1))
@@ -143,6 +166,18 @@ class _Projections:
         if lora is not None:
             lora.add(self.modules, x, ys, whole)
         return whole, ys
+
+    def end(self, x: torch.Tensor, h: torch.Tensor, lora, block: nn.Module | None) -> torch.Tensor:
+        """The block's end for its last projection (one layer): z = h + y, then z + CRMA(z) with the CRMA
+        block's operators per row (`block`, None: no backbone), y the layer's output for x."""
+        ops = block.row_operators if block is not None else None
+        fused = self._kernel(x, lora, ops, h) if ops is not None else None
+        if fused is not None:
+            return fused[0](x, *fused[1], h, *fused[2])                               # (1, d)
+        h = h + self(x, lora)[0]                                                      # (b, d)
+        if block is None:
+            return h
+        return block(h) if ops is None else h + delta_rows(h, *ops)                   # h + alpha W M R h per row
 
 
 class DecodeStep:
@@ -155,11 +190,13 @@ class DecodeStep:
         self.embed, self.norm, self.rotary = inner.embed_tokens, inner.norm, inner.rotary_emb
         self.lm_head = base.get_output_embeddings()
         self.blocks = []
+        crma = torch.float32 if backbone is not None else None          # VersionStack's operators are float32
         for block in inner.layers:
             qkv, gate_up = _block_groups(block)
-            qkv, o, gate_up, down = (_Projections(group, linears, lora)
-                                     for group in (qkv, (block.self_attn.o_proj,), gate_up, (block.mlp.down_proj,)))
-            self.blocks.append((block.input_layernorm, qkv, o, block.post_attention_layernorm, gate_up, down))
+            self.blocks.append((_Projections(qkv, linears, lora, norm=block.input_layernorm),
+                                _Projections((block.self_attn.o_proj,), linears, lora),
+                                _Projections(gate_up, linears, lora, norm=block.post_attention_layernorm),
+                                _Projections((block.mlp.down_proj,), linears, lora, crma)))
         attn = inner.layers[0].self_attn
         self.heads, self.kv_heads = base.config.num_attention_heads, base.config.num_key_value_heads
         self.head_dim, self.scale = attn.head_dim, attn.scaling
@@ -181,9 +218,8 @@ class DecodeStep:
         bias = bias[:, None, None, :]                                                 # (b, 1, 1, columns)
         group, hd = self.heads // self.kv_heads, self.head_dim
         crma = self.backbone.crma_blocks if self.backbone is not None and self.backbone.enabled else None
-        for i, (norm_in, qkv, o_proj, norm_post, gate_up, down) in enumerate(self.blocks):
-            x = rms_norm(h, norm_in)                                                  # (b, d)
-            whole, (q, k, v) = qkv(x, lora)                                           # (b, H hd), (b, KV hd) x 2
+        for i, (qkv, o_proj, gate_up, down) in enumerate(self.blocks):
+            whole, (q, k, v) = qkv(h, lora)                            # rmsnorm(h) g_in: (b, H hd), (b, KV hd) x 2
             if whole is not None:                                                     # q | k side by side
                 qk = rope(whole[:, :(self.heads + self.kv_heads) * hd].view(b, -1, hd), cos, sin)
                 q, k = qk[:, :self.heads], qk[:, self.heads:]                         # (b, H, hd), (b, KV, hd)
@@ -195,10 +231,6 @@ class DecodeStep:
                 keys, values = cache.layers[i].keys[:b], cache.layers[i].values[:b]
             a = attention(q.view(b, self.kv_heads, group, hd), keys, values, bias, self.scale)
             h = h + o_proj(a.reshape(b, self.heads * hd), lora)[0]                    # (b, d)
-            x = rms_norm(h, norm_post)
-            g, u = gate_up(x, lora)[1]                                                # (b, I) x 2
-            h = h + down(F.silu(g) * u, lora)[0]
-            if crma is not None:                                                      # h + alpha W M R h per row
-                ops = crma[i].row_operators
-                h = crma[i](h) if ops is None else h + delta_rows(h, *ops)
+            g, u = gate_up(h, lora)[1]                                 # rmsnorm(h) g_post: (b, I) x 2
+            h = down.end(F.silu(g) * u, h, lora, crma[i] if crma is not None else None)
         return self.lm_head.forward(rms_norm(h, self.norm))                           # (b, vocab)
