@@ -338,7 +338,7 @@ def test_one_adapter_lora_as_one_block_diagonal_product_per_group(dtype, rows):
             continue
         # whether each block's q|k|v, o, gate|up and down took a fused kernel on one row: LoRA (q, v; down)
         # or an RMSNorm (q|k|v, gate|up) to fold in; o has neither
-        folded = [p._fitted[2] is not None for block in step.blocks for p in block]
+        folded = [p._fitted.get(False, (None,) * 3)[2] is not None for block in step.blocks for p in block]
         assert folded == [rows == 1 and k != 1 for _ in step.blocks for k in range(4)]
         a, parts, diagonal = weights                      # q and v have LoRA, k does not
         assert a.dtype == torch.float32
@@ -415,7 +415,8 @@ def test_decode_step_equals_transformers_forward(family, grouped, dtype, rows):
     else:                                  # a few bfloat16 roundings apart (want.std(): the logits' spread)
         assert (want - got).abs().max().item() <= 0.05 * want.std().item()
         assert (keys[0] - keys[1]).abs().max() <= 2 ** -6 * keys[0].abs().max()   # two bfloat16 ulps at most
-    assert all((block[3]._fitted[2] is not None) == (grouped and rows == 1) for block in step.blocks)
+    assert all((block[3]._fitted.get(True, (None,) * 3)[2] is not None) == (grouped and rows == 1)
+               for block in step.blocks)
     if grouped:
         linears.remove()
 

@@ -144,9 +144,9 @@ class RowGemv:
         self.dtype, self.shape = ws[0].dtype, (sum(w.shape[0] for w in ws), ws[0].shape[1])   # (sum out, in)
         self.ok = (self.dtype in DTYPES and len({w.shape[1] for w in ws}) == 1
                    and all(_fits(p) and p.dtype == self.dtype for p in self.params))
-        self._kernel = _kernel(self.dtype, self.biased) if self.ok else None
-        self.ok = self._kernel is not None
         self._variants: dict[tuple, object] = {}      # (RMSNorm epsilon, LoRA dtype, CRMA dtype) -> kernel
+        self._kernel = self.variant(None, None, None)
+        self.ok = self._kernel is not None
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         """x (1, in) contiguous, in the weights' dtype -> (1, sum out_i)."""

@@ -119,7 +119,7 @@ class MixedForward:
         step = None
         if (self.decode_step and input_ids.shape[1] == 1 and not all_positions and attention_mask is not None
                 and position_ids is not None and cache is not None and isinstance(cache.layers[0], SlotLayer)):
-            step = self._decode_step(model)                  # one new token per row in the batch cache
+            step = self._step                                # prepare() built it: one new token per row
         with ExitStack() as scope:
             if isinstance(model, PeftModel):
                 if self.lora_mixing == "gather" and self.stacked.sync(model, self.live.adapters):

@@ -124,11 +124,12 @@ class _Projections:
         self.packed = linears.group(self.base) if linears is not None else None
         self.row = linears.row(self.base) if linears is not None else None
         self.sizes = [getattr(m, "out_features", None) for m in self.base]
-        self._norm = None if norm is None else (norm.weight.detach(), norm.variance_epsilon)
-        self._fitted: tuple = (0, 0, None, (), ())     # update, CRMA operators it was fitted for; kernel, args
+        self._norm = None if norm is None else (norm.weight.detach(), float(norm.variance_epsilon))
+        # with and without CRMA operators (True, False): the update and operators last fitted; kernel, arguments
+        self._fitted: dict[bool, tuple] = {}
         adapters = [a.weight.dtype for m in modules if isinstance(m, LoraLayer) for a in m.lora_A.values()]
         lora_dtype = adapters[0] if lora is not None and adapters else None
-        eps = None if norm is None else float(norm.variance_epsilon)
+        eps = None if norm is None else self._norm[1]
         if self.row is not None:                       # compiled with the step, not at the first token
             for variant in {(eps, lora_dtype, None), (eps, lora_dtype, crma), (eps, None, crma)} - {(None, None, None)}:
                 self.row.variant(*variant)
@@ -141,12 +142,13 @@ class _Projections:
         update = lora.row_weights(self.modules) if lora is not None else None     # A (R, in), D (sum out, R)
         if update is False or (update is None and ops is None and self.norm is None):
             return None                                                           # (False: `add` applies it)
-        if update is not self._fitted[0] or ops is not self._fitted[1]:              # new weights: checked once
+        fitted = self._fitted.get(ops is not None)
+        if fitted is None or update is not fitted[0] or ops is not fitted[1]:       # new weights: checked once
             pq = () if ops is None else (ops[0][0].T.contiguous(), ops[1][0].T.contiguous())   # (n, d), (d, n)
             kernel = self.row.fitting(self._norm, update, None if ops is None else (h, *pq))
             before = (*self.row.params, *(() if self.norm is None else self._norm[:1]), *(update or ()))
-            self._fitted = (update, ops, kernel, before, pq)
-        kernel, before, after = self._fitted[2:]
+            fitted = self._fitted[ops is not None] = (update, ops, kernel, before, pq)
+        kernel, before, after = fitted[2:]
         return None if kernel is None else (kernel, before, after)
 
     def __call__(self, x: torch.Tensor, lora) -> tuple[torch.Tensor | None, list[torch.Tensor]]:
@@ -159,7 +161,7 @@ class _Projections:
             x = rms_norm(x, self.norm)
         if self.packed is not None:
             whole = self.packed.packed(x)                                             # (b, sum out_i)
-            ys = list(whole.split(self.packed.sizes, -1))
+            ys = list(whole.split(self.sizes, -1))
         else:
             ys = [m.forward(x) for m in self.base]
             whole = ys[0] if len(ys) == 1 else None
